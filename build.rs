@@ -1,0 +1,25 @@
+//! Generates the C header from `src/ffi.rs` into OUT_DIR. The checked-in copy
+//! `include/nixl_etcd.h` is refreshed with NIXL_ETCD_WRITE_HEADER=1; a test
+//! fails when it is stale.
+
+use std::path::PathBuf;
+
+fn main() {
+    println!("cargo:rerun-if-changed=src/ffi.rs");
+    println!("cargo:rerun-if-changed=src/error.rs");
+    println!("cargo:rerun-if-changed=cbindgen.toml");
+    println!("cargo:rerun-if-env-changed=NIXL_ETCD_WRITE_HEADER");
+    let crate_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
+    let out = PathBuf::from(std::env::var("OUT_DIR").unwrap()).join("nixl_etcd.h");
+    let config = cbindgen::Config::from_file(crate_dir.join("cbindgen.toml"))
+        .expect("cbindgen.toml is readable");
+    let bindings = cbindgen::Builder::new()
+        .with_config(config)
+        .with_src(crate_dir.join("src/ffi.rs"))
+        .generate()
+        .expect("cbindgen generates the header");
+    bindings.write_to_file(&out);
+    if std::env::var_os("NIXL_ETCD_WRITE_HEADER").is_some() {
+        bindings.write_to_file(crate_dir.join("include/nixl_etcd.h"));
+    }
+}

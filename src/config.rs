@@ -1,0 +1,406 @@
+//! Client configuration: the guide's environment variables, overridden key by
+//! key by the JSON options given to `nixl_etcd_open`.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+use crate::keys;
+
+pub const ENV_USE_ETCD: &str = "VLLM_NIXL_USE_ETCD";
+pub const ENV_ENDPOINTS: &str = "VLLM_NIXL_ETCD_ENDPOINTS";
+pub const ENV_NAMESPACE: &str = "VLLM_NIXL_ETCD_NAMESPACE";
+pub const ENV_TIMEOUT: &str = "VLLM_NIXL_ETCD_TIMEOUT";
+pub const ENV_LEASE_TTL: &str = "VLLM_NIXL_ETCD_LEASE_TTL";
+pub const ENV_HOST: &str = "VLLM_NIXL_SIDE_CHANNEL_HOST";
+
+pub const DEFAULT_ENDPOINT: &str = "http://localhost:2379";
+pub const DEFAULT_TIMEOUT_S: f64 = 10.0;
+/// Records of a crashed process vanish within this many seconds; the lease is
+/// renewed every third of it, so an etcd blip shorter than about 2/3 of it
+/// costs nothing.
+pub const DEFAULT_LEASE_TTL_S: i64 = 10;
+/// etcd's default `--max-request-bytes` (1.5 MiB).
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 1536 * 1024;
+const MAX_TIMEOUT_S: f64 = 86_400.0;
+const MAX_LEASE_TTL_S: i64 = 86_400;
+
+/// Everything a client needs to know, after validation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Normalized to `http://host:port`.
+    pub endpoints: Vec<String>,
+    /// Normalized: leading `/`, no trailing `/`.
+    pub namespace: String,
+    /// Bounds connecting and every call.
+    pub timeout: Duration,
+    pub lease_ttl_s: i64,
+    /// Recorded as the rank's host.
+    pub host: String,
+    /// The etcd server's request limit; a record must fit below it.
+    pub max_request_bytes: usize,
+}
+
+/// Known option keys, for the error message on an unknown one.
+const OPTION_KEYS: &[&str] = &[
+    "endpoints",
+    "namespace",
+    "timeout_s",
+    "lease_ttl_s",
+    "host",
+    "max_request_bytes",
+];
+
+impl Config {
+    /// Configuration from the process environment, then `options_json`.
+    pub fn load(options_json: Option<&str>) -> Result<Config> {
+        Self::from_sources(|k| std::env::var(k).ok(), options_json)
+    }
+
+    /// Same as [`Config::load`] with an injectable environment (for tests).
+    pub fn from_sources(
+        env: impl Fn(&str) -> Option<String>,
+        options_json: Option<&str>,
+    ) -> Result<Config> {
+        let mut cfg = Config::from_env(&env)?;
+        if let Some(json) = options_json.filter(|s| !s.trim().is_empty()) {
+            cfg.apply_options(json)?;
+        }
+        Ok(cfg)
+    }
+
+    fn from_env(env: &impl Fn(&str) -> Option<String>) -> Result<Config> {
+        let var = |k: &str| env(k).filter(|v| !v.trim().is_empty());
+        let endpoints = match var(ENV_ENDPOINTS) {
+            Some(v) => parse_endpoints(&v, ENV_ENDPOINTS)?,
+            None => vec![DEFAULT_ENDPOINT.to_owned()],
+        };
+        let namespace = keys::normalize_namespace(
+            &var(ENV_NAMESPACE).unwrap_or_else(|| keys::DEFAULT_NAMESPACE.to_owned()),
+        )?;
+        let timeout = match var(ENV_TIMEOUT) {
+            Some(v) => parse_timeout(v.trim().parse::<f64>().ok(), ENV_TIMEOUT, &v)?,
+            None => Duration::from_secs_f64(DEFAULT_TIMEOUT_S),
+        };
+        let lease_ttl_s = match var(ENV_LEASE_TTL) {
+            Some(v) => parse_ttl(v.trim().parse::<i64>().ok(), ENV_LEASE_TTL, &v)?,
+            None => DEFAULT_LEASE_TTL_S,
+        };
+        let host = match var(ENV_HOST) {
+            Some(h) => check_host(h.trim(), ENV_HOST)?,
+            None => local_hostname(),
+        };
+        Ok(Config {
+            endpoints,
+            namespace,
+            timeout,
+            lease_ttl_s,
+            host,
+            max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
+        })
+    }
+
+    fn apply_options(&mut self, json: &str) -> Result<()> {
+        let value: Value = serde_json::from_str(json).map_err(|e| {
+            Error::invalid(format!(
+                "options are not valid JSON: {e}; pass a JSON object or NULL"
+            ))
+        })?;
+        let Value::Object(map) = value else {
+            return Err(Error::invalid(
+                "options must be a JSON object such as {\"endpoints\":\"http://host:2379\"}",
+            ));
+        };
+        for (key, v) in &map {
+            self.apply_option(key, v)?;
+        }
+        Ok(())
+    }
+
+    fn apply_option(&mut self, key: &str, v: &Value) -> Result<()> {
+        let what = format!("option \"{key}\"");
+        match key {
+            "endpoints" => {
+                self.endpoints = match v {
+                    Value::String(s) => parse_endpoints(s, &what)?,
+                    Value::Array(items) => {
+                        let mut list = Vec::new();
+                        for item in items {
+                            let s = item.as_str().ok_or_else(|| wrong_type(key, "strings", v))?;
+                            list.push(s.to_owned());
+                        }
+                        parse_endpoints(&list.join(","), &what)?
+                    }
+                    _ => return Err(wrong_type(key, "a string or an array of strings", v)),
+                }
+            }
+            "namespace" => {
+                let s = v.as_str().ok_or_else(|| wrong_type(key, "a string", v))?;
+                self.namespace = keys::normalize_namespace(s)?;
+            }
+            "timeout_s" => {
+                self.timeout = parse_timeout(v.as_f64(), &what, &v.to_string())?;
+            }
+            "lease_ttl_s" => {
+                self.lease_ttl_s = parse_ttl(v.as_i64(), &what, &v.to_string())?;
+            }
+            "host" => {
+                let s = v.as_str().ok_or_else(|| wrong_type(key, "a string", v))?;
+                self.host = check_host(s, &what)?;
+            }
+            "max_request_bytes" => {
+                let n = v
+                    .as_u64()
+                    .filter(|n| (4096..=(1u64 << 31)).contains(n))
+                    .ok_or_else(|| {
+                        Error::invalid(format!(
+                            "{what} must be an integer number of bytes from 4096 to 2147483648, \
+                             got {v}"
+                        ))
+                    })?;
+                self.max_request_bytes = n as usize;
+            }
+            _ => {
+                return Err(Error::invalid(format!(
+                    "unknown option \"{key}\"; known options: {}",
+                    OPTION_KEYS.join(", ")
+                )))
+            }
+        }
+        Ok(())
+    }
+}
+
+fn wrong_type(key: &str, want: &str, got: &Value) -> Error {
+    Error::invalid(format!("option \"{key}\" must be {want}, got {got}"))
+}
+
+fn parse_timeout(v: Option<f64>, what: &str, raw: &str) -> Result<Duration> {
+    match v {
+        Some(s) if s > 0.0 && s <= MAX_TIMEOUT_S => Ok(Duration::from_secs_f64(s)),
+        _ => Err(Error::invalid(format!(
+            "{what}={raw} is not a timeout; give a number of seconds above 0 and at most \
+             {MAX_TIMEOUT_S}"
+        ))),
+    }
+}
+
+fn parse_ttl(v: Option<i64>, what: &str, raw: &str) -> Result<i64> {
+    match v {
+        Some(s) if (1..=MAX_LEASE_TTL_S).contains(&s) => Ok(s),
+        _ => Err(Error::invalid(format!(
+            "{what}={raw} is not a lease TTL; give a whole number of seconds from 1 to \
+             {MAX_LEASE_TTL_S}"
+        ))),
+    }
+}
+
+fn check_host(h: &str, what: &str) -> Result<String> {
+    if h.is_empty() || h.len() > 255 || h.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(Error::invalid(format!(
+            "{what}={h:?} is not a host name or address"
+        )));
+    }
+    Ok(h.to_owned())
+}
+
+/// Parses a comma-separated endpoint list: `http://host:port` or `host:port`.
+pub fn parse_endpoints(raw: &str, what: &str) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for item in raw.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let bad = |why: &str| {
+            Err(Error::invalid(format!(
+                "{what}: endpoint {item:?} {why}; expected http://host:port or host:port, \
+                 comma-separated"
+            )))
+        };
+        if item.starts_with("https://") {
+            return Err(Error::invalid(format!(
+                "{what}: endpoint {item:?} asks for TLS, which this build does not support yet; \
+                 it will not fall back to plaintext. Use an http:// endpoint"
+            )));
+        }
+        let hostport = match item.split_once("://") {
+            Some(("http", rest)) => rest,
+            Some((scheme, _)) => return bad(&format!("has unsupported scheme {scheme:?}")),
+            None => item,
+        };
+        let hostport = hostport.trim_end_matches('/');
+        let Some((host, port)) = hostport.rsplit_once(':') else {
+            return bad("has no port");
+        };
+        if host.is_empty() || host.contains('/') || host.chars().any(|c| c.is_whitespace()) {
+            return bad("has no valid host");
+        }
+        if port.parse::<u16>().map(|p| p == 0).unwrap_or(true) {
+            return bad("has no valid port");
+        }
+        out.push(format!("http://{host}:{port}"));
+    }
+    if out.is_empty() {
+        return Err(Error::invalid(format!(
+            "{what} is empty; give at least one endpoint such as http://localhost:2379"
+        )));
+    }
+    Ok(out)
+}
+
+/// The machine's host name, or "localhost" if it cannot be read.
+fn local_hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates
+    // when the name fits, and we stop at the first NUL or the buffer's end.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    match std::str::from_utf8(&buf[..end]) {
+        Ok(h) if rc == 0 && !h.is_empty() => h.to_owned(),
+        _ => "localhost".to_owned(),
+    }
+}
+
+/// `VLLM_NIXL_USE_ETCD`: 1/true/yes/on (any case) enables.
+pub fn etcd_enabled_from(value: Option<&str>) -> bool {
+    matches!(
+        value.map(|v| v.trim().to_ascii_lowercase()).as_deref(),
+        Some("1" | "true" | "yes" | "on")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn load(env: &[(&str, &str)], opts: Option<&str>) -> Result<Config> {
+        let env: HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_sources(|k| env.get(k).cloned(), opts)
+    }
+
+    #[test]
+    fn defaults_follow_the_guide() {
+        let c = load(&[], None).unwrap();
+        assert_eq!(c.endpoints, vec!["http://localhost:2379"]);
+        assert_eq!(c.namespace, "/vllm/nixl/agents");
+        assert_eq!(c.timeout, Duration::from_secs(10));
+        assert_eq!(c.lease_ttl_s, DEFAULT_LEASE_TTL_S);
+        assert_eq!(c.max_request_bytes, 1_572_864);
+        assert!(!c.host.is_empty());
+    }
+
+    #[test]
+    fn environment_is_read() {
+        let c = load(
+            &[
+                (ENV_ENDPOINTS, "http://etcd1:2379, etcd2:2380,"),
+                (ENV_NAMESPACE, "/vllm/dev/nixl/agents/"),
+                (ENV_TIMEOUT, "2.5"),
+                (ENV_LEASE_TTL, "4"),
+                (ENV_HOST, "node1.example.com"),
+            ],
+            None,
+        )
+        .unwrap();
+        assert_eq!(c.endpoints, vec!["http://etcd1:2379", "http://etcd2:2380"]);
+        assert_eq!(c.namespace, "/vllm/dev/nixl/agents");
+        assert_eq!(c.timeout, Duration::from_millis(2500));
+        assert_eq!(c.lease_ttl_s, 4);
+        assert_eq!(c.host, "node1.example.com");
+    }
+
+    #[test]
+    fn options_override_the_environment_key_by_key() {
+        let c = load(
+            &[(ENV_ENDPOINTS, "a:1"), (ENV_TIMEOUT, "3")],
+            Some(r#"{"endpoints":["b:2","http://c:3"],"lease_ttl_s":5,"host":"h","namespace":"x/y","max_request_bytes":65536}"#),
+        )
+        .unwrap();
+        assert_eq!(c.endpoints, vec!["http://b:2", "http://c:3"]);
+        assert_eq!(c.timeout, Duration::from_secs(3));
+        assert_eq!(c.lease_ttl_s, 5);
+        assert_eq!(c.host, "h");
+        assert_eq!(c.namespace, "/x/y");
+        assert_eq!(c.max_request_bytes, 65536);
+        assert_eq!(load(&[], Some("  ")).unwrap(), load(&[], None).unwrap());
+    }
+
+    #[test]
+    fn bad_values_are_clear_errors() {
+        type Case<'a> = (&'a [(&'a str, &'a str)], Option<&'a str>, &'a str);
+        let cases: &[Case] = &[
+            (&[(ENV_TIMEOUT, "ten")], None, "VLLM_NIXL_ETCD_TIMEOUT=ten"),
+            (&[(ENV_TIMEOUT, "0")], None, "VLLM_NIXL_ETCD_TIMEOUT=0"),
+            (&[(ENV_TIMEOUT, "-1")], None, "VLLM_NIXL_ETCD_TIMEOUT"),
+            (
+                &[(ENV_LEASE_TTL, "1.5")],
+                None,
+                "VLLM_NIXL_ETCD_LEASE_TTL=1.5",
+            ),
+            (&[(ENV_LEASE_TTL, "0")], None, "VLLM_NIXL_ETCD_LEASE_TTL"),
+            (&[(ENV_ENDPOINTS, "localhost")], None, "has no port"),
+            (&[(ENV_ENDPOINTS, "grpc://a:1")], None, "unsupported scheme"),
+            (
+                &[(ENV_ENDPOINTS, "https://a:1")],
+                None,
+                "not fall back to plaintext",
+            ),
+            (&[(ENV_ENDPOINTS, "a:99999")], None, "no valid port"),
+            (&[(ENV_ENDPOINTS, " , ")], None, "is empty"),
+            (
+                &[(ENV_NAMESPACE, "/a/../b")],
+                None,
+                "VLLM_NIXL_ETCD_NAMESPACE",
+            ),
+            (&[], Some(r#"{"bogus":1}"#), "unknown option \"bogus\""),
+            (&[], Some(r#"{"timeout_s":"5"}"#), "option \"timeout_s\""),
+            (
+                &[],
+                Some(r#"{"lease_ttl_s":2.5}"#),
+                "option \"lease_ttl_s\"",
+            ),
+            (
+                &[],
+                Some(r#"{"endpoints":5}"#),
+                "option \"endpoints\" must be",
+            ),
+            (
+                &[],
+                Some(r#"{"endpoints":[1]}"#),
+                "option \"endpoints\" must be",
+            ),
+            (&[], Some(r#"{"host":"a b"}"#), "option \"host\""),
+            (&[], Some(r#"{"namespace":7}"#), "option \"namespace\""),
+            (
+                &[],
+                Some(r#"{"max_request_bytes":10}"#),
+                "option \"max_request_bytes\"",
+            ),
+            (&[], Some("[1,2]"), "must be a JSON object"),
+            (&[], Some("{"), "not valid JSON"),
+        ];
+        for (env, opts, want) in cases {
+            let err = load(env, *opts).unwrap_err();
+            assert_eq!(err.status, crate::Status::ErrInvalidArgument);
+            assert!(
+                err.message.contains(want),
+                "{:?}: {}",
+                (env, opts),
+                err.message
+            );
+        }
+    }
+
+    #[test]
+    fn use_etcd_flag() {
+        for on in ["1", "true", "TRUE", " yes ", "on"] {
+            assert!(etcd_enabled_from(Some(on)), "{on}");
+        }
+        for off in ["0", "", "false", "no", "2"] {
+            assert!(!etcd_enabled_from(Some(off)), "{off}");
+        }
+        assert!(!etcd_enabled_from(None));
+    }
+}

@@ -1,0 +1,150 @@
+//! Status codes (stable numbers, part of the C ABI) and the crate's error type.
+
+use std::fmt;
+
+/// Result of every C call. The numbers are part of the ABI: never renumber,
+/// only append.
+#[repr(i32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Status {
+    Ok = 0,
+    /// A NULL pointer, bad UTF-8, an invalid id, option or environment value.
+    ErrInvalidArgument = -1,
+    /// etcd could not be reached.
+    ErrConnection = -2,
+    /// No record for the engine and rank.
+    ErrNotFound = -3,
+    /// The call did not finish within its timeout.
+    ErrTimeout = -4,
+    /// The metadata is larger than what can be stored.
+    ErrTooLarge = -5,
+    /// The client was closed (or belongs to the parent of a forked process).
+    ErrClosed = -6,
+    /// A bug: a caught panic or an unexpected state.
+    ErrInternal = -7,
+    /// A record in etcd could not be read (bad JSON, unknown format, wrong engine).
+    ErrBadRecord = -8,
+}
+
+impl Status {
+    /// A short, static description of the status.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Status::Ok => "ok",
+            Status::ErrInvalidArgument => "invalid argument",
+            Status::ErrConnection => "etcd connection failed",
+            Status::ErrNotFound => "not found",
+            Status::ErrTimeout => "timeout",
+            Status::ErrTooLarge => "too large",
+            Status::ErrClosed => "client closed",
+            Status::ErrInternal => "internal error",
+            Status::ErrBadRecord => "unreadable record",
+        }
+    }
+
+    /// The same text NUL-terminated, for C.
+    pub const fn as_cstr(self) -> &'static std::ffi::CStr {
+        match self {
+            Status::Ok => c"ok",
+            Status::ErrInvalidArgument => c"invalid argument",
+            Status::ErrConnection => c"etcd connection failed",
+            Status::ErrNotFound => c"not found",
+            Status::ErrTimeout => c"timeout",
+            Status::ErrTooLarge => c"too large",
+            Status::ErrClosed => c"client closed",
+            Status::ErrInternal => c"internal error",
+            Status::ErrBadRecord => c"unreadable record",
+        }
+    }
+
+    pub fn from_i32(v: i32) -> Option<Status> {
+        const ALL: [Status; 9] = [
+            Status::Ok,
+            Status::ErrInvalidArgument,
+            Status::ErrConnection,
+            Status::ErrNotFound,
+            Status::ErrTimeout,
+            Status::ErrTooLarge,
+            Status::ErrClosed,
+            Status::ErrInternal,
+            Status::ErrBadRecord,
+        ];
+        ALL.into_iter().find(|s| *s as i32 == v)
+    }
+}
+
+/// An error: a status plus a message that says what happened and what to check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Error {
+    pub status: Status,
+    pub message: String,
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub fn new(status: Status, message: impl Into<String>) -> Self {
+        Error {
+            status,
+            message: message.into(),
+        }
+    }
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::new(Status::ErrInvalidArgument, message)
+    }
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(Status::ErrInternal, message)
+    }
+    pub fn closed() -> Self {
+        Self::new(
+            Status::ErrClosed,
+            "the nixl-etcd client is closed; open a new one with nixl_etcd_open",
+        )
+    }
+    pub fn bad_record(key: &str, why: impl fmt::Display) -> Self {
+        Self::new(
+            Status::ErrBadRecord,
+            format!(
+                "record at key {key} is unreadable: {why}; check that every writer under this \
+                 namespace runs a compatible nixl-etcd"
+            ),
+        )
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Error {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_numbers_are_stable() {
+        assert_eq!(Status::Ok as i32, 0);
+        assert_eq!(Status::ErrInvalidArgument as i32, -1);
+        assert_eq!(Status::ErrConnection as i32, -2);
+        assert_eq!(Status::ErrNotFound as i32, -3);
+        assert_eq!(Status::ErrTimeout as i32, -4);
+        assert_eq!(Status::ErrTooLarge as i32, -5);
+        assert_eq!(Status::ErrClosed as i32, -6);
+        assert_eq!(Status::ErrInternal as i32, -7);
+        assert_eq!(Status::ErrBadRecord as i32, -8);
+    }
+
+    #[test]
+    fn every_status_round_trips_and_has_matching_texts() {
+        for v in -8..=0 {
+            let s = Status::from_i32(v).expect("known status");
+            assert_eq!(s as i32, v);
+            assert_eq!(s.as_cstr().to_str().unwrap(), s.as_str());
+        }
+        assert_eq!(Status::from_i32(1), None);
+        assert_eq!(Status::from_i32(-9), None);
+    }
+}

@@ -1,0 +1,186 @@
+//! The client's lease, kept alive in the background on a schedule driven by
+//! its deadline; re-granted, with everything re-registered, if it is lost.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::client::{put_value, Inner, LeaseState};
+use crate::error::{Error, Result};
+use crate::etcd_error::{self, Op};
+
+/// Writes `value` at `key` under the client's lease. If etcd no longer knows
+/// the lease, re-grants it (re-registering everything) and writes again.
+pub(crate) async fn put_attached(
+    inner: &Inner,
+    st: &mut LeaseState,
+    key: &str,
+    value: Vec<u8>,
+) -> Result<()> {
+    let res = inner
+        .etcd
+        .kv_client()
+        .put(
+            key.as_bytes(),
+            value.clone(),
+            Some(etcd_client::PutOptions::new().with_lease(st.lease_id)),
+        )
+        .await;
+    match res {
+        Ok(_) => Ok(()),
+        Err(e) if etcd_error::is_lease_not_found(&e) => {
+            regrant(inner, st, "etcd no longer knows it").await?;
+            put_value(inner, st.lease_id, key, value).await
+        }
+        Err(e) => Err(etcd_error::map(e, Op::Register, &inner.cfg)),
+    }
+}
+
+/// Grants a new lease and re-writes every registration under it.
+pub(crate) async fn regrant(inner: &Inner, st: &mut LeaseState, why: &str) -> Result<()> {
+    let granted = inner
+        .etcd
+        .lease_client()
+        .grant(inner.cfg.lease_ttl_s, None)
+        .await
+        .map_err(|e| etcd_error::map(e, Op::KeepAlive, &inner.cfg))?;
+    let old = st.lease_id;
+    for ((_, _), value) in st.registrations.iter() {
+        // Keys are re-derived from the stored value's engine and rank.
+        let key = key_of(inner, value)?;
+        put_value(inner, granted.id(), &key, value.clone()).await?;
+    }
+    st.lease_id = granted.id();
+    log::warn!(
+        "ETCD lease {old:x} was lost ({why}); granted lease {:x} (ttl {} s) and re-registered \
+         {} record(s)",
+        granted.id(),
+        granted.ttl(),
+        st.registrations.len()
+    );
+    // Best effort: if the old lease still exists somewhere, drop it.
+    let _ = inner.etcd.lease_client().revoke(old).await;
+    Ok(())
+}
+
+fn key_of(inner: &Inner, value: &[u8]) -> Result<String> {
+    #[derive(serde::Deserialize)]
+    struct Id {
+        engine_id: String,
+        rank: u32,
+    }
+    let id: Id = serde_json::from_slice(value)
+        .map_err(|e| Error::internal(format!("stored registration is unreadable: {e}")))?;
+    Ok(crate::keys::rank_key(
+        &inner.cfg.namespace,
+        &id.engine_id,
+        id.rank,
+    ))
+}
+
+/// Background task: renews the lease every third of its TTL. On a failed
+/// renewal it retries quickly; once the deadline has passed, or etcd says the
+/// lease is gone, it re-grants and re-registers.
+pub(crate) async fn keep_alive(inner: Arc<Inner>, granted_ttl: i64) {
+    let mut ttl = Duration::from_secs(granted_ttl.max(1) as u64);
+    let mut last_ok = Instant::now();
+    let mut stream = None;
+    let mut warned = false;
+    let mut next = last_ok + ttl / 3;
+    loop {
+        tokio::time::sleep_until(next).await;
+        let lease_id = inner.state.lock().await.lease_id;
+        let step = tokio::time::timeout(ttl / 3, renew(&inner, lease_id, &mut stream)).await;
+        let now = Instant::now();
+        match step {
+            Ok(Ok(Some(new_ttl))) => {
+                ttl = Duration::from_secs(new_ttl.max(1) as u64);
+                last_ok = now;
+                if warned {
+                    log::info!("ETCD lease {lease_id:x} renewed again; etcd is reachable");
+                    warned = false;
+                }
+                next = now + ttl / 3;
+                continue;
+            }
+            Ok(Ok(None)) => {
+                stream = None;
+                let mut st = inner.state.lock().await;
+                if st.lease_id == lease_id {
+                    if let Err(e) = regrant(&inner, &mut st, "etcd no longer knows it").await {
+                        log::warn!("could not re-grant the ETCD lease: {e}; retrying");
+                    }
+                }
+                last_ok = Instant::now();
+                next = Instant::now() + Duration::from_millis(200);
+                continue;
+            }
+            Ok(Err(e)) => {
+                stream = None;
+                if !warned {
+                    log::warn!(
+                        "could not renew ETCD lease {lease_id:x}: {e}; records stay until it \
+                         expires, retrying"
+                    );
+                    warned = true;
+                }
+            }
+            Err(_) => {
+                stream = None;
+                if !warned {
+                    log::warn!(
+                        "renewing ETCD lease {lease_id:x} timed out; check etcd at {}",
+                        inner.cfg.endpoints.join(",")
+                    );
+                    warned = true;
+                }
+            }
+        }
+        if now > last_ok + ttl {
+            // Past the deadline: etcd has expired the lease, or will before it
+            // hears from us. Re-grant as soon as etcd answers.
+            let mut st = inner.state.lock().await;
+            if st.lease_id == lease_id {
+                match regrant(&inner, &mut st, "not renewed before its TTL ran out").await {
+                    Ok(()) => {
+                        last_ok = Instant::now();
+                        warned = false;
+                    }
+                    Err(e) => log::debug!("re-grant failed: {e}"),
+                }
+            }
+        }
+        next = Instant::now() + Duration::from_millis(250).min(ttl / 4);
+    }
+}
+
+type KeepAliveStream = (etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream);
+
+/// One renewal on a persistent keep-alive stream. `Ok(None)`: the lease is gone.
+async fn renew(
+    inner: &Inner,
+    lease_id: i64,
+    stream: &mut Option<(i64, KeepAliveStream)>,
+) -> Result<Option<i64>> {
+    let map = |e| etcd_error::map(e, Op::KeepAlive, &inner.cfg);
+    if stream.as_ref().map(|(id, _)| *id) != Some(lease_id) {
+        let s = inner
+            .etcd
+            .lease_client()
+            .keep_alive(lease_id)
+            .await
+            .map_err(map)?;
+        *stream = Some((lease_id, s));
+    }
+    let (_, (keeper, responses)) = stream.as_mut().expect("stream just set");
+    keeper.keep_alive().await.map_err(map)?;
+    match responses.message().await.map_err(map)? {
+        Some(resp) if resp.ttl() > 0 => Ok(Some(resp.ttl())),
+        Some(_) => Ok(None),
+        None => Err(Error::new(
+            crate::Status::ErrConnection,
+            "ETCD connection failed: the lease keep-alive stream ended",
+        )),
+    }
+}

@@ -1,0 +1,21 @@
+//! nixl-etcd: publish and discover NIXL agent metadata per (engine_id, rank)
+//! through etcd, for disaggregated LLM inference.
+//!
+//! The C ABI lives in [`ffi`] (header `include/nixl_etcd.h`); it is a thin
+//! layer over the safe [`Client`].
+
+pub mod client;
+pub mod config;
+pub mod error;
+mod etcd_error;
+pub mod ffi;
+pub mod keys;
+mod lease;
+pub mod logging;
+pub mod record;
+mod runtime;
+
+pub use client::{Client, Found};
+pub use config::Config;
+pub use error::{Error, Result, Status};
+pub use record::Record;

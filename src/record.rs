@@ -1,0 +1,185 @@
+//! The value stored under a rank's key: a JSON record that `etcdctl get`
+//! shows readably, with the NIXL metadata in base64.
+
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Version of the record layout. Readers refuse versions they do not know.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// One rank's registration, as written to etcd.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    pub format: u32,
+    pub engine_id: String,
+    pub rank: u32,
+    /// `VLLM_NIXL_SIDE_CHANNEL_HOST` of the registrant, else its hostname.
+    pub host: String,
+    pub pid: u32,
+    /// Unique per client: a new value means the rank restarted.
+    pub incarnation: String,
+    /// Registration time, milliseconds since the Unix epoch.
+    pub registered_at_ms: u64,
+    /// Length of `metadata` once decoded; checked on read.
+    pub metadata_len: usize,
+    /// The NIXL agent metadata (opaque bytes), base64 (standard alphabet).
+    pub metadata: String,
+}
+
+impl Record {
+    /// Builds a record around raw metadata.
+    pub fn new(
+        engine_id: &str,
+        rank: u32,
+        host: &str,
+        incarnation: &str,
+        metadata: &[u8],
+    ) -> Record {
+        let registered_at_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        Record {
+            format: FORMAT_VERSION,
+            engine_id: engine_id.to_owned(),
+            rank,
+            host: host.to_owned(),
+            pid: std::process::id(),
+            incarnation: incarnation.to_owned(),
+            registered_at_ms,
+            metadata_len: metadata.len(),
+            metadata: base64::engine::general_purpose::STANDARD.encode(metadata),
+        }
+    }
+
+    /// Size of the encoded value for `metadata_len` bytes of metadata, without
+    /// encoding it: base64 plus a bound on the JSON around it.
+    pub fn encoded_size_bound(metadata_len: usize, engine_id: &str, host: &str) -> usize {
+        metadata_len.div_ceil(3) * 4 + engine_id.len() * 6 + host.len() * 6 + 320
+    }
+
+    pub fn to_json(&self) -> Vec<u8> {
+        // Serializing plain strings and integers cannot fail.
+        serde_json::to_vec(self).expect("record serializes")
+    }
+
+    /// Parses and checks a value read from `key`, expected to hold
+    /// (`engine_id`, `rank`).
+    pub fn from_json(key: &str, value: &[u8], engine_id: &str, rank: u32) -> Result<Record> {
+        #[derive(Deserialize)]
+        struct Probe {
+            format: Option<u32>,
+        }
+        let probe: Probe = serde_json::from_slice(value).map_err(|e| Error::bad_record(key, e))?;
+        match probe.format {
+            Some(FORMAT_VERSION) => {}
+            Some(v) => {
+                return Err(Error::bad_record(
+                    key,
+                    format!("format version {v}, this library reads version {FORMAT_VERSION}"),
+                ))
+            }
+            None => return Err(Error::bad_record(key, "no format version")),
+        }
+        let rec: Record = serde_json::from_slice(value).map_err(|e| Error::bad_record(key, e))?;
+        if rec.engine_id != engine_id || rec.rank != rank {
+            return Err(Error::bad_record(
+                key,
+                format!(
+                    "it names engine {:?} rank {}, expected engine {engine_id:?} rank {rank}",
+                    rec.engine_id, rec.rank
+                ),
+            ));
+        }
+        let md = rec.decode_metadata(key)?;
+        if md.len() != rec.metadata_len {
+            return Err(Error::bad_record(
+                key,
+                format!(
+                    "metadata is {} bytes, the record says {}",
+                    md.len(),
+                    rec.metadata_len
+                ),
+            ));
+        }
+        Ok(rec)
+    }
+
+    pub fn decode_metadata(&self, key: &str) -> Result<Vec<u8>> {
+        base64::engine::general_purpose::STANDARD
+            .decode(&self.metadata)
+            .map_err(|e| Error::bad_record(key, format!("metadata is not base64: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Status;
+
+    fn blob() -> Vec<u8> {
+        (0..8192u32).map(|i| (i * 31 % 251) as u8).collect()
+    }
+
+    #[test]
+    fn round_trips_binary_metadata_with_nul_bytes() {
+        let md = blob();
+        let rec = Record::new("e", 3, "node1", "inc-1", &md);
+        let json = rec.to_json();
+        let back = Record::from_json("k", &json, "e", 3).unwrap();
+        assert_eq!(back, rec);
+        assert_eq!(back.decode_metadata("k").unwrap(), md);
+        assert!(json.len() <= Record::encoded_size_bound(md.len(), "e", "node1"));
+    }
+
+    #[test]
+    fn record_is_readable_json() {
+        let rec = Record::new("prefill_engine", 0, "node1", "abc", b"\0\x01");
+        let v: serde_json::Value = serde_json::from_slice(&rec.to_json()).unwrap();
+        assert_eq!(v["format"], 1);
+        assert_eq!(v["engine_id"], "prefill_engine");
+        assert_eq!(v["rank"], 0);
+        assert_eq!(v["host"], "node1");
+        assert_eq!(v["incarnation"], "abc");
+        assert_eq!(v["metadata"], "AAE=");
+        assert_eq!(v["pid"], std::process::id());
+    }
+
+    #[test]
+    fn unreadable_records_are_errors_not_crashes() {
+        let good = Record::new("e", 1, "h", "i", b"xyz");
+        let mut other_version: serde_json::Value = serde_json::from_slice(&good.to_json()).unwrap();
+        other_version["format"] = 2.into();
+        let mut bad_b64 = good.clone();
+        bad_b64.metadata = "!!!".into();
+        let mut bad_len = good.clone();
+        bad_len.metadata_len = 4;
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (b"not json".to_vec(), "unreadable"),
+            (b"{}".to_vec(), "no format version"),
+            (
+                serde_json::to_vec(&other_version).unwrap(),
+                "format version 2",
+            ),
+            (
+                Record::new("other", 1, "h", "i", b"x").to_json(),
+                "expected engine",
+            ),
+            (
+                Record::new("e", 2, "h", "i", b"x").to_json(),
+                "expected engine",
+            ),
+            (bad_b64.to_json(), "not base64"),
+            (bad_len.to_json(), "the record says 4"),
+            (vec![0xff, 0xfe], "unreadable"),
+        ];
+        for (value, want) in cases {
+            let err = Record::from_json("/ns/e/rank_1", &value, "e", 1).unwrap_err();
+            assert_eq!(err.status, Status::ErrBadRecord);
+            assert!(err.message.contains(want), "{} lacks {want}", err.message);
+            assert!(err.message.contains("/ns/e/rank_1"));
+        }
+    }
+}
