@@ -366,13 +366,14 @@ impl Client {
                 let mut st = inner.state.lock().await;
                 st.registrations.clear();
                 let id = st.lease_id;
-                inner
-                    .etcd
-                    .lease_client()
-                    .revoke(id)
-                    .await
-                    .map(|_| id)
-                    .map_err(|e| etcd_error::map(e, Op::Close, &inner.cfg))
+                match inner.etcd.lease_client().revoke(id).await {
+                    // Already gone (expired, or etcd was wiped): nothing is
+                    // attached to it any more.
+                    Err(e) if etcd_error::is_lease_not_found(&e) => Ok(id),
+                    other => other
+                        .map(|_| id)
+                        .map_err(|e| etcd_error::map(e, Op::Close, &inner.cfg)),
+                }
             };
             match tokio::time::timeout(limit, revoke).await {
                 Ok(Ok(id)) => {

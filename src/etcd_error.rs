@@ -59,8 +59,13 @@ pub fn cause(e: &EtcdError) -> String {
 
 /// etcd says the lease is gone (expired, revoked, or etcd was wiped).
 pub fn is_lease_not_found(e: &EtcdError) -> bool {
-    matches!(e, EtcdError::GRpcStatus(s) if s.code() == Code::NotFound
-        && s.message().contains("lease not found"))
+    match e {
+        EtcdError::GRpcStatus(s) => {
+            s.code() == Code::NotFound && s.message().contains("lease not found")
+        }
+        EtcdError::LeaseKeepAliveError(m) => m.contains("lease not found"),
+        _ => false,
+    }
 }
 
 pub fn map(e: EtcdError, op: Op, cfg: &Config) -> Error {

@@ -164,23 +164,28 @@ async fn renew(
     stream: &mut Option<(i64, KeepAliveStream)>,
 ) -> Result<Option<i64>> {
     let map = |e| etcd_error::map(e, Op::KeepAlive, &inner.cfg);
+    match renew_on_stream(inner, lease_id, stream).await {
+        Err(e) if etcd_error::is_lease_not_found(&e) => Ok(None),
+        other => other.map_err(map),
+    }
+}
+
+async fn renew_on_stream(
+    inner: &Inner,
+    lease_id: i64,
+    stream: &mut Option<(i64, KeepAliveStream)>,
+) -> std::result::Result<Option<i64>, etcd_client::Error> {
     if stream.as_ref().map(|(id, _)| *id) != Some(lease_id) {
-        let s = inner
-            .etcd
-            .lease_client()
-            .keep_alive(lease_id)
-            .await
-            .map_err(map)?;
+        let s = inner.etcd.lease_client().keep_alive(lease_id).await?;
         *stream = Some((lease_id, s));
     }
     let (_, (keeper, responses)) = stream.as_mut().expect("stream just set");
-    keeper.keep_alive().await.map_err(map)?;
-    match responses.message().await.map_err(map)? {
+    keeper.keep_alive().await?;
+    match responses.message().await? {
         Some(resp) if resp.ttl() > 0 => Ok(Some(resp.ttl())),
         Some(_) => Ok(None),
-        None => Err(Error::new(
-            crate::Status::ErrConnection,
-            "ETCD connection failed: the lease keep-alive stream ended",
+        None => Err(etcd_client::Error::LeaseKeepAliveError(
+            "the lease keep-alive stream ended".into(),
         )),
     }
 }

@@ -1,0 +1,592 @@
+//! Shared test harness for the integration tests: a private etcd per test,
+//! `etcdctl` access, unique key namespaces and the C example programs.
+//!
+//! Use it from a test file with `mod common;`.
+#![allow(dead_code)]
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// Default etcd binary; `$NIXL_ETCD_TEST_ETCD_BIN` overrides it.
+pub const DEFAULT_ETCD_BIN: &str = "/usr/bin/etcd";
+/// Default etcdctl binary; `$NIXL_ETCD_TEST_ETCDCTL_BIN` overrides it.
+pub const DEFAULT_ETCDCTL_BIN: &str = "/usr/bin/etcdctl";
+
+/// How long to wait for etcd to report healthy after a start.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(15);
+/// Interval between two health polls.
+pub const READY_POLL: Duration = Duration::from_millis(50);
+/// How many times a start is retried when etcd cannot bind its ports.
+pub const START_ATTEMPTS: u32 = 5;
+
+fn etcd_bin() -> PathBuf {
+    std::env::var_os("NIXL_ETCD_TEST_ETCD_BIN")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_ETCD_BIN))
+}
+
+fn etcdctl_bin() -> PathBuf {
+    std::env::var_os("NIXL_ETCD_TEST_ETCDCTL_BIN")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_ETCDCTL_BIN))
+}
+
+/// Two distinct free loopback ports. Both listeners are held at the same time
+/// so the two numbers differ, then released for etcd to take.
+fn free_port_pair() -> (u16, u16) {
+    let a = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    let b = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    let pa = a.local_addr().unwrap().port();
+    let pb = b.local_addr().unwrap().port();
+    (pa, pb)
+}
+
+/// A free loopback port (bound to port 0, then released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind 127.0.0.1:0")
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One HTTP/1.0 `GET /health` against `127.0.0.1:port`. True only when the
+/// whole exchange finishes within `timeout` and the body reports
+/// `"health":"true"`.
+pub fn health_ok(port: u16, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut stream = match TcpStream::connect_timeout(&addr, timeout) {
+        Ok(s) => s,
+        Err(_) => return false,
+    };
+    let remaining = |d: Instant| d.saturating_duration_since(Instant::now());
+    let left = remaining(deadline);
+    if left.is_zero() {
+        return false;
+    }
+    let _ = stream.set_write_timeout(Some(left));
+    let request =
+        format!("GET /health HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n");
+    if stream.write_all(request.as_bytes()).is_err() {
+        return false;
+    }
+    let mut response = Vec::new();
+    let mut chunk = [0u8; 1024];
+    loop {
+        let left = remaining(deadline);
+        if left.is_zero() {
+            return false;
+        }
+        let _ = stream.set_read_timeout(Some(left));
+        match stream.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => response.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => return false,
+        }
+    }
+    let text = String::from_utf8_lossy(&response);
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
+    body.contains("\"health\":\"true\"")
+}
+
+/// The last `max_bytes` of a file, for diagnostics.
+fn file_tail(path: &Path, max_bytes: usize) -> String {
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            let start = bytes.len().saturating_sub(max_bytes);
+            String::from_utf8_lossy(&bytes[start..]).into_owned()
+        }
+        Err(e) => format!("<cannot read {}: {e}>", path.display()),
+    }
+}
+
+fn send_signal(pid: u32, sig: libc::c_int) -> bool {
+    // SAFETY: kill(2) on a pid we spawned and have not reaped yet.
+    unsafe { libc::kill(pid as libc::pid_t, sig) == 0 }
+}
+
+/// Builder for [`EtcdServer`].
+#[derive(Debug, Clone, Default)]
+pub struct EtcdServerBuilder {
+    max_request_bytes: Option<u64>,
+    name: Option<String>,
+    extra_args: Vec<String>,
+}
+
+impl EtcdServerBuilder {
+    /// etcd's `--max-request-bytes` (default 1.5 MiB in etcd itself).
+    pub fn max_request_bytes(mut self, n: u64) -> Self {
+        self.max_request_bytes = Some(n);
+        self
+    }
+
+    /// Member name (`--name`); defaults to `nixl-etcd-test`.
+    pub fn name(mut self, name: &str) -> Self {
+        self.name = Some(name.to_string());
+        self
+    }
+
+    /// Any further etcd flag, passed as is.
+    pub fn arg(mut self, arg: &str) -> Self {
+        self.extra_args.push(arg.to_string());
+        self
+    }
+
+    /// Start the server on free loopback ports and wait until it is healthy.
+    /// Panics (with the tail of etcd's log) if it cannot be started.
+    pub fn start(self) -> EtcdServer {
+        let mut failures = Vec::new();
+        for attempt in 1..=START_ATTEMPTS {
+            let (client_port, peer_port) = free_port_pair();
+            let dir = tempfile::Builder::new()
+                .prefix("nixl-etcd-test-")
+                .tempdir()
+                .expect("create temp dir for etcd");
+            let mut server = EtcdServer {
+                child: None,
+                dir,
+                client_port,
+                peer_port,
+                name: self
+                    .name
+                    .clone()
+                    .unwrap_or_else(|| "nixl-etcd-test".to_string()),
+                max_request_bytes: self.max_request_bytes,
+                extra_args: self.extra_args.clone(),
+                paused: false,
+            };
+            match server.launch_and_wait() {
+                Ok(()) => return server,
+                Err(err) => {
+                    let tail = file_tail(&server.log_path(), 4000);
+                    let clash = tail.contains("address already in use");
+                    failures.push(format!(
+                        "attempt {attempt} (client port {client_port}, peer port {peer_port}): {err}"
+                    ));
+                    server.kill();
+                    if clash && attempt < START_ATTEMPTS {
+                        continue;
+                    }
+                    panic!(
+                        "etcd failed to start ({}):\n{}\n--- tail of {} ---\n{}",
+                        etcd_bin().display(),
+                        failures.join("\n"),
+                        server.log_path().display(),
+                        tail
+                    );
+                }
+            }
+        }
+        unreachable!("the last start attempt either returns or panics")
+    }
+}
+
+/// A private single-member etcd on free loopback ports with its own temp data
+/// dir. Dropping it kills the process and removes the directory.
+pub struct EtcdServer {
+    child: Option<Child>,
+    // Declared after `child`; `Drop` kills the process before the fields drop,
+    // so the directory is removed only once etcd is gone.
+    dir: tempfile::TempDir,
+    client_port: u16,
+    peer_port: u16,
+    name: String,
+    max_request_bytes: Option<u64>,
+    extra_args: Vec<String>,
+    paused: bool,
+}
+
+impl EtcdServer {
+    pub fn builder() -> EtcdServerBuilder {
+        EtcdServerBuilder::default()
+    }
+
+    /// Start with default settings.
+    pub fn start() -> EtcdServer {
+        EtcdServerBuilder::default().start()
+    }
+
+    /// `http://127.0.0.1:P`
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    /// JSON fragment for the library's options: `"endpoints":"http://127.0.0.1:P"`.
+    pub fn endpoints_json(&self) -> String {
+        format!("\"endpoints\":\"{}\"", self.endpoint())
+    }
+
+    /// A whole options object: endpoints, namespace, then `extra` (more
+    /// `"key":value` pairs without a leading comma; may be empty).
+    pub fn options_json(&self, namespace: &str, extra: &str) -> String {
+        let mut s = format!(
+            "{{{},\"namespace\":\"{}\"",
+            self.endpoints_json(),
+            namespace
+        );
+        if !extra.trim().is_empty() {
+            s.push(',');
+            s.push_str(extra);
+        }
+        s.push('}');
+        s
+    }
+
+    pub fn client_port(&self) -> u16 {
+        self.client_port
+    }
+
+    pub fn peer_port(&self) -> u16 {
+        self.peer_port
+    }
+
+    /// Process id of the running etcd (panics if it is not running).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("etcd is not running").id()
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// etcd's stdout and stderr (appended across restarts).
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("etcd.log")
+    }
+
+    /// The last `max_bytes` of etcd's log.
+    pub fn log_tail(&self, max_bytes: usize) -> String {
+        file_tail(&self.log_path(), max_bytes)
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+
+    /// True while the process exists and has not exited (a paused one counts).
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(child) => matches!(child.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// One health probe with the given timeout.
+    pub fn is_healthy(&self, timeout: Duration) -> bool {
+        health_ok(self.client_port, timeout)
+    }
+
+    /// Block until `/health` answers true, or panic after [`READY_TIMEOUT`].
+    pub fn wait_healthy(&mut self) {
+        if let Err(e) = self.wait_ready() {
+            panic!(
+                "etcd not healthy: {e}\n--- tail of etcd log ---\n{}",
+                self.log_tail(4000)
+            );
+        }
+    }
+
+    /// SIGKILL and reap. No-op if not running.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.paused = false;
+    }
+
+    /// SIGTERM and reap (SIGKILL after 10 s if etcd does not exit).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let pid = child.id();
+            if matches!(child.try_wait(), Ok(None)) {
+                send_signal(pid, libc::SIGTERM);
+                if self.paused {
+                    // A stopped process handles SIGTERM only once continued.
+                    send_signal(pid, libc::SIGCONT);
+                }
+                let deadline = Instant::now() + Duration::from_secs(10);
+                loop {
+                    match child.try_wait() {
+                        Ok(Some(_)) | Err(_) => break,
+                        Ok(None) if Instant::now() >= deadline => {
+                            let _ = child.kill();
+                            let _ = child.wait();
+                            break;
+                        }
+                        Ok(None) => thread::sleep(Duration::from_millis(20)),
+                    }
+                }
+            } else {
+                let _ = child.wait();
+            }
+        }
+        self.paused = false;
+    }
+
+    /// Start again with the same data dir and ports (killing first if still
+    /// running), and wait until healthy. Panics if it does not come up.
+    pub fn restart(&mut self) {
+        self.kill();
+        let mut last_err = String::new();
+        // The old sockets may linger a moment; a bind clash here is retried.
+        for _ in 0..START_ATTEMPTS {
+            match self.launch_and_wait() {
+                Ok(()) => return,
+                Err(e) => {
+                    last_err = e;
+                    let clash = self.log_tail(2000).contains("address already in use");
+                    self.kill();
+                    if !clash {
+                        break;
+                    }
+                    thread::sleep(Duration::from_millis(200));
+                }
+            }
+        }
+        panic!(
+            "etcd failed to restart on ports {}/{}: {last_err}\n--- tail of etcd log ---\n{}",
+            self.client_port,
+            self.peer_port,
+            self.log_tail(4000)
+        );
+    }
+
+    /// SIGSTOP: the process keeps its sockets but answers nothing.
+    pub fn pause(&mut self) {
+        let pid = self.pid();
+        assert!(
+            send_signal(pid, libc::SIGSTOP),
+            "SIGSTOP to etcd {pid} failed"
+        );
+        self.paused = true;
+    }
+
+    /// SIGCONT after [`pause`](Self::pause).
+    pub fn resume(&mut self) {
+        let pid = self.pid();
+        assert!(
+            send_signal(pid, libc::SIGCONT),
+            "SIGCONT to etcd {pid} failed"
+        );
+        self.paused = false;
+    }
+
+    fn command(&self) -> Command {
+        let client_url = self.endpoint();
+        let peer_url = format!("http://127.0.0.1:{}", self.peer_port);
+        let mut cmd = Command::new(etcd_bin());
+        cmd.arg("--name")
+            .arg(&self.name)
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .arg("--listen-client-urls")
+            .arg(&client_url)
+            .arg("--advertise-client-urls")
+            .arg(&client_url)
+            .arg("--listen-peer-urls")
+            .arg(&peer_url)
+            .arg("--initial-advertise-peer-urls")
+            .arg(&peer_url)
+            .arg("--initial-cluster")
+            .arg(format!("{}={}", self.name, peer_url))
+            .arg("--initial-cluster-state")
+            .arg("new");
+        if let Some(n) = self.max_request_bytes {
+            cmd.arg("--max-request-bytes").arg(n.to_string());
+        }
+        cmd.args(&self.extra_args);
+        // Keep settings of the calling environment (ETCD_* variables) out of
+        // the private server.
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("ETCD_") {
+                cmd.env_remove(&key);
+            }
+        }
+        cmd
+    }
+
+    fn launch_and_wait(&mut self) -> Result<(), String> {
+        assert!(self.child.is_none(), "etcd is already running");
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .map_err(|e| format!("open {}: {e}", self.log_path().display()))?;
+        let log2 = log.try_clone().map_err(|e| format!("dup log fd: {e}"))?;
+        let mut cmd = self.command();
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(log2));
+        let child = cmd
+            .spawn()
+            .map_err(|e| format!("spawn {}: {e}", etcd_bin().display()))?;
+        self.child = Some(child);
+        self.paused = false;
+        self.wait_ready()
+    }
+
+    fn wait_ready(&mut self) -> Result<(), String> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                match child.try_wait() {
+                    Ok(Some(status)) => {
+                        return Err(format!("etcd exited early with {status}"));
+                    }
+                    Ok(None) => {}
+                    Err(e) => return Err(format!("waitpid: {e}")),
+                }
+            } else {
+                return Err("etcd is not running".to_string());
+            }
+            if health_ok(self.client_port, Duration::from_millis(500)) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "no healthy answer from {}/health within {:?}",
+                    self.endpoint(),
+                    READY_TIMEOUT
+                ));
+            }
+            thread::sleep(READY_POLL);
+        }
+    }
+}
+
+impl Drop for EtcdServer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            if self.paused {
+                send_signal(child.id(), libc::SIGCONT);
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Run `etcdctl` (API v3) against `server` with `args`.
+pub fn etcdctl(server: &EtcdServer, args: &[&str]) -> Output {
+    Command::new(etcdctl_bin())
+        .env("ETCDCTL_API", "3")
+        .arg("--endpoints")
+        .arg(server.endpoint())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("run {}: {e}", etcdctl_bin().display()))
+}
+
+/// `etcdctl` that must succeed; returns its stdout. Panics with stderr otherwise.
+pub fn etcdctl_ok(server: &EtcdServer, args: &[&str]) -> String {
+    let out = etcdctl(server, args);
+    assert!(
+        out.status.success(),
+        "etcdctl {:?} failed ({}):\nstdout: {}\nstderr: {}",
+        args,
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A key namespace no other test (or test process) uses:
+/// `/nixl-etcd-test/<tag>-<pid>-<counter>`.
+pub fn unique_namespace(tag: &str) -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("/nixl-etcd-test/{}-{}-{}", tag, std::process::id(), n)
+}
+
+/// Repository root.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The cargo profile dir (`target/<profile>`) holding `libnixl_etcd.so`. The
+/// test binary itself lives in `target/<profile>/deps/`.
+pub fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    exe.parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| panic!("cannot derive the profile dir from {}", exe.display()))
+}
+
+/// Path of the shared library under test.
+pub fn cdylib_path() -> PathBuf {
+    target_dir().join("libnixl_etcd.so")
+}
+
+/// Build `c_examples/` against the library in [`target_dir`] (once per
+/// process) and return the `c_examples` dir. Panics with make's output if the
+/// build fails.
+pub fn build_c_examples() -> PathBuf {
+    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let result = BUILT.get_or_init(|| {
+        let dir = repo_root().join("c_examples");
+        let libdir = target_dir();
+        let out = Command::new("make")
+            .arg("-C")
+            .arg(&dir)
+            .arg(format!("LIBDIR={}", libdir.display()))
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("cannot run make: {e}"))?;
+        if out.status.success() {
+            Ok(dir)
+        } else {
+            Err(format!(
+                "make -C {} LIBDIR={} failed ({}); library present: {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+                dir.display(),
+                libdir.display(),
+                out.status,
+                cdylib_path().exists(),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    });
+    match result {
+        Ok(dir) => dir.clone(),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// Poll `cond` every 10 ms until it holds or `timeout` passes; returns whether
+/// it held.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Read a whole file as text (for logs written by child processes).
+pub fn read_to_string_lossy(path: &Path) -> String {
+    let mut buf = Vec::new();
+    if let Ok(mut f) = File::open(path) {
+        let _ = f.read_to_end(&mut buf);
+    }
+    String::from_utf8_lossy(&buf).into_owned()
+}

@@ -1,0 +1,121 @@
+//! The lease session: renewed in the background, and when lost (etcd wiped,
+//! or the lease revoked behind the client's back) re-granted with everything
+//! re-registered.
+
+mod capi;
+mod common;
+
+use std::time::Duration;
+
+use capi::{blob, open, Handle};
+use common::{etcdctl_ok, unique_namespace, wait_until, EtcdServer};
+
+fn lease_of(etcd: &EtcdServer, key: &str) -> i64 {
+    let json = etcdctl_ok(etcd, &["get", key, "-w", "json"]);
+    let v: serde_json::Value = serde_json::from_str(json.trim()).unwrap();
+    v["kvs"][0]["lease"].as_i64().unwrap_or(0)
+}
+
+fn registered(etcd: &EtcdServer, ns: &str) -> usize {
+    etcdctl_ok(etcd, &["get", "--prefix", ns, "--keys-only"])
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .count()
+}
+
+fn setup(etcd: &EtcdServer, ns: &str) -> (Handle, Handle) {
+    let owner = open(&etcd.options_json(ns, r#""lease_ttl_s":2,"timeout_s":2"#)).unwrap();
+    let reader = open(&etcd.options_json(ns, r#""timeout_s":2"#)).unwrap();
+    for r in 0..3 {
+        owner.register("prefill_engine", r, &blob(r, 4096)).unwrap();
+    }
+    (owner, reader)
+}
+
+#[test]
+fn the_lease_is_renewed_past_its_ttl() {
+    let etcd = EtcdServer::start();
+    let ns = unique_namespace("renew");
+    let (owner, reader) = setup(&etcd, &ns);
+    std::thread::sleep(Duration::from_secs(5));
+    for r in 0..3 {
+        assert_eq!(reader.lookup("prefill_engine", r).unwrap(), blob(r, 4096));
+    }
+    owner.close().unwrap();
+    reader.close().unwrap();
+}
+
+#[test]
+fn a_revoked_lease_is_regranted_and_everything_reregistered() {
+    let etcd = EtcdServer::start();
+    let ns = unique_namespace("revoked");
+    let (owner, reader) = setup(&etcd, &ns);
+    let key = format!("{ns}/prefill_engine/rank_0");
+    let old = lease_of(&etcd, &key);
+    etcdctl_ok(&etcd, &["lease", "revoke", &format!("{old:x}")]);
+    assert!(wait_until(Duration::from_secs(5), || registered(
+        &etcd, &ns
+    ) == 3));
+    let new = lease_of(&etcd, &key);
+    assert!(new != 0 && new != old, "old {old:x} new {new:x}");
+    for r in 0..3 {
+        assert_eq!(reader.lookup("prefill_engine", r).unwrap(), blob(r, 4096));
+    }
+    // Later registrations go under the new lease, and close still removes all.
+    owner.register("prefill_engine", 3, b"late").unwrap();
+    assert_eq!(lease_of(&etcd, &format!("{ns}/prefill_engine/rank_3")), new);
+    owner.close().unwrap();
+    assert_eq!(registered(&etcd, &ns), 0);
+    reader.close().unwrap();
+}
+
+#[test]
+fn registrations_survive_an_etcd_restart() {
+    let mut etcd = EtcdServer::start();
+    let ns = unique_namespace("restart");
+    let (owner, reader) = setup(&etcd, &ns);
+    etcd.kill();
+    std::thread::sleep(Duration::from_secs(1));
+    etcd.restart();
+    // Still there after several TTLs: the client kept renewing.
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(registered(&etcd, &ns), 3);
+    for r in 0..3 {
+        assert_eq!(reader.lookup("prefill_engine", r).unwrap(), blob(r, 4096));
+    }
+    owner
+        .register("prefill_engine", 9, b"after restart")
+        .unwrap();
+    owner.close().unwrap();
+    assert_eq!(registered(&etcd, &ns), 0);
+    reader.close().unwrap();
+}
+
+#[test]
+fn a_wiped_etcd_gets_every_registration_back() {
+    let mut etcd = EtcdServer::start();
+    let ns = unique_namespace("wiped");
+    let (owner, reader) = setup(&etcd, &ns);
+    let old = lease_of(&etcd, &format!("{ns}/prefill_engine/rank_0"));
+    etcd.kill();
+    std::fs::remove_dir_all(etcd.data_dir()).unwrap();
+    etcd.restart();
+    assert!(
+        wait_until(Duration::from_secs(10), || registered(&etcd, &ns) == 3),
+        "the client did not re-register into the new etcd"
+    );
+    assert!(wait_until(Duration::from_secs(5), || reader
+        .lookup("prefill_engine", 2)
+        .is_ok()));
+    for r in 0..3 {
+        assert_eq!(reader.lookup("prefill_engine", r).unwrap(), blob(r, 4096));
+        let lease = lease_of(&etcd, &format!("{ns}/prefill_engine/rank_{r}"));
+        assert!(
+            lease != 0 && lease != old,
+            "rank {r}: lease {lease:x}, old {old:x}"
+        );
+    }
+    owner.close().unwrap();
+    assert_eq!(registered(&etcd, &ns), 0);
+    reader.close().unwrap();
+}
