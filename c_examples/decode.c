@@ -19,20 +19,16 @@
 #include <string.h>
 #include <time.h>
 
+#include "cli.h"
 #include "nixl_etcd.h"
 #include "pattern.h"
 
 #define PROG "decode"
-#define MAX_RANKS 65536u
-
-static void usage(FILE *f)
-{
-    fprintf(f,
-            "usage: " PROG " ENGINE_ID NRANKS [--size BYTES] [--timeout-ms MS] [--options JSON]\n"
-            "  --size BYTES       expected metadata bytes per rank (default 8192)\n"
-            "  --timeout-ms MS    wait limit per rank; < 0 = VLLM_NIXL_ETCD_TIMEOUT (default -1)\n"
-            "  --options JSON     client options (default: environment only)\n");
-}
+#define USAGE                                                                               \
+    "usage: " PROG " ENGINE_ID NRANKS [--size BYTES] [--timeout-ms MS] [--options JSON]\n"  \
+    "  --size BYTES       expected metadata bytes per rank (default 8192)\n"                  \
+    "  --timeout-ms MS    wait limit per rank; < 0 = VLLM_NIXL_ETCD_TIMEOUT (default -1)\n"   \
+    "  --options JSON     client options (default: environment only)\n"
 
 static void report(const char *call, nixl_etcd_status st)
 {
@@ -41,21 +37,10 @@ static void report(const char *call, nixl_etcd_status st)
     fprintf(stderr, PROG ": %s failed: %s: %s\n", call, s ? s : "unknown status", e ? e : "");
 }
 
-static int parse_u64(const char *text, unsigned long long *out)
+/* cli_extra_fn for --timeout-ms: a signed decimal, into the long long at ctx. */
+static int parse_i64(const char *text, void *ctx)
 {
-    char *end = NULL;
-    if (text == NULL || *text == '\0' || *text == '-')
-        return -1;
-    errno = 0;
-    unsigned long long v = strtoull(text, &end, 10);
-    if (errno != 0 || end == text || *end != '\0')
-        return -1;
-    *out = v;
-    return 0;
-}
-
-static int parse_i64(const char *text, long long *out)
-{
+    long long *out = ctx;
     char *end = NULL;
     if (text == NULL || *text == '\0')
         return -1;
@@ -94,62 +79,15 @@ static int cleanup(nixl_etcd_client *client, nixl_etcd_buffer *bufs, uint32_t n)
 
 int main(int argc, char **argv)
 {
-    const char *engine_id = NULL;
-    const char *nranks_text = NULL;
-    const char *options = NULL;
-    unsigned long long size = 8192;
     long long timeout_ms = -1;
-
-    for (int i = 1; i < argc; ++i) {
-        const char *a = argv[i];
-        if (strcmp(a, "-h") == 0 || strcmp(a, "--help") == 0) {
-            usage(stdout);
-            return 0;
-        } else if (strcmp(a, "--size") == 0 || strcmp(a, "--timeout-ms") == 0 ||
-                   strcmp(a, "--options") == 0) {
-            if (i + 1 >= argc) {
-                fprintf(stderr, PROG ": %s needs a value\n", a);
-                usage(stderr);
-                return 1;
-            }
-            const char *v = argv[++i];
-            if (strcmp(a, "--size") == 0) {
-                if (parse_u64(v, &size) != 0 || size > (unsigned long long)SIZE_MAX) {
-                    fprintf(stderr, PROG ": bad --size '%s'\n", v);
-                    return 1;
-                }
-            } else if (strcmp(a, "--timeout-ms") == 0) {
-                if (parse_i64(v, &timeout_ms) != 0) {
-                    fprintf(stderr, PROG ": bad --timeout-ms '%s'\n", v);
-                    return 1;
-                }
-            } else {
-                options = v;
-            }
-        } else if (a[0] == '-' && a[1] == '-') {
-            fprintf(stderr, PROG ": unknown option %s\n", a);
-            usage(stderr);
-            return 1;
-        } else if (engine_id == NULL) {
-            engine_id = a;
-        } else if (nranks_text == NULL) {
-            nranks_text = a;
-        } else {
-            fprintf(stderr, PROG ": unexpected argument '%s'\n", a);
-            usage(stderr);
-            return 1;
-        }
-    }
-    if (engine_id == NULL || nranks_text == NULL) {
-        usage(stderr);
-        return 1;
-    }
-    unsigned long long nranks_ull = 0;
-    if (parse_u64(nranks_text, &nranks_ull) != 0 || nranks_ull == 0 || nranks_ull > MAX_RANKS) {
-        fprintf(stderr, PROG ": NRANKS must be 1..%u, got '%s'\n", MAX_RANKS, nranks_text);
-        return 1;
-    }
-    uint32_t nranks = (uint32_t)nranks_ull;
+    const struct cli_spec spec = {PROG, USAGE, "--timeout-ms", parse_i64, &timeout_ms};
+    struct cli_args args;
+    int rc = cli_parse(argc, argv, &spec, &args);
+    if (rc != 0)
+        return rc == 2 ? 0 : 1; /* 2: help was printed */
+    const char *engine_id = args.engine_id;
+    const uint32_t nranks = args.nranks;
+    const size_t size = args.size;
 
     setvbuf(stdout, NULL, _IOLBF, 0);
 
@@ -163,7 +101,7 @@ int main(int argc, char **argv)
     }
 
     nixl_etcd_client *client = NULL;
-    nixl_etcd_status st = nixl_etcd_open(options, &client);
+    nixl_etcd_status st = nixl_etcd_open(args.options, &client);
     if (st != NIXL_ETCD_OK || client == NULL) {
         report("nixl_etcd_open", st);
         free(bufs);
@@ -185,8 +123,8 @@ int main(int argc, char **argv)
     int mismatch = 0;
     for (uint32_t rank = 0; rank < nranks; ++rank) {
         const nixl_etcd_buffer *b = &bufs[rank];
-        if (b->len != (size_t)size) {
-            fprintf(stderr, PROG ": rank %u: got %zu bytes, expected %llu\n", rank, b->len, size);
+        if (b->len != size) {
+            fprintf(stderr, PROG ": rank %u: got %zu bytes, expected %zu\n", rank, b->len, size);
             mismatch = 1;
             continue;
         }

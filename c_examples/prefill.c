@@ -23,20 +23,16 @@
 #include <string.h>
 #include <time.h>
 
+#include "cli.h"
 #include "nixl_etcd.h"
 #include "pattern.h"
 
 #define PROG "prefill"
-#define MAX_RANKS 65536u
-
-static void usage(FILE *f)
-{
-    fprintf(f,
-            "usage: " PROG " ENGINE_ID NRANKS [--size BYTES] [--hold SECONDS] [--options JSON]\n"
-            "  --size BYTES     metadata bytes per rank (default 8192)\n"
-            "  --hold SECONDS   close after this long (default: until SIGINT/SIGTERM)\n"
-            "  --options JSON   client options (default: environment only)\n");
-}
+#define USAGE                                                                              \
+    "usage: " PROG " ENGINE_ID NRANKS [--size BYTES] [--hold SECONDS] [--options JSON]\n"  \
+    "  --size BYTES     metadata bytes per rank (default 8192)\n"                            \
+    "  --hold SECONDS   close after this long (default: until SIGINT/SIGTERM)\n"             \
+    "  --options JSON   client options (default: environment only)\n"
 
 static void report(const char *call, nixl_etcd_status st)
 {
@@ -53,21 +49,10 @@ static void close_after_error(nixl_etcd_client *client)
         report("nixl_etcd_close", st);
 }
 
-static int parse_u64(const char *text, unsigned long long *out)
+/* cli_extra_fn for --hold: seconds, 0..1e9, into the double at ctx. */
+static int parse_seconds(const char *text, void *ctx)
 {
-    char *end = NULL;
-    if (text == NULL || *text == '\0' || *text == '-')
-        return -1;
-    errno = 0;
-    unsigned long long v = strtoull(text, &end, 10);
-    if (errno != 0 || end == text || *end != '\0')
-        return -1;
-    *out = v;
-    return 0;
-}
-
-static int parse_seconds(const char *text, double *out)
-{
+    double *out = ctx;
     char *end = NULL;
     if (text == NULL || *text == '\0')
         return -1;
@@ -137,62 +122,15 @@ static int hold(const sigset_t *set, double hold_s)
 
 int main(int argc, char **argv)
 {
-    const char *engine_id = NULL;
-    const char *nranks_text = NULL;
-    const char *options = NULL;
-    unsigned long long size = 8192;
     double hold_s = -1.0;
-
-    for (int i = 1; i < argc; ++i) {
-        const char *a = argv[i];
-        if (strcmp(a, "-h") == 0 || strcmp(a, "--help") == 0) {
-            usage(stdout);
-            return 0;
-        } else if (strcmp(a, "--size") == 0 || strcmp(a, "--hold") == 0 ||
-                   strcmp(a, "--options") == 0) {
-            if (i + 1 >= argc) {
-                fprintf(stderr, PROG ": %s needs a value\n", a);
-                usage(stderr);
-                return 1;
-            }
-            const char *v = argv[++i];
-            if (strcmp(a, "--size") == 0) {
-                if (parse_u64(v, &size) != 0 || size > (unsigned long long)SIZE_MAX) {
-                    fprintf(stderr, PROG ": bad --size '%s'\n", v);
-                    return 1;
-                }
-            } else if (strcmp(a, "--hold") == 0) {
-                if (parse_seconds(v, &hold_s) != 0) {
-                    fprintf(stderr, PROG ": bad --hold '%s'\n", v);
-                    return 1;
-                }
-            } else {
-                options = v;
-            }
-        } else if (a[0] == '-' && a[1] == '-') {
-            fprintf(stderr, PROG ": unknown option %s\n", a);
-            usage(stderr);
-            return 1;
-        } else if (engine_id == NULL) {
-            engine_id = a;
-        } else if (nranks_text == NULL) {
-            nranks_text = a;
-        } else {
-            fprintf(stderr, PROG ": unexpected argument '%s'\n", a);
-            usage(stderr);
-            return 1;
-        }
-    }
-    if (engine_id == NULL || nranks_text == NULL) {
-        usage(stderr);
-        return 1;
-    }
-    unsigned long long nranks_ull = 0;
-    if (parse_u64(nranks_text, &nranks_ull) != 0 || nranks_ull == 0 || nranks_ull > MAX_RANKS) {
-        fprintf(stderr, PROG ": NRANKS must be 1..%u, got '%s'\n", MAX_RANKS, nranks_text);
-        return 1;
-    }
-    uint32_t nranks = (uint32_t)nranks_ull;
+    const struct cli_spec spec = {PROG, USAGE, "--hold", parse_seconds, &hold_s};
+    struct cli_args args;
+    int rc = cli_parse(argc, argv, &spec, &args);
+    if (rc != 0)
+        return rc == 2 ? 0 : 1; /* 2: help was printed */
+    const char *engine_id = args.engine_id;
+    const uint32_t nranks = args.nranks;
+    const size_t size = args.size;
 
     /* Line-buffered, so a reader of a pipe or file sees each line at once. */
     setvbuf(stdout, NULL, _IOLBF, 0);
@@ -214,14 +152,14 @@ int main(int argc, char **argv)
     if (!nixl_etcd_enabled())
         fprintf(stderr, PROG ": note: VLLM_NIXL_USE_ETCD is not enabled; using etcd anyway\n");
 
-    uint8_t *blob = malloc(size > 0 ? (size_t)size : 1);
+    uint8_t *blob = malloc(size > 0 ? size : 1);
     if (blob == NULL) {
-        fprintf(stderr, PROG ": cannot allocate %llu bytes\n", size);
+        fprintf(stderr, PROG ": cannot allocate %zu bytes\n", size);
         return 1;
     }
 
     nixl_etcd_client *client = NULL;
-    nixl_etcd_status st = nixl_etcd_open(options, &client);
+    nixl_etcd_status st = nixl_etcd_open(args.options, &client);
     if (st != NIXL_ETCD_OK || client == NULL) {
         report("nixl_etcd_open", st);
         free(blob);
@@ -229,15 +167,15 @@ int main(int argc, char **argv)
     }
 
     for (uint32_t rank = 0; rank < nranks; ++rank) {
-        pattern_fill(blob, (size_t)size, engine_id, rank);
-        st = nixl_etcd_register(client, engine_id, rank, blob, (size_t)size);
+        pattern_fill(blob, size, engine_id, rank);
+        st = nixl_etcd_register(client, engine_id, rank, blob, size);
         if (st != NIXL_ETCD_OK) {
             report("nixl_etcd_register", st);
             free(blob);
             close_after_error(client);
             return 1;
         }
-        printf(PROG ": registered rank %u of %s (%llu bytes)\n", rank, engine_id, size);
+        printf(PROG ": registered rank %u of %s (%zu bytes)\n", rank, engine_id, size);
     }
     free(blob);
 

@@ -494,8 +494,8 @@ async fn wait_once(inner: &Inner, key: &str, engine_id: &str, rank: u32) -> Resu
     }
 }
 
-/// Writes `value` under the current lease, re-granting the lease first if etcd
-/// says it is gone (the keep-alive task may not have noticed yet).
+/// Writes `value` at `key` under `lease_id` (see `lease::put_attached` for the
+/// variant that recovers a lost lease).
 pub(crate) async fn put_value(
     inner: &Inner,
     lease_id: i64,

@@ -1,0 +1,135 @@
+/*
+ * Command-line parsing shared by the nixl-etcd C examples.
+ *
+ *   PROG ENGINE_ID NRANKS [--size BYTES] [EXTRA_OPTION VALUE] [--options JSON]
+ *
+ * cli_parse handles -h/--help, --size, --options, the positional ENGINE_ID
+ * and NRANKS (1..CLI_MAX_RANKS) and one program-specific option that takes a
+ * value (prefill's --hold, decode's --timeout-ms). Each value of that option
+ * is handed, in order, to the program's parse_extra callback, so a bad value
+ * is reported at the point where it appears, exactly as a built-in option's.
+ * Every message starts with "PROG: " and goes to stderr; help goes to stdout.
+ */
+#ifndef NIXL_ETCD_EXAMPLE_CLI_H
+#define NIXL_ETCD_EXAMPLE_CLI_H
+
+#include <errno.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define CLI_MAX_RANKS 65536u
+
+struct cli_args {
+    const char *engine_id;
+    uint32_t nranks;
+    const char *options;     /* --options JSON, or NULL */
+    size_t size;             /* --size BYTES, default 8192 */
+    const char *extra_value; /* last value of the extra option, or NULL */
+};
+
+/* Parses one value of the extra option into ctx; returns 0, or -1 when the
+ * value is bad (cli_parse then prints "PROG: bad OPTION 'VALUE'"). */
+typedef int (*cli_extra_fn)(const char *value, void *ctx);
+
+struct cli_spec {
+    const char *prog;         /* prefix of every message */
+    const char *usage;        /* full usage text, printed as is */
+    const char *extra_option; /* e.g. "--hold" */
+    cli_extra_fn parse_extra; /* may be NULL: any value is accepted */
+    void *ctx;                /* passed to parse_extra */
+};
+
+/* A decimal unsigned integer with no sign; returns 0, or -1 when bad. */
+static inline int cli_parse_u64(const char *text, unsigned long long *out)
+{
+    char *end = NULL;
+    if (text == NULL || *text == '\0' || *text == '-')
+        return -1;
+    errno = 0;
+    unsigned long long v = strtoull(text, &end, 10);
+    if (errno != 0 || end == text || *end != '\0')
+        return -1;
+    *out = v;
+    return 0;
+}
+
+static inline void cli_usage(const struct cli_spec *spec, FILE *f)
+{
+    fputs(spec->usage, f);
+}
+
+/* Returns 0 when out is filled in, 1 on an error (already printed), 2 when
+ * help was printed (the program should exit 0). */
+static inline int cli_parse(int argc, char **argv, const struct cli_spec *spec,
+                            struct cli_args *out)
+{
+    const char *prog = spec->prog;
+    const char *nranks_text = NULL;
+    unsigned long long size = 8192;
+
+    out->engine_id = NULL;
+    out->nranks = 0;
+    out->options = NULL;
+    out->size = 0;
+    out->extra_value = NULL;
+
+    for (int i = 1; i < argc; ++i) {
+        const char *a = argv[i];
+        if (strcmp(a, "-h") == 0 || strcmp(a, "--help") == 0) {
+            cli_usage(spec, stdout);
+            return 2;
+        } else if (strcmp(a, "--size") == 0 || strcmp(a, spec->extra_option) == 0 ||
+                   strcmp(a, "--options") == 0) {
+            if (i + 1 >= argc) {
+                fprintf(stderr, "%s: %s needs a value\n", prog, a);
+                cli_usage(spec, stderr);
+                return 1;
+            }
+            const char *v = argv[++i];
+            if (strcmp(a, "--size") == 0) {
+                if (cli_parse_u64(v, &size) != 0 || size > (unsigned long long)SIZE_MAX) {
+                    fprintf(stderr, "%s: bad --size '%s'\n", prog, v);
+                    return 1;
+                }
+            } else if (strcmp(a, spec->extra_option) == 0) {
+                if (spec->parse_extra != NULL && spec->parse_extra(v, spec->ctx) != 0) {
+                    fprintf(stderr, "%s: bad %s '%s'\n", prog, a, v);
+                    return 1;
+                }
+                out->extra_value = v;
+            } else {
+                out->options = v;
+            }
+        } else if (a[0] == '-' && a[1] == '-') {
+            fprintf(stderr, "%s: unknown option %s\n", prog, a);
+            cli_usage(spec, stderr);
+            return 1;
+        } else if (out->engine_id == NULL) {
+            out->engine_id = a;
+        } else if (nranks_text == NULL) {
+            nranks_text = a;
+        } else {
+            fprintf(stderr, "%s: unexpected argument '%s'\n", prog, a);
+            cli_usage(spec, stderr);
+            return 1;
+        }
+    }
+    if (out->engine_id == NULL || nranks_text == NULL) {
+        cli_usage(spec, stderr);
+        return 1;
+    }
+    unsigned long long nranks = 0;
+    if (cli_parse_u64(nranks_text, &nranks) != 0 || nranks == 0 || nranks > CLI_MAX_RANKS) {
+        fprintf(stderr, "%s: NRANKS must be 1..%u, got '%s'\n", prog, CLI_MAX_RANKS,
+                nranks_text);
+        return 1;
+    }
+    out->nranks = (uint32_t)nranks;
+    out->size = (size_t)size;
+    return 0;
+}
+
+#endif /* NIXL_ETCD_EXAMPLE_CLI_H */
