@@ -27,6 +27,69 @@ typedef struct nixl_etcd_buffer {
   size_t len;
 } nixl_etcd_buffer;
 
+/**
+ * A rank's whole record; release with `nixl_etcd_record_free`.
+ */
+typedef struct nixl_etcd_record {
+  char *engine_id;
+  uint32_t rank;
+  /**
+   * The engine's declared number of ranks; 0 when not declared.
+   */
+  uint32_t world_size;
+  /**
+   * `VLLM_NIXL_SIDE_CHANNEL_HOST` of the registrant, else its host name.
+   */
+  char *host;
+  uint32_t pid;
+  /**
+   * Unique per registering client: a new value means the rank restarted.
+   */
+  char *incarnation;
+  /**
+   * Registration time, milliseconds since the Unix epoch.
+   */
+  uint64_t registered_at_ms;
+  /**
+   * etcd's mod_revision of the record.
+   */
+  int64_t revision;
+  struct nixl_etcd_buffer metadata;
+} nixl_etcd_record;
+
+/**
+ * Kind of a change event (`nixl_etcd_event.kind`).
+ */
+typedef int32_t nixl_etcd_event_kind;
+
+/**
+ * One change, valid only during the callback (copy what you keep).
+ */
+typedef struct nixl_etcd_event {
+  nixl_etcd_event_kind kind;
+  const char *engine_id;
+  uint32_t rank;
+  /**
+   * The incarnation added, or the one removed.
+   */
+  const char *incarnation;
+  const char *host;
+  /**
+   * NULL (and 0) for REMOVED.
+   */
+  const uint8_t *metadata;
+  size_t metadata_len;
+  /**
+   * etcd revision of the change.
+   */
+  int64_t revision;
+} nixl_etcd_event;
+
+/**
+ * Receives change events; see `nixl_etcd_subscribe`.
+ */
+typedef void (*nixl_etcd_event_callback)(void *user_data, const struct nixl_etcd_event *event);
+
 #define NIXL_ETCD_OK 0
 
 /**
@@ -68,6 +131,27 @@ typedef struct nixl_etcd_buffer {
  * A record in etcd could not be read (bad JSON, unknown format, wrong engine).
  */
 #define NIXL_ETCD_ERR_BAD_RECORD -8
+
+/**
+ * A rank appeared.
+ */
+#define NIXL_ETCD_EVENT_ADDED 1
+
+/**
+ * The same incarnation registered new metadata.
+ */
+#define NIXL_ETCD_EVENT_UPDATED 2
+
+/**
+ * The rank restarted (new incarnation): drop the old remote agent, then load
+ * the new metadata.
+ */
+#define NIXL_ETCD_EVENT_REPLACED 3
+
+/**
+ * The rank is gone (unregistered, closed, or its lease expired).
+ */
+#define NIXL_ETCD_EVENT_REMOVED 4
 
 #ifdef __cplusplus
 extern "C" {
@@ -148,6 +232,97 @@ nixl_etcd_status nixl_etcd_wait(struct nixl_etcd_client *c,
                                 uint32_t rank,
                                 int64_t timeout_ms,
                                 struct nixl_etcd_buffer *out);
+
+/**
+ * Copies the record of (`engine_id`, `rank`) with all its fields into `out`
+ * (release with `nixl_etcd_record_free`). Served from the cache when it holds
+ * the record, like `nixl_etcd_lookup`; `NOT_FOUND` at once when absent.
+ *
+ * # Safety
+ * `engine_id` is NULL or NUL-terminated; `out` is NULL or writable.
+ */
+nixl_etcd_status nixl_etcd_lookup_record(struct nixl_etcd_client *c,
+                                         const char *engine_id,
+                                         uint32_t rank,
+                                         struct nixl_etcd_record *out);
+
+/**
+ * Releases what `nixl_etcd_lookup_record` filled and zeroes it. NULL, or a
+ * record already freed, is a no-op.
+ *
+ * # Safety
+ * `rec` is NULL or a record filled by this library (or zeroed).
+ */
+void nixl_etcd_record_free(struct nixl_etcd_record *rec);
+
+/**
+ * Calls `callback(user_data, event)` for every change to the records of
+ * `engine_id` (NULL: every engine in the namespace): first ADDED for each
+ * record present now, then each change as etcd reports it. Kinds: ADDED,
+ * UPDATED (same incarnation), REPLACED (a restart: drop the old remote
+ * agent), REMOVED.
+ *
+ * Callbacks run on this client's event thread ("nixl-etcd-events"), one at a
+ * time; events for one key arrive in order. They must not block: while one
+ * runs, no other event of this client is delivered. They may call back into
+ * the library (lookups, register, even unsubscribe or close of this client);
+ * a `nixl_etcd_wait` in a callback delays every later event of this client.
+ * The event and its pointers are valid only during the call.
+ *
+ * # Safety
+ * `engine_id` is NULL or NUL-terminated; `callback` is a valid function;
+ * `user_data` stays valid, and usable from another thread, until
+ * `nixl_etcd_unsubscribe` or `nixl_etcd_close` returns.
+ */
+nixl_etcd_status nixl_etcd_subscribe(struct nixl_etcd_client *c,
+                                     const char *engine_id,
+                                     nixl_etcd_event_callback callback,
+                                     void *user_data,
+                                     uint64_t *subscription_id);
+
+/**
+ * Ends a subscription. Once this returns, its callback is not running and is
+ * never called again (when called from that very callback, the callback
+ * finishes normally). `NOT_FOUND` for an unknown id.
+ *
+ * # Safety
+ * `c` is NULL or a handle from `nixl_etcd_open`.
+ */
+nixl_etcd_status nixl_etcd_unsubscribe(struct nixl_etcd_client *c, uint64_t subscription_id);
+
+/**
+ * Waits until every rank 0..world_size-1 of `engine_id` is registered, then
+ * stores the engine's world size in `*world_size` (may be NULL). The world
+ * size comes from the records (the registrants' open option `world_size`).
+ * `timeout_ms` < 0: `VLLM_NIXL_ETCD_TIMEOUT`. On expiry `TIMEOUT`, with the
+ * missing ranks named in the message.
+ *
+ * # Safety
+ * `engine_id` is NULL or NUL-terminated; `world_size` is NULL or writable.
+ */
+nixl_etcd_status nixl_etcd_wait_engine(struct nixl_etcd_client *c,
+                                       const char *engine_id,
+                                       int64_t timeout_ms,
+                                       uint32_t *world_size);
+
+/**
+ * The remote ranks that local rank `local_rank` of a `local_tp`-way engine
+ * reads from when the remote engine is `remote_tp`-way (vLLM's mapping):
+ * with local_tp >= remote_tp, the one rank local_rank / (local_tp /
+ * remote_tp); else the k = remote_tp / local_tp ranks local_rank*k ..
+ * local_rank*k+k-1. Writes them to `out` (room for `cap`) and their count to
+ * `*n`. `INVALID_ARGUMENT` when the sizes do not divide, the rank is out of
+ * range, or `cap` is too small (then `*n` still says how many are needed).
+ *
+ * # Safety
+ * `out` is NULL (with `cap` 0) or valid for `cap` elements; `n` is writable.
+ */
+nixl_etcd_status nixl_etcd_target_ranks(uint32_t local_tp,
+                                        uint32_t local_rank,
+                                        uint32_t remote_tp,
+                                        uint32_t *out,
+                                        size_t cap,
+                                        size_t *n);
 
 /**
  * Releases a buffer filled by the library and resets it to {NULL, 0}.

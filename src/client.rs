@@ -6,12 +6,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Duration, Instant};
 
-use etcd_client::{ConnectOptions, EventType, PutOptions, WatchOptions};
+use etcd_client::ConnectOptions;
 use tokio::sync::{watch, Mutex};
 
+use crate::cache::{Cache, Entry, Informer};
 use crate::config::Config;
 use crate::error::{Error, Result, Status};
 use crate::etcd_error::{self, Op};
+use crate::events::{Callback, Hub};
 use crate::keys;
 use crate::lease;
 use crate::record::Record;
@@ -38,16 +40,12 @@ pub(crate) struct Inner {
     pub keepalive: StdMutex<Option<tokio::task::JoinHandle<()>>>,
     /// Engines this client already announced with the guide's "Initialized" line.
     announced: StdMutex<std::collections::HashSet<String>>,
+    pub cache: Cache,
+    pub hub: Arc<Hub>,
 }
 
-/// A record found in etcd, decoded.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Found {
-    pub record: Record,
-    pub metadata: Vec<u8>,
-    /// etcd's mod_revision of the key.
-    pub revision: i64,
-}
+/// A record found in etcd or in the cache, decoded.
+pub type Found = Entry;
 
 /// A connected client. Cheap to clone; all clones share one lease.
 #[derive(Clone)]
@@ -121,6 +119,8 @@ impl Client {
             closed_tx,
             keepalive: StdMutex::new(None),
             announced: StdMutex::new(Default::default()),
+            cache: Cache::default(),
+            hub: Arc::new(Hub::default()),
             etcd,
             cfg,
         });
@@ -211,20 +211,32 @@ impl Client {
                 ),
             ));
         }
-        let value = Record::new(
+        let mut record = Record::new(
             engine_id,
             rank,
             &cfg.host,
             &self.inner.incarnation,
             metadata,
-        )
-        .to_json();
+        );
+        record.world_size = cfg.world_size;
+        let value = record.to_json();
+        // What this client's own cache holds for the rank once the put is done.
+        record.metadata = String::new();
+        let entry = Entry {
+            record: Arc::new(record),
+            metadata: Arc::from(metadata),
+            revision: 0,
+        };
         let inner = self.inner.clone();
         let id = engine_id.to_owned();
         self.call(Op::Register, cfg.timeout, async move {
             let mut st = inner.state.lock().await;
-            lease::put_attached(&inner, &mut st, &key, value.clone()).await?;
-            st.registrations.insert((id, rank), value);
+            let revision = lease::put_attached(&inner, &mut st, &key, value.clone()).await?;
+            st.registrations.insert((id.clone(), rank), value);
+            let entry = Entry { revision, ..entry };
+            inner
+                .cache
+                .write_through(&key, (id, rank), Some(Ok(entry)), revision, &inner.hub);
             Ok(())
         })?;
         let first = self
@@ -263,13 +275,17 @@ impl Client {
                     ),
                 ));
             }
-            inner
+            let resp = inner
                 .etcd
                 .kv_client()
                 .delete(key.as_bytes(), None)
                 .await
                 .map_err(|e| etcd_error::map(e, Op::Unregister, &inner.cfg))?;
-            st.registrations.remove(&(id, rank));
+            st.registrations.remove(&(id.clone(), rank));
+            let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+            inner
+                .cache
+                .write_through(&key, (id, rank), None, revision, &inner.hub);
             Ok(())
         })?;
         log::debug!("unregistered engine_id={engine_id} rank={rank}");
@@ -286,8 +302,14 @@ impl Client {
         let inner = self.inner.clone();
         let id = engine_id.to_owned();
         let found = self.call(Op::Lookup, cfg.timeout, async move {
-            let (found, _) = get_record(&inner, &key, &id, rank).await?;
-            found.ok_or_else(|| not_found(&inner.cfg, &id, rank, &key))
+            // A cache hit costs no round trip. A miss asks etcd: the cache may
+            // lag a registration that another client just made.
+            if let Some(hit) = inner.informer(Some(&id)).get(&(id.clone(), rank)) {
+                return hit;
+            }
+            get_record(&inner, &key)
+                .await?
+                .ok_or_else(|| not_found(&inner.cfg, &id, rank, &key))
         })?;
         log_handshake(started);
         Ok(found)
@@ -302,23 +324,13 @@ impl Client {
         let started = Instant::now();
         let cfg = &self.inner.cfg;
         let limit = timeout.unwrap_or(cfg.timeout);
-        let key = keys::rank_key(&cfg.namespace, engine_id, rank);
         let inner = self.inner.clone();
         let id = engine_id.to_owned();
         let waiting = async move {
-            let mut backoff = Duration::from_millis(50);
-            loop {
-                match wait_once(&inner, &key, &id, rank).await {
-                    Ok(found) => return Ok(found),
-                    // etcd restarting or a member down: re-arm on a fresh stream.
-                    Err(e) if e.status == Status::ErrConnection => {
-                        log::debug!("wait for {key}: {e}; retrying in {backoff:?}");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(1));
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
+            // The informer lists the engine, then watches it: no polling.
+            let informer = inner.informer(Some(&id));
+            let wanted = (id.clone(), rank);
+            wait_for(&informer, || informer.get(&wanted)).await
         };
         let id = engine_id.to_owned();
         let found = self
@@ -340,6 +352,83 @@ impl Client {
         Ok(found)
     }
 
+    /// Calls `callback` for every change to the records of `engine_id` (all
+    /// engines if `None`): first ADDED for each record present now, then every
+    /// change as its watch event arrives. Callbacks run on this client's event
+    /// thread, one at a time, in order per key.
+    pub fn subscribe(&self, engine_id: Option<&str>, callback: Callback) -> Result<u64> {
+        if let Some(e) = engine_id {
+            keys::validate_engine_id(e)?;
+        }
+        let inner = self.inner.clone();
+        let engine = engine_id.map(str::to_owned);
+        let informer = self.call(Op::Lookup, self.inner.cfg.timeout, async move {
+            Ok(inner
+                .cache
+                .informer(engine.as_deref(), &inner.cfg, &inner.etcd, &inner.hub, true))
+        })?;
+        informer
+            .subscribe(&self.inner.hub, engine_id.map(str::to_owned), callback)
+            .map_err(|e| Error::internal(format!("cannot start the event thread: {e}")))
+    }
+
+    /// Ends a subscription. Once this returns its callback is not running and
+    /// will not run again (unless called from that callback itself).
+    pub fn unsubscribe(&self, id: u64) -> Result<()> {
+        self.check_usable()?;
+        if self.inner.hub.unsubscribe(id) {
+            Ok(())
+        } else {
+            Err(Error::new(
+                Status::ErrNotFound,
+                format!("no subscription {id} on this client (already unsubscribed?)"),
+            ))
+        }
+    }
+
+    /// Returns the engine's world size once ranks 0..world_size-1 are all
+    /// registered. The world size comes from the records (open option
+    /// `world_size` of the registrant).
+    pub fn wait_engine(&self, engine_id: &str, timeout: Option<Duration>) -> Result<u32> {
+        keys::validate_engine_id(engine_id)?;
+        log::debug!("Discovering engine {engine_id} through ETCD");
+        let started = Instant::now();
+        let limit = timeout.unwrap_or(self.inner.cfg.timeout);
+        let inner = self.inner.clone();
+        let id = engine_id.to_owned();
+        let last_seen = Arc::new(StdMutex::new(EngineState::default()));
+        let seen = last_seen.clone();
+        let waiting = async move {
+            let informer = inner.informer(Some(&id));
+            wait_for(&informer, || {
+                let state = informer.with_engine(&id, EngineState::of);
+                let done = state.complete();
+                *seen.lock().unwrap_or_else(|e| e.into_inner()) = state;
+                done.map(Ok)
+            })
+            .await
+        };
+        let size = self
+            .call(Op::Wait, limit, waiting)
+            .map_err(|e| match e.status {
+                Status::ErrTimeout => {
+                    let state = last_seen.lock().unwrap_or_else(|e| e.into_inner());
+                    Error::new(
+                        Status::ErrTimeout,
+                        format!(
+                            "Timeout waiting for engine {engine_id} after {:.1} s: {}; check that \
+                         every rank started and registered, or increase VLLM_NIXL_ETCD_TIMEOUT",
+                            limit.as_secs_f64(),
+                            state.describe_missing()
+                        ),
+                    )
+                }
+                _ => e,
+            })?;
+        log_handshake(started);
+        Ok(size)
+    }
+
     /// Revokes the lease (everything registered disappears at once) and stops
     /// background work. Further calls return `CLOSED`. Idempotent.
     pub fn close(&self) -> Result<()> {
@@ -359,6 +448,8 @@ impl Client {
         {
             task.abort();
         }
+        self.inner.cache.stop();
+        self.inner.hub.stop();
         let inner = self.inner.clone();
         runtime::block_on(async move {
             let limit = inner.cfg.timeout;
@@ -387,6 +478,60 @@ impl Client {
                 )),
             }
         })
+    }
+}
+
+/// What a whole-engine wait has seen of an engine.
+#[derive(Debug, Default, Clone)]
+struct EngineState {
+    ranks: Vec<u32>,
+    world_size: Option<u32>,
+}
+
+impl EngineState {
+    fn of(slots: Vec<(u32, &crate::error::Result<Entry>)>) -> EngineState {
+        let mut ranks: Vec<u32> = Vec::new();
+        let (mut of_rank0, mut largest) = (None, None);
+        for (rank, slot) in slots {
+            if let Ok(e) = slot {
+                ranks.push(rank);
+                if rank == 0 {
+                    of_rank0 = e.record.world_size;
+                }
+                largest = largest.max(e.record.world_size);
+            }
+        }
+        ranks.sort_unstable();
+        // Rank 0's declaration wins; else the largest any rank declared.
+        EngineState {
+            ranks,
+            world_size: of_rank0.or(largest),
+        }
+    }
+
+    fn complete(&self) -> Option<u32> {
+        let w = self.world_size?;
+        (0..w)
+            .all(|r| self.ranks.binary_search(&r).is_ok())
+            .then_some(w)
+    }
+
+    fn describe_missing(&self) -> String {
+        match self.world_size {
+            None if self.ranks.is_empty() => "no rank is registered".to_owned(),
+            None => format!(
+                "ranks {:?} are registered but none declares the world size (open option \
+                 world_size)",
+                self.ranks
+            ),
+            Some(w) => {
+                let missing: Vec<String> = (0..w)
+                    .filter(|r| self.ranks.binary_search(r).is_err())
+                    .map(|r| r.to_string())
+                    .collect();
+                format!("missing rank(s) {} of world size {w}", missing.join(", "))
+            }
+        }
     }
 }
 
@@ -424,93 +569,41 @@ fn not_found(cfg: &Config, engine_id: &str, rank: u32, key: &str) -> Error {
     )
 }
 
-/// Reads one rank's record; also returns the revision the read saw.
-async fn get_record(
-    inner: &Inner,
-    key: &str,
-    engine_id: &str,
-    rank: u32,
-) -> Result<(Option<Found>, i64)> {
+/// Reads one rank's record from etcd.
+async fn get_record(inner: &Inner, key: &str) -> Result<Option<Found>> {
     let resp = inner
         .etcd
         .kv_client()
         .get(key.as_bytes(), None)
         .await
         .map_err(|e| etcd_error::map(e, Op::Lookup, &inner.cfg))?;
-    let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
-    match resp.kvs().first() {
-        None => Ok((None, revision)),
-        Some(kv) => Ok((Some(decode(key, kv, engine_id, rank)?), revision)),
-    }
+    let Some(kv) = resp.kvs().first() else {
+        return Ok(None);
+    };
+    let (_, entry) = Entry::decode(&inner.cfg.namespace, kv)
+        .ok_or_else(|| Error::bad_record(key, "the key is not a rank record"))?;
+    entry.map(Some)
 }
 
-fn decode(key: &str, kv: &etcd_client::KeyValue, engine_id: &str, rank: u32) -> Result<Found> {
-    let record = Record::from_json(key, kv.value(), engine_id, rank)?;
-    let metadata = record.decode_metadata(key)?;
-    Ok(Found {
-        record,
-        metadata,
-        revision: kv.mod_revision(),
-    })
-}
-
-/// One get + watch round; returns on the first put of the key.
-async fn wait_once(inner: &Inner, key: &str, engine_id: &str, rank: u32) -> Result<Found> {
-    let (found, revision) = get_record(inner, key, engine_id, rank).await?;
-    if let Some(found) = found {
-        return Ok(found);
-    }
-    // Start right after the get: the watch is current (no catch-up delay in
-    // etcd) and misses nothing written since.
-    let opts = WatchOptions::new().with_start_revision(revision + 1);
-    let mut stream = inner
-        .etcd
-        .watch_client()
-        .watch(key.as_bytes(), Some(opts))
-        .await
-        .map_err(|e| etcd_error::map(e, Op::Wait, &inner.cfg))?;
+/// Sleeps on the informer's changes until `check` finds something.
+async fn wait_for<T>(informer: &Informer, check: impl Fn() -> Option<Result<T>>) -> Result<T> {
+    let mut changes = informer.changes();
     loop {
-        let msg = stream
-            .message()
-            .await
-            .map_err(|e| etcd_error::map(e, Op::Wait, &inner.cfg))?;
-        let Some(msg) = msg else {
-            return Err(Error::new(
-                Status::ErrConnection,
-                "ETCD connection failed: the watch stream ended",
-            ));
-        };
-        if msg.canceled() {
-            return Err(Error::new(
-                Status::ErrConnection,
-                format!("etcd cancelled the watch on {key}: {}", msg.cancel_reason()),
-            ));
+        changes.borrow_and_update();
+        if let Some(found) = check() {
+            return found;
         }
-        for ev in msg.events() {
-            if let (EventType::Put, Some(kv)) = (ev.event_type(), ev.kv()) {
-                return decode(key, kv, engine_id, rank);
-            }
+        if changes.changed().await.is_err() {
+            return Err(Error::closed());
         }
     }
 }
 
-/// Writes `value` at `key` under `lease_id` (see `lease::put_attached` for the
-/// variant that recovers a lost lease).
-pub(crate) async fn put_value(
-    inner: &Inner,
-    lease_id: i64,
-    key: &str,
-    value: Vec<u8>,
-) -> Result<()> {
-    inner
-        .etcd
-        .kv_client()
-        .put(
-            key.as_bytes(),
-            value,
-            Some(PutOptions::new().with_lease(lease_id)),
-        )
-        .await
-        .map(|_| ())
-        .map_err(|e| etcd_error::map(e, Op::Register, &inner.cfg))
+impl Inner {
+    /// The informer covering `engine` (`None`: the whole namespace), started
+    /// on first use. Must run on the runtime.
+    fn informer(self: &Arc<Self>, engine: Option<&str>) -> Arc<Informer> {
+        self.cache
+            .informer(engine, &self.cfg, &self.etcd, &self.hub, false)
+    }
 }

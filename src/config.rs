@@ -25,6 +25,7 @@ pub const DEFAULT_LEASE_TTL_S: i64 = 10;
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 1536 * 1024;
 const MAX_TIMEOUT_S: f64 = 86_400.0;
 const MAX_LEASE_TTL_S: i64 = 86_400;
+const MAX_WORLD_SIZE: u64 = 65_536;
 
 /// Everything a client needs to know, after validation.
 #[derive(Debug, Clone, PartialEq)]
@@ -40,6 +41,9 @@ pub struct Config {
     pub host: String,
     /// The etcd server's request limit; a record must fit below it.
     pub max_request_bytes: usize,
+    /// The local engine's number of ranks, recorded in each rank's record so
+    /// peers can wait for the whole engine.
+    pub world_size: Option<u32>,
 }
 
 /// Known option keys, for the error message on an unknown one.
@@ -50,6 +54,7 @@ const OPTION_KEYS: &[&str] = &[
     "lease_ttl_s",
     "host",
     "max_request_bytes",
+    "world_size",
 ];
 
 impl Config {
@@ -98,6 +103,7 @@ impl Config {
             lease_ttl_s,
             host,
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
+            world_size: None,
         })
     }
 
@@ -160,6 +166,18 @@ impl Config {
                         ))
                     })?;
                 self.max_request_bytes = n as usize;
+            }
+            "world_size" => {
+                let n = v
+                    .as_u64()
+                    .filter(|n| (1..=MAX_WORLD_SIZE).contains(n))
+                    .ok_or_else(|| {
+                        Error::invalid(format!(
+                            "{what} must be an integer number of ranks from 1 to \
+                             {MAX_WORLD_SIZE}, got {v}"
+                        ))
+                    })?;
+                self.world_size = Some(n as u32);
             }
             _ => {
                 return Err(Error::invalid(format!(
@@ -315,7 +333,7 @@ mod tests {
     fn options_override_the_environment_key_by_key() {
         let c = load(
             &[(ENV_ENDPOINTS, "a:1"), (ENV_TIMEOUT, "3")],
-            Some(r#"{"endpoints":["b:2","http://c:3"],"lease_ttl_s":5,"host":"h","namespace":"x/y","max_request_bytes":65536}"#),
+            Some(r#"{"endpoints":["b:2","http://c:3"],"lease_ttl_s":5,"host":"h","namespace":"x/y","max_request_bytes":65536,"world_size":8}"#),
         )
         .unwrap();
         assert_eq!(c.endpoints, vec!["http://b:2", "http://c:3"]);
@@ -324,6 +342,7 @@ mod tests {
         assert_eq!(c.host, "h");
         assert_eq!(c.namespace, "/x/y");
         assert_eq!(c.max_request_bytes, 65536);
+        assert_eq!(c.world_size, Some(8));
         assert_eq!(load(&[], Some("  ")).unwrap(), load(&[], None).unwrap());
     }
 
@@ -378,6 +397,7 @@ mod tests {
                 Some(r#"{"max_request_bytes":10}"#),
                 "option \"max_request_bytes\"",
             ),
+            (&[], Some(r#"{"world_size":0}"#), "option \"world_size\""),
             (&[], Some("[1,2]"), "must be a JSON object"),
             (&[], Some("{"), "not valid JSON"),
         ];

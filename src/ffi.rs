@@ -6,7 +6,7 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::ffi::{c_char, CStr, CString};
+use std::ffi::{c_char, c_void, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -15,6 +15,7 @@ use std::time::Duration;
 use crate::client::{Client, Found};
 use crate::config::{self, Config};
 use crate::error::{Error, Result, Status};
+use crate::events::{Event, EventKind};
 
 /// Result of every call: `NIXL_ETCD_OK` (0) or a negative `NIXL_ETCD_ERR_*`.
 /// The numbers are stable (checked against [`Status`] by a test).
@@ -49,6 +50,57 @@ pub struct nixl_etcd_client {
 pub struct nixl_etcd_buffer {
     pub data: *mut u8,
     pub len: usize,
+}
+
+/// Kind of a change event (`nixl_etcd_event.kind`).
+pub type nixl_etcd_event_kind = i32;
+/// A rank appeared.
+pub const NIXL_ETCD_EVENT_ADDED: nixl_etcd_event_kind = 1;
+/// The same incarnation registered new metadata.
+pub const NIXL_ETCD_EVENT_UPDATED: nixl_etcd_event_kind = 2;
+/// The rank restarted (new incarnation): drop the old remote agent, then load
+/// the new metadata.
+pub const NIXL_ETCD_EVENT_REPLACED: nixl_etcd_event_kind = 3;
+/// The rank is gone (unregistered, closed, or its lease expired).
+pub const NIXL_ETCD_EVENT_REMOVED: nixl_etcd_event_kind = 4;
+
+/// One change, valid only during the callback (copy what you keep).
+#[repr(C)]
+pub struct nixl_etcd_event {
+    pub kind: nixl_etcd_event_kind,
+    pub engine_id: *const c_char,
+    pub rank: u32,
+    /// The incarnation added, or the one removed.
+    pub incarnation: *const c_char,
+    pub host: *const c_char,
+    /// NULL (and 0) for REMOVED.
+    pub metadata: *const u8,
+    pub metadata_len: usize,
+    /// etcd revision of the change.
+    pub revision: i64,
+}
+
+/// Receives change events; see `nixl_etcd_subscribe`.
+pub type nixl_etcd_event_callback =
+    Option<unsafe extern "C" fn(user_data: *mut c_void, event: *const nixl_etcd_event)>;
+
+/// A rank's whole record; release with `nixl_etcd_record_free`.
+#[repr(C)]
+pub struct nixl_etcd_record {
+    pub engine_id: *mut c_char,
+    pub rank: u32,
+    /// The engine's declared number of ranks; 0 when not declared.
+    pub world_size: u32,
+    /// `VLLM_NIXL_SIDE_CHANNEL_HOST` of the registrant, else its host name.
+    pub host: *mut c_char,
+    pub pid: u32,
+    /// Unique per registering client: a new value means the rank restarted.
+    pub incarnation: *mut c_char,
+    /// Registration time, milliseconds since the Unix epoch.
+    pub registered_at_ms: u64,
+    /// etcd's mod_revision of the record.
+    pub revision: i64,
+    pub metadata: nixl_etcd_buffer,
 }
 
 static CLIENTS: Mutex<Option<HashMap<usize, Arc<Client>>>> = Mutex::new(None);
@@ -143,7 +195,7 @@ fn fill(out: &mut nixl_etcd_buffer, found: Found) {
     if found.metadata.is_empty() {
         return;
     }
-    let boxed = found.metadata.into_boxed_slice();
+    let boxed: Box<[u8]> = Box::from(&*found.metadata);
     out.len = boxed.len();
     out.data = Box::into_raw(boxed).cast::<u8>();
 }
@@ -193,6 +245,7 @@ pub unsafe extern "C" fn nixl_etcd_open(
 /// `c` is NULL or a handle from `nixl_etcd_open`.
 #[no_mangle]
 pub unsafe extern "C" fn nixl_etcd_close(c: *mut nixl_etcd_client) -> nixl_etcd_status {
+    // Subscription callbacks may close their own client: that is allowed.
     guard(|| {
         if c.is_null() {
             return Ok(());
@@ -293,6 +346,241 @@ pub unsafe extern "C" fn nixl_etcd_wait(
         let engine_id = unsafe { str_arg(engine_id, "engine_id") }?;
         let timeout = (timeout_ms >= 0).then(|| Duration::from_millis(timeout_ms as u64));
         fill(out, client.wait(engine_id, rank, timeout)?);
+        Ok(())
+    })
+}
+
+/// A C string from library-made text (ids, hosts): cut at a NUL if any.
+fn c_text(s: &str) -> CString {
+    CString::new(s.split('\0').next().unwrap_or_default()).unwrap_or_default()
+}
+
+/// Copies the record of (`engine_id`, `rank`) with all its fields into `out`
+/// (release with `nixl_etcd_record_free`). Served from the cache when it holds
+/// the record, like `nixl_etcd_lookup`; `NOT_FOUND` at once when absent.
+///
+/// # Safety
+/// `engine_id` is NULL or NUL-terminated; `out` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn nixl_etcd_lookup_record(
+    c: *mut nixl_etcd_client,
+    engine_id: *const c_char,
+    rank: u32,
+    out: *mut nixl_etcd_record,
+) -> nixl_etcd_status {
+    guard(|| {
+        let out = unsafe { out.as_mut() }.ok_or_else(|| Error::invalid("out record is NULL"))?;
+        *out = nixl_etcd_record {
+            engine_id: std::ptr::null_mut(),
+            rank: 0,
+            world_size: 0,
+            host: std::ptr::null_mut(),
+            pid: 0,
+            incarnation: std::ptr::null_mut(),
+            registered_at_ms: 0,
+            revision: 0,
+            metadata: nixl_etcd_buffer {
+                data: std::ptr::null_mut(),
+                len: 0,
+            },
+        };
+        let client = lookup_client(c)?;
+        let engine_id = unsafe { str_arg(engine_id, "engine_id") }?;
+        let found = client.lookup(engine_id, rank)?;
+        let rec = found.record.clone();
+        out.engine_id = c_text(&rec.engine_id).into_raw();
+        out.rank = rec.rank;
+        out.world_size = rec.world_size.unwrap_or(0);
+        out.host = c_text(&rec.host).into_raw();
+        out.pid = rec.pid;
+        out.incarnation = c_text(&rec.incarnation).into_raw();
+        out.registered_at_ms = rec.registered_at_ms;
+        out.revision = found.revision;
+        fill(&mut out.metadata, found);
+        Ok(())
+    })
+}
+
+/// Releases what `nixl_etcd_lookup_record` filled and zeroes it. NULL, or a
+/// record already freed, is a no-op.
+///
+/// # Safety
+/// `rec` is NULL or a record filled by this library (or zeroed).
+#[no_mangle]
+pub unsafe extern "C" fn nixl_etcd_record_free(rec: *mut nixl_etcd_record) {
+    let _ = catch_unwind(AssertUnwindSafe(|| {
+        let Some(rec) = (unsafe { rec.as_mut() }) else {
+            return;
+        };
+        for p in [&mut rec.engine_id, &mut rec.host, &mut rec.incarnation] {
+            if !p.is_null() {
+                drop(unsafe { CString::from_raw(*p) });
+                *p = std::ptr::null_mut();
+            }
+        }
+        unsafe { nixl_etcd_buffer_free(&mut rec.metadata) };
+    }));
+}
+
+/// The C callback and its user data, handed to the event thread.
+struct CCallback {
+    f: unsafe extern "C" fn(*mut c_void, *const nixl_etcd_event),
+    user_data: *mut c_void,
+}
+// SAFETY: the subscriber promises that `user_data` may be used from the
+// library's event thread (documented on `nixl_etcd_subscribe`).
+unsafe impl Send for CCallback {}
+unsafe impl Sync for CCallback {}
+
+impl CCallback {
+    fn call(&self, ev: &Event) {
+        let engine_id = c_text(&ev.engine_id);
+        let incarnation = c_text(&ev.incarnation);
+        let host = c_text(&ev.host);
+        let kind = match ev.kind {
+            EventKind::Added => NIXL_ETCD_EVENT_ADDED,
+            EventKind::Updated => NIXL_ETCD_EVENT_UPDATED,
+            EventKind::Replaced => NIXL_ETCD_EVENT_REPLACED,
+            EventKind::Removed => NIXL_ETCD_EVENT_REMOVED,
+        };
+        let c_event = nixl_etcd_event {
+            kind,
+            engine_id: engine_id.as_ptr(),
+            rank: ev.rank,
+            incarnation: incarnation.as_ptr(),
+            host: host.as_ptr(),
+            metadata: if ev.metadata.is_empty() {
+                std::ptr::null()
+            } else {
+                ev.metadata.as_ptr()
+            },
+            metadata_len: ev.metadata.len(),
+            revision: ev.revision,
+        };
+        // SAFETY: a valid function pointer from the subscriber; the event and
+        // its strings live until it returns.
+        unsafe { (self.f)(self.user_data, &c_event) };
+    }
+}
+
+/// Calls `callback(user_data, event)` for every change to the records of
+/// `engine_id` (NULL: every engine in the namespace): first ADDED for each
+/// record present now, then each change as etcd reports it. Kinds: ADDED,
+/// UPDATED (same incarnation), REPLACED (a restart: drop the old remote
+/// agent), REMOVED.
+///
+/// Callbacks run on this client's event thread ("nixl-etcd-events"), one at a
+/// time; events for one key arrive in order. They must not block: while one
+/// runs, no other event of this client is delivered. They may call back into
+/// the library (lookups, register, even unsubscribe or close of this client);
+/// a `nixl_etcd_wait` in a callback delays every later event of this client.
+/// The event and its pointers are valid only during the call.
+///
+/// # Safety
+/// `engine_id` is NULL or NUL-terminated; `callback` is a valid function;
+/// `user_data` stays valid, and usable from another thread, until
+/// `nixl_etcd_unsubscribe` or `nixl_etcd_close` returns.
+#[no_mangle]
+pub unsafe extern "C" fn nixl_etcd_subscribe(
+    c: *mut nixl_etcd_client,
+    engine_id: *const c_char,
+    callback: nixl_etcd_event_callback,
+    user_data: *mut c_void,
+    subscription_id: *mut u64,
+) -> nixl_etcd_status {
+    guard(|| {
+        let id_out = unsafe { subscription_id.as_mut() }
+            .ok_or_else(|| Error::invalid("subscription_id is NULL"))?;
+        *id_out = 0;
+        let f = callback.ok_or_else(|| Error::invalid("callback is NULL"))?;
+        let client = lookup_client(c)?;
+        let engine = if engine_id.is_null() {
+            None
+        } else {
+            Some(unsafe { str_arg(engine_id, "engine_id") }?)
+        };
+        let cb = CCallback { f, user_data };
+        *id_out = client.subscribe(engine, Box::new(move |ev| cb.call(ev)))?;
+        Ok(())
+    })
+}
+
+/// Ends a subscription. Once this returns, its callback is not running and is
+/// never called again (when called from that very callback, the callback
+/// finishes normally). `NOT_FOUND` for an unknown id.
+///
+/// # Safety
+/// `c` is NULL or a handle from `nixl_etcd_open`.
+#[no_mangle]
+pub unsafe extern "C" fn nixl_etcd_unsubscribe(
+    c: *mut nixl_etcd_client,
+    subscription_id: u64,
+) -> nixl_etcd_status {
+    guard(|| lookup_client(c)?.unsubscribe(subscription_id))
+}
+
+/// Waits until every rank 0..world_size-1 of `engine_id` is registered, then
+/// stores the engine's world size in `*world_size` (may be NULL). The world
+/// size comes from the records (the registrants' open option `world_size`).
+/// `timeout_ms` < 0: `VLLM_NIXL_ETCD_TIMEOUT`. On expiry `TIMEOUT`, with the
+/// missing ranks named in the message.
+///
+/// # Safety
+/// `engine_id` is NULL or NUL-terminated; `world_size` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn nixl_etcd_wait_engine(
+    c: *mut nixl_etcd_client,
+    engine_id: *const c_char,
+    timeout_ms: i64,
+    world_size: *mut u32,
+) -> nixl_etcd_status {
+    guard(|| {
+        let client = lookup_client(c)?;
+        let engine_id = unsafe { str_arg(engine_id, "engine_id") }?;
+        let timeout = (timeout_ms >= 0).then(|| Duration::from_millis(timeout_ms as u64));
+        let size = client.wait_engine(engine_id, timeout)?;
+        if let Some(out) = unsafe { world_size.as_mut() } {
+            *out = size;
+        }
+        Ok(())
+    })
+}
+
+/// The remote ranks that local rank `local_rank` of a `local_tp`-way engine
+/// reads from when the remote engine is `remote_tp`-way (vLLM's mapping):
+/// with local_tp >= remote_tp, the one rank local_rank / (local_tp /
+/// remote_tp); else the k = remote_tp / local_tp ranks local_rank*k ..
+/// local_rank*k+k-1. Writes them to `out` (room for `cap`) and their count to
+/// `*n`. `INVALID_ARGUMENT` when the sizes do not divide, the rank is out of
+/// range, or `cap` is too small (then `*n` still says how many are needed).
+///
+/// # Safety
+/// `out` is NULL (with `cap` 0) or valid for `cap` elements; `n` is writable.
+#[no_mangle]
+pub unsafe extern "C" fn nixl_etcd_target_ranks(
+    local_tp: u32,
+    local_rank: u32,
+    remote_tp: u32,
+    out: *mut u32,
+    cap: usize,
+    n: *mut usize,
+) -> nixl_etcd_status {
+    guard(|| {
+        let n = unsafe { n.as_mut() }.ok_or_else(|| Error::invalid("n is NULL"))?;
+        *n = 0;
+        let ranks = crate::tp::target_ranks(local_tp, local_rank, remote_tp)?;
+        *n = ranks.len();
+        if ranks.len() > cap {
+            return Err(Error::invalid(format!(
+                "out has room for {cap} rank(s), {} are needed",
+                ranks.len()
+            )));
+        }
+        if out.is_null() {
+            return Err(Error::invalid("out is NULL"));
+        }
+        let dst = unsafe { std::slice::from_raw_parts_mut(out, ranks.len()) };
+        dst.copy_from_slice(&ranks);
         Ok(())
     })
 }

@@ -6,35 +6,44 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::client::{put_value, Inner, LeaseState};
+use crate::client::{Inner, LeaseState};
 use crate::error::{Error, Result};
 use crate::etcd_error::{self, Op};
 
-/// Writes `value` at `key` under the client's lease. If etcd no longer knows
-/// the lease, re-grants it (re-registering everything) and writes again.
+/// Writes `value` at `key` under the client's lease and returns the write's
+/// revision. If etcd no longer knows the lease, re-grants it (re-registering
+/// everything) and writes again.
 pub(crate) async fn put_attached(
     inner: &Inner,
     st: &mut LeaseState,
     key: &str,
     value: Vec<u8>,
-) -> Result<()> {
-    let res = inner
-        .etcd
-        .kv_client()
-        .put(
-            key.as_bytes(),
-            value.clone(),
-            Some(etcd_client::PutOptions::new().with_lease(st.lease_id)),
-        )
-        .await;
-    match res {
-        Ok(_) => Ok(()),
+) -> Result<i64> {
+    match put_value(inner, st.lease_id, key, value.clone()).await {
         Err(e) if etcd_error::is_lease_not_found(&e) => {
             regrant(inner, st, "etcd no longer knows it").await?;
-            put_value(inner, st.lease_id, key, value).await
+            put_value(inner, st.lease_id, key, value)
+                .await
+                .map_err(|e| etcd_error::map(e, Op::Register, &inner.cfg))
         }
-        Err(e) => Err(etcd_error::map(e, Op::Register, &inner.cfg)),
+        other => other.map_err(|e| etcd_error::map(e, Op::Register, &inner.cfg)),
     }
+}
+
+/// Writes `value` at `key` under `lease_id`; returns the write's revision.
+async fn put_value(
+    inner: &Inner,
+    lease_id: i64,
+    key: &str,
+    value: Vec<u8>,
+) -> std::result::Result<i64, etcd_client::Error> {
+    let opts = etcd_client::PutOptions::new().with_lease(lease_id);
+    let resp = inner
+        .etcd
+        .kv_client()
+        .put(key.as_bytes(), value, Some(opts))
+        .await?;
+    Ok(resp.header().map(|h| h.revision()).unwrap_or(0))
 }
 
 /// Grants a new lease and re-writes every registration under it.
@@ -49,7 +58,9 @@ pub(crate) async fn regrant(inner: &Inner, st: &mut LeaseState, why: &str) -> Re
     for ((_, _), value) in st.registrations.iter() {
         // Keys are re-derived from the stored value's engine and rank.
         let key = key_of(inner, value)?;
-        put_value(inner, granted.id(), &key, value.clone()).await?;
+        put_value(inner, granted.id(), &key, value.clone())
+            .await
+            .map_err(|e| etcd_error::map(e, Op::KeepAlive, &inner.cfg))?;
     }
     st.lease_id = granted.id();
     log::warn!(

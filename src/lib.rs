@@ -4,18 +4,22 @@
 //! The C ABI lives in [`ffi`] (header `include/nixl_etcd.h`); it is a thin
 //! layer over the safe [`Client`].
 
+pub mod cache;
 pub mod client;
 pub mod config;
 pub mod error;
 mod etcd_error;
+pub mod events;
 pub mod ffi;
 pub mod keys;
 mod lease;
 pub mod logging;
 pub mod record;
 mod runtime;
+pub mod tp;
 
 pub use client::{Client, Found};
 pub use config::Config;
 pub use error::{Error, Result, Status};
+pub use events::{Event, EventKind};
 pub use record::Record;

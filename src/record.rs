@@ -22,6 +22,10 @@ pub struct Record {
     pub incarnation: String,
     /// Registration time, milliseconds since the Unix epoch.
     pub registered_at_ms: u64,
+    /// Number of ranks of the engine, when the registrant declared it
+    /// (open option `world_size`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub world_size: Option<u32>,
     /// Length of `metadata` once decoded; checked on read.
     pub metadata_len: usize,
     /// The NIXL agent metadata (opaque bytes), base64 (standard alphabet).
@@ -49,6 +53,7 @@ impl Record {
             pid: std::process::id(),
             incarnation: incarnation.to_owned(),
             registered_at_ms,
+            world_size: None,
             metadata_len: metadata.len(),
             metadata: base64::engine::general_purpose::STANDARD.encode(metadata),
         }

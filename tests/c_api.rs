@@ -29,10 +29,13 @@ fn register_then_lookup_round_trips_binary_metadata() {
     // Empty metadata is valid and comes back empty.
     a.register("prefill_engine", 1, &[]).unwrap();
     assert_eq!(b.lookup("prefill_engine", 1).unwrap(), Vec::<u8>::new());
-    // Registering again replaces.
+    // Registering again replaces: the reader's cache catches the change from
+    // its watch (a lookup may serve the old value until the event arrives).
     let md2 = blob(2, 5000);
     a.register("prefill_engine", 0, &md2).unwrap();
-    assert_eq!(b.lookup("prefill_engine", 0).unwrap(), md2);
+    assert!(common::wait_until(Duration::from_secs(5), || {
+        b.lookup("prefill_engine", 0).is_ok_and(|v| v == md2)
+    }));
     a.close().unwrap();
     b.close().unwrap();
 }

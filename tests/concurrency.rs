@@ -30,8 +30,14 @@ fn thirty_two_threads_times_a_hundred_mixed_calls_on_one_client() {
                             last = blob(t * 1000 + i, 1024 + (i as usize % 7) * 512);
                             shared.register(&engine, rank, &last).unwrap();
                         }
-                        1 => assert_eq!(shared.lookup(&engine, rank).unwrap(), last),
-                        2 => assert_eq!(shared.wait(&engine, rank, 5000).unwrap(), last),
+                        1 => assert!(
+                            shared.lookup(&engine, rank).unwrap() == last,
+                            "thread {t} call {i}: lookup is stale"
+                        ),
+                        2 => assert!(
+                            shared.wait(&engine, rank, 5000).unwrap() == last,
+                            "thread {t} call {i}: wait is stale"
+                        ),
                         _ => {
                             // A peer's rank: present or not yet, never an error.
                             let peer = (t + 1) % 32;

@@ -1,0 +1,424 @@
+//! Informer cache, in the style of client-go informers: list a prefix once,
+//! then watch it from the next revision; re-list and reconcile after a
+//! compaction or a reconnect. Reads are served from memory; while etcd is
+//! unreachable the last known records keep being served.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use etcd_client::{EventType, GetOptions, KeyValue, WatchOptions};
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::error::{Error, Result, Status};
+use crate::etcd_error::{self, Op};
+use crate::events::{Event, EventKind, Hub};
+use crate::keys;
+use crate::record::Record;
+
+/// A decoded record, shared by the cache and every reader.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// The record without its base64 copy of the metadata.
+    pub record: Arc<Record>,
+    pub metadata: Arc<[u8]>,
+    /// etcd's mod_revision of the key.
+    pub revision: i64,
+}
+
+impl Entry {
+    /// Decodes a key-value read from etcd under `namespace`; `None` if the
+    /// key is not a rank record.
+    pub fn decode(namespace: &str, kv: &KeyValue) -> Option<(RankId, Result<Entry>)> {
+        let key = std::str::from_utf8(kv.key()).ok()?;
+        let (engine, rank) = keys::parse_rank_key(namespace, key)?;
+        let entry = Record::from_json(key, kv.value(), engine, rank).and_then(|mut record| {
+            let metadata: Arc<[u8]> = record.decode_metadata(key)?.into();
+            record.metadata = String::new();
+            Ok(Entry {
+                record: Arc::new(record),
+                metadata,
+                revision: kv.mod_revision(),
+            })
+        });
+        Some(((engine.to_owned(), rank), entry))
+    }
+}
+
+pub type RankId = (String, u32);
+/// A rank's slot: the record, or why it could not be read.
+type Slot = Result<Entry>;
+
+/// One watched prefix (the whole namespace, or one engine).
+#[derive(Default)]
+struct State {
+    entries: HashMap<RankId, Slot>,
+    /// Revisions of deletes this client made itself, so that a late watch
+    /// event of an older put cannot bring the record back.
+    tombstones: HashMap<RankId, i64>,
+}
+
+impl State {
+    fn revision(&self, id: &RankId) -> i64 {
+        let live = self
+            .entries
+            .get(id)
+            .and_then(|s| s.as_ref().ok())
+            .map(|e| e.revision);
+        live.or(self.tombstones.get(id).copied()).unwrap_or(0)
+    }
+}
+
+pub(crate) struct Informer {
+    prefix: String,
+    state: RwLock<State>,
+    /// Listed at least once: absence in `entries` then means "not registered
+    /// as of the last list or event".
+    listed: AtomicBool,
+    /// Bumped after every applied change; waiters sleep on it.
+    changes: watch::Sender<u64>,
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Informer {
+    pub fn get(&self, id: &RankId) -> Option<Slot> {
+        self.state
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .entries
+            .get(id)
+            .cloned()
+    }
+
+    pub fn covers(&self, key: &str) -> bool {
+        key.starts_with(&self.prefix)
+    }
+
+    pub fn listed(&self) -> bool {
+        self.listed.load(Ordering::Acquire)
+    }
+
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// Runs `f` over the current records of `engine`.
+    pub fn with_engine<T>(&self, engine: &str, f: impl FnOnce(Vec<(u32, &Slot)>) -> T) -> T {
+        let state = self.state.read().unwrap_or_else(|e| e.into_inner());
+        f(state
+            .entries
+            .iter()
+            .filter(|((e, _), _)| e == engine)
+            .map(|((_, r), s)| (*r, s))
+            .collect())
+    }
+
+    /// Adds a subscription to `hub`, replaying the current records as ADDED
+    /// while holding the lock that every change is applied under.
+    pub fn subscribe(
+        &self,
+        hub: &Arc<Hub>,
+        engine: Option<String>,
+        callback: crate::events::Callback,
+    ) -> std::io::Result<u64> {
+        let state = self.state.read().unwrap_or_else(|e| e.into_inner());
+        let mut snapshot: Vec<Event> = state
+            .entries
+            .values()
+            .filter_map(|s| s.as_ref().ok())
+            .filter(|e| engine.as_deref().is_none_or(|n| n == e.record.engine_id))
+            .map(|e| event(EventKind::Added, e))
+            .collect();
+        snapshot.sort_by_key(|e| e.revision);
+        hub.subscribe(&self.prefix, engine, callback, snapshot)
+    }
+
+    pub fn stop(&self) {
+        if let Some(t) = self.task.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            t.abort();
+        }
+    }
+
+    /// Replaces the map with a fresh list taken at `revision`, emitting the
+    /// differences. Changes newer than the list (this client's own writes)
+    /// are kept.
+    fn reconcile(&self, mut fresh: HashMap<RankId, Slot>, revision: i64, hub: &Hub) {
+        let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
+        let state = &mut *state;
+        for (id, slot) in &state.entries {
+            if matches!(slot, Ok(e) if e.revision > revision) {
+                fresh.insert(id.clone(), slot.clone());
+            }
+        }
+        state.tombstones.retain(|_, rev| *rev > revision);
+        for id in state.tombstones.keys() {
+            fresh.remove(id);
+        }
+        let mut gone: Vec<_> = state
+            .entries
+            .iter()
+            .filter(|(k, _)| !fresh.contains_key(*k))
+            .filter_map(|(_, s)| s.as_ref().ok().cloned())
+            .collect();
+        gone.sort_by_key(|e| e.revision);
+        for old in gone {
+            hub.publish(&self.prefix, event(EventKind::Removed, &old));
+        }
+        let mut incoming: Vec<_> = fresh.into_iter().collect();
+        incoming.sort_by_key(|(_, s)| s.as_ref().map(|e| e.revision).unwrap_or(0));
+        let mut next = HashMap::with_capacity(incoming.len());
+        for (id, slot) in incoming {
+            if let Some(ev) = change(state.entries.get(&id), &slot) {
+                hub.publish(&self.prefix, ev);
+            }
+            next.insert(id, slot);
+        }
+        state.entries = next;
+        self.listed.store(true, Ordering::Release);
+        self.changes.send_modify(|g| *g += 1);
+    }
+
+    /// Applies a put (`Some`) or a delete (`None`) at `revision`, from the
+    /// watch or from this client's own write; older news is ignored.
+    pub fn apply(&self, id: RankId, slot: Option<Slot>, revision: i64, hub: &Hub) {
+        let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
+        match slot {
+            Some(slot) => {
+                if revision <= state.revision(&id) {
+                    return;
+                }
+                state.tombstones.remove(&id);
+                if let Some(ev) = change(state.entries.get(&id), &slot) {
+                    hub.publish(&self.prefix, ev);
+                }
+                state.entries.insert(id, slot);
+            }
+            None => {
+                if revision < state.revision(&id) {
+                    return;
+                }
+                if let Some(Ok(old)) = state.entries.remove(&id) {
+                    let mut ev = event(EventKind::Removed, &old);
+                    ev.revision = revision;
+                    hub.publish(&self.prefix, ev);
+                }
+                state.tombstones.insert(id, revision);
+            }
+        }
+        drop(state);
+        self.changes.send_modify(|g| *g += 1);
+    }
+}
+
+fn event(kind: EventKind, e: &Entry) -> Event {
+    Event {
+        kind,
+        engine_id: e.record.engine_id.clone(),
+        rank: e.record.rank,
+        incarnation: e.record.incarnation.clone(),
+        host: e.record.host.clone(),
+        metadata: if kind == EventKind::Removed {
+            Arc::from(Vec::new())
+        } else {
+            e.metadata.clone()
+        },
+        revision: e.revision,
+    }
+}
+
+/// The event that turns `old` into `new`, if any.
+fn change(old: Option<&Slot>, new: &Slot) -> Option<Event> {
+    match (old, new) {
+        (_, Err(e)) => {
+            log::warn!("ignoring an unreadable record: {e}");
+            // A readable record turned unreadable: peers must not keep using it.
+            old.and_then(|o| o.as_ref().ok())
+                .map(|o| event(EventKind::Removed, o))
+        }
+        (Some(Ok(o)), Ok(n)) if o.revision == n.revision => None,
+        (Some(Ok(o)), Ok(n)) if o.record.incarnation == n.record.incarnation => {
+            Some(event(EventKind::Updated, n))
+        }
+        (Some(Ok(_)), Ok(n)) => Some(event(EventKind::Replaced, n)),
+        (_, Ok(n)) => Some(event(EventKind::Added, n)),
+    }
+}
+
+/// The informers of one client, created on first interest.
+#[derive(Default)]
+pub(crate) struct Cache {
+    informers: Mutex<HashMap<String, Arc<Informer>>>,
+}
+
+impl Cache {
+    /// The informer that covers `engine` (`None`: the whole namespace):
+    /// an existing namespace-wide one, else the engine's own, started now.
+    pub fn informer(
+        &self,
+        engine: Option<&str>,
+        cfg: &Config,
+        etcd: &etcd_client::Client,
+        hub: &Arc<Hub>,
+        exact: bool,
+    ) -> Arc<Informer> {
+        let ns_prefix = format!("{}/", cfg.namespace);
+        let prefix = match engine {
+            Some(e) => keys::engine_prefix(&cfg.namespace, e),
+            None => ns_prefix.clone(),
+        };
+        let mut all = self.informers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(inf) = all.get(&prefix) {
+            return inf.clone();
+        }
+        if !exact {
+            if let Some(inf) = all.get(&ns_prefix) {
+                return inf.clone();
+            }
+        }
+        let (changes, _) = watch::channel(0);
+        let inf = Arc::new(Informer {
+            prefix: prefix.clone(),
+            state: RwLock::new(State::default()),
+            listed: AtomicBool::new(false),
+            changes,
+            task: Mutex::new(None),
+        });
+        let task = tokio::spawn(run(inf.clone(), etcd.clone(), cfg.clone(), hub.clone()));
+        *inf.task.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
+        all.insert(prefix, inf.clone());
+        inf
+    }
+
+    /// Applies this client's own write to every informer that covers `key`,
+    /// so that the client reads its own writes at once.
+    pub fn write_through(
+        &self,
+        key: &str,
+        id: RankId,
+        slot: Option<Slot>,
+        revision: i64,
+        hub: &Hub,
+    ) {
+        let covering: Vec<_> = self
+            .informers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter(|i| i.covers(key))
+            .cloned()
+            .collect();
+        for inf in covering {
+            inf.apply(id.clone(), slot.clone(), revision, hub);
+        }
+    }
+
+    pub fn stop(&self) {
+        for inf in self
+            .informers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+        {
+            inf.stop();
+        }
+    }
+}
+
+/// The informer's life: list, watch, and on any break re-list.
+async fn run(inf: Arc<Informer>, etcd: etcd_client::Client, cfg: Config, hub: Arc<Hub>) {
+    let mut stale = false;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match list_then_watch(&inf, &etcd, &cfg, &hub, &mut stale).await {
+            Ok(()) => backoff = Duration::from_millis(100),
+            Err(e) => {
+                if inf.listed() && !stale {
+                    log::warn!(
+                        "ETCD watch on {} broke: {e}; serving the last known records (stale) \
+                         until etcd at {} answers again",
+                        inf.prefix,
+                        cfg.endpoints.join(",")
+                    );
+                    stale = true;
+                } else {
+                    log::debug!("informer {}: {e}; retrying in {backoff:?}", inf.prefix);
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+/// Lists the prefix, reconciles, then applies watch events until the watch
+/// breaks. `Ok` means "re-list now" (compaction), `Err` a connection problem.
+async fn list_then_watch(
+    inf: &Informer,
+    etcd: &etcd_client::Client,
+    cfg: &Config,
+    hub: &Hub,
+    stale: &mut bool,
+) -> Result<()> {
+    let namespace = cfg.namespace.as_str();
+    let map = |e| etcd_error::map(e, Op::Lookup, cfg);
+    let mut kv = etcd.kv_client();
+    let listing = kv.get(inf.prefix.as_bytes(), Some(GetOptions::new().with_prefix()));
+    let resp = tokio::time::timeout(cfg.timeout, listing)
+        .await
+        .map_err(|_| etcd_error::timed_out(Op::Lookup, cfg.timeout, &cfg.endpoints.join(",")))?
+        .map_err(map)?;
+    let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+    let fresh = resp
+        .kvs()
+        .iter()
+        .filter_map(|kv| Entry::decode(namespace, kv))
+        .collect();
+    inf.reconcile(fresh, revision, hub);
+    if *stale {
+        log::info!(
+            "ETCD is reachable again; the cache of {} caught up",
+            inf.prefix
+        );
+        *stale = false;
+    }
+    let opts = WatchOptions::new()
+        .with_prefix()
+        .with_start_revision(revision + 1);
+    let mut stream = etcd
+        .watch_client()
+        .watch(inf.prefix.as_bytes(), Some(opts))
+        .await
+        .map_err(map)?;
+    loop {
+        let Some(msg) = stream.message().await.map_err(map)? else {
+            return Err(Error::new(Status::ErrConnection, "the watch stream ended"));
+        };
+        if msg.canceled() {
+            log::debug!(
+                "watch on {} cancelled ({}; compacted at {}); re-listing",
+                inf.prefix,
+                msg.cancel_reason(),
+                msg.compact_revision()
+            );
+            return Ok(());
+        }
+        for ev in msg.events() {
+            let Some(kv) = ev.kv() else { continue };
+            match ev.event_type() {
+                EventType::Put => {
+                    if let Some((id, slot)) = Entry::decode(namespace, kv) {
+                        inf.apply(id, Some(slot), kv.mod_revision(), hub);
+                    }
+                }
+                EventType::Delete => {
+                    let key = String::from_utf8_lossy(kv.key());
+                    if let Some((engine, rank)) = keys::parse_rank_key(namespace, &key) {
+                        inf.apply((engine.to_owned(), rank), None, kv.mod_revision(), hub);
+                    }
+                }
+            }
+        }
+    }
+}
