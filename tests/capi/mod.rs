@@ -109,3 +109,136 @@ pub fn blob(seed: u32, len: usize) -> Vec<u8> {
         })
         .collect()
 }
+
+/// An event copied out of the callback.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnedEvent {
+    pub kind: i32,
+    pub engine_id: String,
+    pub rank: u32,
+    pub incarnation: String,
+    pub host: String,
+    pub metadata: Vec<u8>,
+    pub revision: i64,
+}
+
+/// A live subscription; events arrive on `rx`.
+pub struct Subscription {
+    pub id: u64,
+    pub rx: std::sync::mpsc::Receiver<OwnedEvent>,
+    _tx: Box<std::sync::mpsc::Sender<OwnedEvent>>,
+}
+
+unsafe extern "C" fn forward(user_data: *mut std::ffi::c_void, ev: *const nixl_etcd_event) {
+    let tx = &*(user_data as *const std::sync::mpsc::Sender<OwnedEvent>);
+    let ev = &*ev;
+    let text = |p: *const std::ffi::c_char| CStr::from_ptr(p).to_string_lossy().into_owned();
+    let metadata = if ev.metadata.is_null() {
+        Vec::new()
+    } else {
+        std::slice::from_raw_parts(ev.metadata, ev.metadata_len).to_vec()
+    };
+    let _ = tx.send(OwnedEvent {
+        kind: ev.kind,
+        engine_id: text(ev.engine_id),
+        rank: ev.rank,
+        incarnation: text(ev.incarnation),
+        host: text(ev.host),
+        metadata,
+        revision: ev.revision,
+    });
+}
+
+/// A record copied out of `nixl_etcd_lookup_record`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnedRecord {
+    pub engine_id: String,
+    pub rank: u32,
+    pub world_size: u32,
+    pub host: String,
+    pub pid: u32,
+    pub incarnation: String,
+    pub registered_at_ms: u64,
+    pub revision: i64,
+    pub metadata: Vec<u8>,
+}
+
+impl Handle {
+    pub fn subscribe(&self, engine: Option<&str>) -> Result<Subscription, Failure> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let tx = Box::new(tx);
+        let e = engine.map(|e| CString::new(e).unwrap());
+        let mut id = 0u64;
+        check(unsafe {
+            nixl_etcd_subscribe(
+                self.0,
+                e.as_ref().map_or(std::ptr::null(), |e| e.as_ptr()),
+                Some(forward),
+                &*tx as *const _ as *mut std::ffi::c_void,
+                &mut id,
+            )
+        })?;
+        Ok(Subscription { id, rx, _tx: tx })
+    }
+
+    pub fn unsubscribe(&self, id: u64) -> Result<(), Failure> {
+        check(unsafe { nixl_etcd_unsubscribe(self.0, id) })
+    }
+
+    pub fn wait_engine(&self, engine: &str, timeout_ms: i64) -> Result<u32, Failure> {
+        let e = CString::new(engine).unwrap();
+        let mut size = 0u32;
+        check(unsafe { nixl_etcd_wait_engine(self.0, e.as_ptr(), timeout_ms, &mut size) })?;
+        Ok(size)
+    }
+
+    pub fn lookup_record(&self, engine: &str, rank: u32) -> Result<OwnedRecord, Failure> {
+        let e = CString::new(engine).unwrap();
+        let mut rec: nixl_etcd_record = unsafe { std::mem::zeroed() };
+        check(unsafe { nixl_etcd_lookup_record(self.0, e.as_ptr(), rank, &mut rec) })?;
+        let text =
+            |p: *mut std::ffi::c_char| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned();
+        let out = OwnedRecord {
+            engine_id: text(rec.engine_id),
+            rank: rec.rank,
+            world_size: rec.world_size,
+            host: text(rec.host),
+            pid: rec.pid,
+            incarnation: text(rec.incarnation),
+            registered_at_ms: rec.registered_at_ms,
+            revision: rec.revision,
+            metadata: take(&mut rec.metadata),
+        };
+        unsafe { nixl_etcd_record_free(&mut rec) };
+        assert!(rec.engine_id.is_null() && rec.host.is_null() && rec.incarnation.is_null());
+        Ok(out)
+    }
+}
+
+/// `nixl_etcd_target_ranks` with room for `cap` ranks.
+pub fn target_ranks(
+    local_tp: u32,
+    local_rank: u32,
+    remote_tp: u32,
+    cap: usize,
+) -> Result<Vec<u32>, (Failure, usize)> {
+    let mut out = vec![0u32; cap];
+    let mut n = 0usize;
+    let rc = unsafe {
+        nixl_etcd_target_ranks(
+            local_tp,
+            local_rank,
+            remote_tp,
+            out.as_mut_ptr(),
+            cap,
+            &mut n,
+        )
+    };
+    match check(rc) {
+        Ok(()) => {
+            out.truncate(n);
+            Ok(out)
+        }
+        Err(f) => Err((f, n)),
+    }
+}
