@@ -79,6 +79,9 @@ pub(crate) struct Informer {
     listed: AtomicBool,
     /// Bumped after every applied change; waiters sleep on it.
     changes: watch::Sender<u64>,
+    /// Why the last list failed, until one succeeds (for readers waiting on
+    /// the first list).
+    list_error: Mutex<Option<Error>>,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
@@ -98,6 +101,18 @@ impl Informer {
 
     pub fn listed(&self) -> bool {
         self.listed.load(Ordering::Acquire)
+    }
+
+    pub fn list_error(&self) -> Option<Error> {
+        self.list_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn set_list_error(&self, e: Option<Error>) {
+        *self.list_error.lock().unwrap_or_else(|e| e.into_inner()) = e;
+        self.changes.send_modify(|g| *g += 1);
     }
 
     pub fn changes(&self) -> watch::Receiver<u64> {
@@ -283,12 +298,25 @@ impl Cache {
             state: RwLock::new(State::default()),
             listed: AtomicBool::new(false),
             changes,
+            list_error: Mutex::new(None),
             task: Mutex::new(None),
         });
         let task = tokio::spawn(run(inf.clone(), etcd.clone(), cfg.clone(), hub.clone()));
         *inf.task.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
         all.insert(prefix, inf.clone());
         inf
+    }
+
+    /// The cached slot of (`engine`, `rank`), if an informer covering the
+    /// engine exists and holds it. Runs on any thread, without the runtime.
+    pub fn cached(&self, cfg: &Config, engine: &str, rank: u32) -> Option<Slot> {
+        let all = self.informers.lock().unwrap_or_else(|e| e.into_inner());
+        let inf = all
+            .get(&keys::engine_prefix(&cfg.namespace, engine))
+            .or_else(|| all.get(&format!("{}/", cfg.namespace)))?
+            .clone();
+        drop(all);
+        inf.get(&(engine.to_owned(), rank))
     }
 
     /// Applies this client's own write to every informer that covers `key`,
@@ -367,9 +395,13 @@ async fn list_then_watch(
     let listing = kv.get(inf.prefix.as_bytes(), Some(GetOptions::new().with_prefix()));
     let resp = tokio::time::timeout(cfg.timeout, listing)
         .await
-        .map_err(|_| etcd_error::timed_out(Op::Lookup, cfg.timeout, &cfg.endpoints.join(",")))?
-        .map_err(map)?;
+        .map_err(|_| etcd_error::timed_out(Op::Lookup, cfg.timeout, &cfg.endpoints.join(",")))
+        .and_then(|r| r.map_err(map))
+        .inspect_err(|e| inf.set_list_error(Some(e.clone())))?;
     let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+    if inf.list_error().is_some() {
+        inf.set_list_error(None);
+    }
     let fresh = resp
         .kvs()
         .iter()

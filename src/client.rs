@@ -298,14 +298,35 @@ impl Client {
         log::debug!("Discovering engine {engine_id} through ETCD");
         let started = Instant::now();
         let cfg = &self.inner.cfg;
+        // A cache hit is answered on the calling thread, without the runtime.
+        self.check_usable()?;
+        if let Some(hit) = self.inner.cache.cached(cfg, engine_id, rank) {
+            log_handshake(started);
+            return hit;
+        }
         let key = keys::rank_key(&cfg.namespace, engine_id, rank);
         let inner = self.inner.clone();
         let id = engine_id.to_owned();
         let found = self.call(Op::Lookup, cfg.timeout, async move {
             // A cache hit costs no round trip. A miss asks etcd: the cache may
             // lag a registration that another client just made.
-            if let Some(hit) = inner.informer(Some(&id)).get(&(id.clone(), rank)) {
+            let informer = inner.informer(Some(&id));
+            let wanted = (id.clone(), rank);
+            if let Some(hit) = informer.get(&wanted) {
                 return hit;
+            }
+            if !informer.listed() {
+                // First interest in this engine: the informer's first list
+                // is this lookup's read.
+                return wait_for(&informer, || match informer.listed() {
+                    true => Some(
+                        informer
+                            .get(&wanted)
+                            .unwrap_or_else(|| Err(not_found(&inner.cfg, &id, rank, &key))),
+                    ),
+                    false => informer.list_error().map(Err),
+                })
+                .await;
             }
             get_record(&inner, &key)
                 .await?
