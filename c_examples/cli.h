@@ -132,4 +132,82 @@ static inline int cli_parse(int argc, char **argv, const struct cli_spec *spec,
     return 0;
 }
 
+/* Helpers used by the threaded examples (tp_prefill, tp_decode); cli_parse
+ * does not depend on them. */
+
+/* cli_extra_fn: a signed decimal, into the long long at ctx. */
+static inline int cli_extra_i64(const char *text, void *ctx)
+{
+    long long *out = ctx;
+    char *end = NULL;
+    if (text == NULL || *text == '\0')
+        return -1;
+    errno = 0;
+    long long v = strtoll(text, &end, 10);
+    if (errno != 0 || end == text || *end != '\0')
+        return -1;
+    *out = v;
+    return 0;
+}
+
+/* cli_extra_fn: seconds, 0..1e9 (fractions allowed), into the double at ctx. */
+static inline int cli_extra_seconds(const char *text, void *ctx)
+{
+    double *out = ctx;
+    char *end = NULL;
+    if (text == NULL || *text == '\0')
+        return -1;
+    errno = 0;
+    double v = strtod(text, &end);
+    if (errno != 0 || end == text || *end != '\0' || !(v >= 0.0) || v > 1e9)
+        return -1;
+    *out = v;
+    return 0;
+}
+
+/* The client options of one rank of a world_size-way engine: the --options
+ * JSON object (NULL or "": none) with "world_size":N inserted as its first
+ * key, e.g. {"namespace":"x"} -> {"world_size":4,"namespace":"x"}, and NULL
+ * -> {"world_size":4} (everything else still comes from the environment).
+ * The text is only checked to start with '{' and not to set world_size
+ * itself; the library validates the rest. Returns a malloc'd string to free,
+ * or NULL after printing "PROG: ..." to stderr. */
+static inline char *cli_options_with_world_size(const char *prog, const char *options,
+                                               uint32_t world_size)
+{
+    const char *rest = "}"; /* what follows the inserted key */
+    const char *sep = "";
+    if (options != NULL && *options != '\0') {
+        const char *p = options;
+        while (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r')
+            ++p;
+        if (*p != '{') {
+            fprintf(stderr, "%s: --options must be a JSON object, got '%s'\n", prog, options);
+            return NULL;
+        }
+        if (strstr(options, "\"world_size\"") != NULL) {
+            fprintf(stderr, "%s: --options must not set world_size (the rank count sets it)\n",
+                    prog);
+            return NULL;
+        }
+        rest = p + 1;
+        const char *q = rest;
+        while (*q == ' ' || *q == '\t' || *q == '\n' || *q == '\r')
+            ++q;
+        if (*q != '}') /* a non-empty object: its keys follow ours */
+            sep = ",";
+    }
+    const char *fmt = "{\"world_size\":%u%s%s";
+    int n = snprintf(NULL, 0, fmt, (unsigned)world_size, sep, rest);
+    if (n < 0)
+        return NULL;
+    char *out = malloc((size_t)n + 1);
+    if (out == NULL) {
+        fprintf(stderr, "%s: cannot allocate %d bytes\n", prog, n + 1);
+        return NULL;
+    }
+    snprintf(out, (size_t)n + 1, fmt, (unsigned)world_size, sep, rest);
+    return out;
+}
+
 #endif /* NIXL_ETCD_EXAMPLE_CLI_H */
