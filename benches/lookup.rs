@@ -366,13 +366,8 @@ fn summary(r: &Report) -> String {
 }
 
 fn json_path() -> PathBuf {
-    // The bench binary runs from `<target>/<profile>/deps/`.
-    let profile_dir = common::target_dir();
-    profile_dir
-        .parent()
-        .map(|p| p.to_path_buf())
-        .unwrap_or(profile_dir)
-        .join("bench-lookup.json")
+    // `target/bench-lookup.json`, beside the profile dirs.
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench-lookup.json")
 }
 
 fn write_json(r: &Report) -> BenchResult<PathBuf> {

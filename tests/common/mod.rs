@@ -517,14 +517,21 @@ pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// The cargo profile dir (`target/<profile>`) holding `libnixl_etcd.so`. The
-/// test binary itself lives in `target/<profile>/deps/`.
+/// The dir holding the `libnixl_etcd.so` built with this test binary:
+/// `target/<profile>/deps/`, beside the test binary. `cargo test` builds the
+/// cdylib there and (unlike `cargo build`) does not copy it up to
+/// `target/<profile>/`, where an older build's copy may lie.
 pub fn target_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
-    exe.parent()
-        .and_then(Path::parent)
+    let deps = exe
+        .parent()
         .map(Path::to_path_buf)
-        .unwrap_or_else(|| panic!("cannot derive the profile dir from {}", exe.display()))
+        .unwrap_or_else(|| panic!("cannot derive the deps dir from {}", exe.display()));
+    if deps.join("libnixl_etcd.so").exists() {
+        return deps;
+    }
+    // Benches and examples live elsewhere; fall back to the profile dir.
+    deps.parent().map(Path::to_path_buf).unwrap_or(deps)
 }
 
 /// Path of the shared library under test.
