@@ -160,7 +160,8 @@ extern "C" {
 /**
  * Opens a client. `options_json`: NULL or "" to configure from the environment
  * only, or a JSON object that overrides it key by key (`endpoints`,
- * `namespace`, `timeout_s`, `lease_ttl_s`, `host`, `max_request_bytes`).
+ * `namespace`, `timeout_s`, `lease_ttl_s`, `host`, `max_request_bytes`,
+ * `world_size`, `nixl_namespace`).
  * Connects and grants the client's lease within the timeout, or fails with
  * `NIXL_ETCD_ERR_CONNECTION` ("ETCD connection failed: <cause>").
  *
@@ -232,6 +233,56 @@ nixl_etcd_status nixl_etcd_wait(struct nixl_etcd_client *c,
                                 uint32_t rank,
                                 int64_t timeout_ms,
                                 struct nixl_etcd_buffer *out);
+
+/**
+ * Publishes `blob` (`len` bytes, opaque, may contain NUL bytes) in the key
+ * layout of NIXL's built-in etcd exchange, so that peers still using it find
+ * the agent unchanged: the marker `{ns}/{agent_name}/` (empty) and
+ * `{ns}/{agent_name}/{label}` (the raw blob, not encoded), written in one
+ * etcd transaction and both under the client's lease. `ns` is the open
+ * option `nixl_namespace`, else `NIXL_ETCD_NAMESPACE`, else "/nixl/agents/",
+ * used verbatim (the default gives "/nixl/agents//A/metadata"). `label` NULL
+ * or "" means "metadata". A blob that does not fit in one etcd request is
+ * `TOO_LARGE` and nothing is written. Publishing again replaces.
+ *
+ * # Safety
+ * `agent_name` is NULL or NUL-terminated; `label` is NULL or NUL-terminated;
+ * `blob` is NULL (with `len` 0) or valid for `len` bytes.
+ */
+nixl_etcd_status nixl_etcd_publish_nixl(struct nixl_etcd_client *c,
+                                        const char *agent_name,
+                                        const char *label,
+                                        const uint8_t *blob,
+                                        size_t len);
+
+/**
+ * Copies the raw blob at `{ns}/{agent_name}/{label}` into `out` (free it
+ * with `nixl_etcd_buffer_free`), waiting up to `timeout_ms` (< 0:
+ * `VLLM_NIXL_ETCD_TIMEOUT`; 0: no wait, one read) for it to exist: a get,
+ * then a watch on that exact key (no polling). Reads whatever wrote the key: this library or
+ * NIXL's built-in exchange. `label` NULL or "" means "metadata". `TIMEOUT`
+ * on expiry, `CLOSED` if the client is closed meanwhile.
+ *
+ * # Safety
+ * `agent_name` is NULL or NUL-terminated; `label` is NULL or NUL-terminated;
+ * `out` is NULL or writable.
+ */
+nixl_etcd_status nixl_etcd_fetch_nixl(struct nixl_etcd_client *c,
+                                      const char *agent_name,
+                                      const char *label,
+                                      int64_t timeout_ms,
+                                      struct nixl_etcd_buffer *out);
+
+/**
+ * Deletes everything under `{ns}/{agent_name}/` (the marker and every
+ * label, in one etcd request), as NIXL's invalidate does: peers of NIXL's
+ * built-in exchange, which watch the marker, drop the agent. `NOT_FOUND` if
+ * this client did not publish the agent.
+ *
+ * # Safety
+ * `agent_name` is NULL or NUL-terminated.
+ */
+nixl_etcd_status nixl_etcd_unpublish_nixl(struct nixl_etcd_client *c, const char *agent_name);
 
 /**
  * Copies the record of (`engine_id`, `rank`) with all its fields into `out`

@@ -7,6 +7,7 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::keys;
+use crate::nixl_layout;
 
 pub const ENV_USE_ETCD: &str = "VLLM_NIXL_USE_ETCD";
 pub const ENV_ENDPOINTS: &str = "VLLM_NIXL_ETCD_ENDPOINTS";
@@ -14,6 +15,9 @@ pub const ENV_NAMESPACE: &str = "VLLM_NIXL_ETCD_NAMESPACE";
 pub const ENV_TIMEOUT: &str = "VLLM_NIXL_ETCD_TIMEOUT";
 pub const ENV_LEASE_TTL: &str = "VLLM_NIXL_ETCD_LEASE_TTL";
 pub const ENV_HOST: &str = "VLLM_NIXL_SIDE_CHANNEL_HOST";
+/// NIXL's own variable for its etcd exchange's namespace, read for the
+/// NIXL-native key layout (`nixl_etcd_publish_nixl` and friends).
+pub const ENV_NIXL_NAMESPACE: &str = "NIXL_ETCD_NAMESPACE";
 
 pub const DEFAULT_ENDPOINT: &str = "http://localhost:2379";
 pub const DEFAULT_TIMEOUT_S: f64 = 10.0;
@@ -44,6 +48,10 @@ pub struct Config {
     /// The local engine's number of ranks, recorded in each rank's record so
     /// peers can wait for the whole engine.
     pub world_size: Option<u32>,
+    /// Namespace of the NIXL-native key layout, used verbatim (NIXL does not
+    /// normalize it): option `nixl_namespace`, else `NIXL_ETCD_NAMESPACE`,
+    /// else NIXL's default `/nixl/agents/`.
+    pub nixl_namespace: String,
 }
 
 /// Known option keys, for the error message on an unknown one.
@@ -55,6 +63,7 @@ const OPTION_KEYS: &[&str] = &[
     "host",
     "max_request_bytes",
     "world_size",
+    "nixl_namespace",
 ];
 
 impl Config {
@@ -96,6 +105,14 @@ impl Config {
             Some(h) => check_host(h.trim(), ENV_HOST)?,
             None => local_hostname(),
         };
+        // Verbatim: only an unset or blank variable means the default.
+        let nixl_namespace = match env(ENV_NIXL_NAMESPACE).filter(|v| !v.trim().is_empty()) {
+            Some(ns) => {
+                nixl_layout::validate_namespace(&ns, ENV_NIXL_NAMESPACE)?;
+                ns
+            }
+            None => nixl_layout::DEFAULT_NIXL_NAMESPACE.to_owned(),
+        };
         Ok(Config {
             endpoints,
             namespace,
@@ -104,6 +121,7 @@ impl Config {
             host,
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
             world_size: None,
+            nixl_namespace,
         })
     }
 
@@ -178,6 +196,11 @@ impl Config {
                         ))
                     })?;
                 self.world_size = Some(n as u32);
+            }
+            "nixl_namespace" => {
+                let s = v.as_str().ok_or_else(|| wrong_type(key, "a string", v))?;
+                nixl_layout::validate_namespace(s, &what)?;
+                self.nixl_namespace = s.to_owned();
             }
             _ => {
                 return Err(Error::invalid(format!(
@@ -307,6 +330,7 @@ mod tests {
         assert_eq!(c.lease_ttl_s, DEFAULT_LEASE_TTL_S);
         assert_eq!(c.max_request_bytes, 1_572_864);
         assert!(!c.host.is_empty());
+        assert_eq!(c.nixl_namespace, "/nixl/agents/");
     }
 
     #[test]
@@ -398,6 +422,26 @@ mod tests {
                 "option \"max_request_bytes\"",
             ),
             (&[], Some(r#"{"world_size":0}"#), "option \"world_size\""),
+            (
+                &[],
+                Some(r#"{"nixl_namespace":""}"#),
+                "option \"nixl_namespace\"",
+            ),
+            (
+                &[],
+                Some(r#"{"nixl_namespace":"/a\nb"}"#),
+                "control character",
+            ),
+            (
+                &[],
+                Some(r#"{"nixl_namespace":5}"#),
+                "option \"nixl_namespace\" must be",
+            ),
+            (
+                &[(ENV_NIXL_NAMESPACE, "/a\tb")],
+                None,
+                "NIXL_ETCD_NAMESPACE",
+            ),
             (&[], Some("[1,2]"), "must be a JSON object"),
             (&[], Some("{"), "not valid JSON"),
         ];
@@ -411,6 +455,24 @@ mod tests {
                 err.message
             );
         }
+    }
+
+    #[test]
+    fn the_nixl_namespace_is_verbatim_and_the_option_wins() {
+        let c = load(&[(ENV_NIXL_NAMESPACE, "/team/nixl//")], None).unwrap();
+        assert_eq!(c.nixl_namespace, "/team/nixl//");
+        // NIXL's variable leaves the rank namespace alone, and the reverse.
+        assert_eq!(c.namespace, "/vllm/nixl/agents");
+        let c = load(&[(ENV_NAMESPACE, "/other")], None).unwrap();
+        assert_eq!(c.nixl_namespace, "/nixl/agents/");
+        let c = load(
+            &[(ENV_NIXL_NAMESPACE, "/from/env")],
+            Some(r#"{"nixl_namespace":"mine/"}"#),
+        )
+        .unwrap();
+        assert_eq!(c.nixl_namespace, "mine/");
+        let c = load(&[(ENV_NIXL_NAMESPACE, "  ")], None).unwrap();
+        assert_eq!(c.nixl_namespace, "/nixl/agents/");
     }
 
     #[test]

@@ -24,6 +24,8 @@ pub enum Status {
     ErrInternal = -7,
     /// A record in etcd could not be read (bad JSON, unknown format, wrong engine).
     ErrBadRecord = -8,
+    /// A NIXL call failed, or NIXL could not be loaded (feature `nixl`).
+    ErrNixl = -9,
 }
 
 impl Status {
@@ -39,6 +41,7 @@ impl Status {
             Status::ErrClosed => "client closed",
             Status::ErrInternal => "internal error",
             Status::ErrBadRecord => "unreadable record",
+            Status::ErrNixl => "NIXL error",
         }
     }
 
@@ -54,11 +57,12 @@ impl Status {
             Status::ErrClosed => c"client closed",
             Status::ErrInternal => c"internal error",
             Status::ErrBadRecord => c"unreadable record",
+            Status::ErrNixl => c"NIXL error",
         }
     }
 
     pub fn from_i32(v: i32) -> Option<Status> {
-        const ALL: [Status; 9] = [
+        const ALL: [Status; 10] = [
             Status::Ok,
             Status::ErrInvalidArgument,
             Status::ErrConnection,
@@ -68,6 +72,7 @@ impl Status {
             Status::ErrClosed,
             Status::ErrInternal,
             Status::ErrBadRecord,
+            Status::ErrNixl,
         ];
         ALL.into_iter().find(|s| *s as i32 == v)
     }
@@ -135,16 +140,17 @@ mod tests {
         assert_eq!(Status::ErrClosed as i32, -6);
         assert_eq!(Status::ErrInternal as i32, -7);
         assert_eq!(Status::ErrBadRecord as i32, -8);
+        assert_eq!(Status::ErrNixl as i32, -9);
     }
 
     #[test]
     fn every_status_round_trips_and_has_matching_texts() {
-        for v in -8..=0 {
+        for v in -9..=0 {
             let s = Status::from_i32(v).expect("known status");
             assert_eq!(s as i32, v);
             assert_eq!(s.as_cstr().to_str().unwrap(), s.as_str());
         }
         assert_eq!(Status::from_i32(1), None);
-        assert_eq!(Status::from_i32(-9), None);
+        assert_eq!(Status::from_i32(-10), None);
     }
 }

@@ -18,6 +18,9 @@ pub enum Op {
     Wait,
     Close,
     KeepAlive,
+    PublishNixl,
+    FetchNixl,
+    UnpublishNixl,
 }
 
 impl Op {
@@ -30,6 +33,9 @@ impl Op {
             Op::Wait => "wait",
             Op::Close => "close",
             Op::KeepAlive => "lease keep-alive",
+            Op::PublishNixl => "NIXL publish",
+            Op::FetchNixl => "NIXL fetch",
+            Op::UnpublishNixl => "NIXL unpublish",
         }
     }
 }

@@ -192,17 +192,31 @@ fn out_buffer<'a>(out: *mut nixl_etcd_buffer) -> Result<&'a mut nixl_etcd_buffer
 }
 
 fn fill(out: &mut nixl_etcd_buffer, found: Found) {
-    if found.metadata.is_empty() {
+    fill_bytes(out, &found.metadata);
+}
+
+fn fill_bytes(out: &mut nixl_etcd_buffer, bytes: &[u8]) {
+    if bytes.is_empty() {
         return;
     }
-    let boxed: Box<[u8]> = Box::from(&*found.metadata);
+    let boxed: Box<[u8]> = Box::from(bytes);
     out.len = boxed.len();
     out.data = Box::into_raw(boxed).cast::<u8>();
 }
 
+/// # Safety
+/// `p` is NULL or a NUL-terminated string valid for the call.
+unsafe fn opt_str_arg<'a>(p: *const c_char, name: &str) -> Result<Option<&'a str>> {
+    if p.is_null() {
+        return Ok(None);
+    }
+    str_arg(p, name).map(Some)
+}
+
 /// Opens a client. `options_json`: NULL or "" to configure from the environment
 /// only, or a JSON object that overrides it key by key (`endpoints`,
-/// `namespace`, `timeout_s`, `lease_ttl_s`, `host`, `max_request_bytes`).
+/// `namespace`, `timeout_s`, `lease_ttl_s`, `host`, `max_request_bytes`,
+/// `world_size`, `nixl_namespace`).
 /// Connects and grants the client's lease within the timeout, or fails with
 /// `NIXL_ETCD_ERR_CONNECTION` ("ETCD connection failed: <cause>").
 ///
@@ -347,6 +361,84 @@ pub unsafe extern "C" fn nixl_etcd_wait(
         let timeout = (timeout_ms >= 0).then(|| Duration::from_millis(timeout_ms as u64));
         fill(out, client.wait(engine_id, rank, timeout)?);
         Ok(())
+    })
+}
+
+/// Publishes `blob` (`len` bytes, opaque, may contain NUL bytes) in the key
+/// layout of NIXL's built-in etcd exchange, so that peers still using it find
+/// the agent unchanged: the marker `{ns}/{agent_name}/` (empty) and
+/// `{ns}/{agent_name}/{label}` (the raw blob, not encoded), written in one
+/// etcd transaction and both under the client's lease. `ns` is the open
+/// option `nixl_namespace`, else `NIXL_ETCD_NAMESPACE`, else "/nixl/agents/",
+/// used verbatim (the default gives "/nixl/agents//A/metadata"). `label` NULL
+/// or "" means "metadata". A blob that does not fit in one etcd request is
+/// `TOO_LARGE` and nothing is written. Publishing again replaces.
+///
+/// # Safety
+/// `agent_name` is NULL or NUL-terminated; `label` is NULL or NUL-terminated;
+/// `blob` is NULL (with `len` 0) or valid for `len` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn nixl_etcd_publish_nixl(
+    c: *mut nixl_etcd_client,
+    agent_name: *const c_char,
+    label: *const c_char,
+    blob: *const u8,
+    len: usize,
+) -> nixl_etcd_status {
+    guard(|| {
+        let client = lookup_client(c)?;
+        let agent_name = unsafe { str_arg(agent_name, "agent_name") }?;
+        let label = unsafe { opt_str_arg(label, "label") }?;
+        let blob = unsafe { bytes_arg(blob, len, "blob") }?;
+        client.publish_nixl(agent_name, label, blob)
+    })
+}
+
+/// Copies the raw blob at `{ns}/{agent_name}/{label}` into `out` (free it
+/// with `nixl_etcd_buffer_free`), waiting up to `timeout_ms` (< 0:
+/// `VLLM_NIXL_ETCD_TIMEOUT`; 0: no wait, one read) for it to exist: a get,
+/// then a watch on that exact key (no polling). Reads whatever wrote the key: this library or
+/// NIXL's built-in exchange. `label` NULL or "" means "metadata". `TIMEOUT`
+/// on expiry, `CLOSED` if the client is closed meanwhile.
+///
+/// # Safety
+/// `agent_name` is NULL or NUL-terminated; `label` is NULL or NUL-terminated;
+/// `out` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn nixl_etcd_fetch_nixl(
+    c: *mut nixl_etcd_client,
+    agent_name: *const c_char,
+    label: *const c_char,
+    timeout_ms: i64,
+    out: *mut nixl_etcd_buffer,
+) -> nixl_etcd_status {
+    guard(|| {
+        let out = out_buffer(out)?;
+        let client = lookup_client(c)?;
+        let agent_name = unsafe { str_arg(agent_name, "agent_name") }?;
+        let label = unsafe { opt_str_arg(label, "label") }?;
+        let timeout = (timeout_ms >= 0).then(|| Duration::from_millis(timeout_ms as u64));
+        fill_bytes(out, &client.fetch_nixl(agent_name, label, timeout)?);
+        Ok(())
+    })
+}
+
+/// Deletes everything under `{ns}/{agent_name}/` (the marker and every
+/// label, in one etcd request), as NIXL's invalidate does: peers of NIXL's
+/// built-in exchange, which watch the marker, drop the agent. `NOT_FOUND` if
+/// this client did not publish the agent.
+///
+/// # Safety
+/// `agent_name` is NULL or NUL-terminated.
+#[no_mangle]
+pub unsafe extern "C" fn nixl_etcd_unpublish_nixl(
+    c: *mut nixl_etcd_client,
+    agent_name: *const c_char,
+) -> nixl_etcd_status {
+    guard(|| {
+        let client = lookup_client(c)?;
+        let agent_name = unsafe { str_arg(agent_name, "agent_name") }?;
+        client.unpublish_nixl(agent_name)
     })
 }
 

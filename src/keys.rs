@@ -12,9 +12,15 @@ pub const DEFAULT_NAMESPACE: &str = "/vllm/nixl/agents";
 /// Checks an engine id: non-empty, bounded, and unable to escape or alias the
 /// namespace (no `/`, `\`, `..`, `.`, NUL or other control characters).
 pub fn validate_engine_id(id: &str) -> Result<()> {
+    validate_id(id, "engine_id")
+}
+
+/// The engine id rules, for any id that becomes one key segment; `what`
+/// names the argument in the message (`engine_id`, `agent_name`).
+pub fn validate_id(id: &str, what: &str) -> Result<()> {
     let bad = |why: &str| {
         Err(Error::invalid(format!(
-            "invalid engine_id {id:?}: {why}; use letters, digits, '-', '_', '.' or ':'"
+            "invalid {what} {id:?}: {why}; use letters, digits, '-', '_', '.' or ':'"
         )))
     };
     if id.is_empty() {
@@ -22,7 +28,7 @@ pub fn validate_engine_id(id: &str) -> Result<()> {
     }
     if id.len() > MAX_ENGINE_ID_LEN {
         return Err(Error::invalid(format!(
-            "invalid engine_id: {} bytes, over the limit of {MAX_ENGINE_ID_LEN}",
+            "invalid {what}: {} bytes, over the limit of {MAX_ENGINE_ID_LEN}",
             id.len()
         )));
     }

@@ -7,43 +7,63 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::client::{Inner, LeaseState};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::etcd_error::{self, Op};
 
-/// Writes `value` at `key` under the client's lease and returns the write's
-/// revision. If etcd no longer knows the lease, re-grants it (re-registering
-/// everything) and writes again.
+/// Writes every `(key, value)` of `kvs` under the client's lease, all in one
+/// transaction when there are several (a reader sees all of them or none),
+/// and returns the write's revision. If etcd no longer knows the lease,
+/// re-grants it (re-registering everything) and writes again. The caller
+/// records the keys in `st.registrations` once this succeeds.
 pub(crate) async fn put_attached(
     inner: &Inner,
     st: &mut LeaseState,
-    key: &str,
-    value: Vec<u8>,
+    kvs: &[(String, Vec<u8>)],
+    op: Op,
 ) -> Result<i64> {
-    match put_value(inner, st.lease_id, key, value.clone()).await {
+    match put_values(inner, st.lease_id, kvs).await {
         Err(e) if etcd_error::is_lease_not_found(&e) => {
             regrant(inner, st, "etcd no longer knows it").await?;
-            put_value(inner, st.lease_id, key, value)
+            put_values(inner, st.lease_id, kvs)
                 .await
-                .map_err(|e| etcd_error::map(e, Op::Register, &inner.cfg))
+                .map_err(|e| etcd_error::map(e, op, &inner.cfg))
         }
-        other => other.map_err(|e| etcd_error::map(e, Op::Register, &inner.cfg)),
+        other => other.map_err(|e| etcd_error::map(e, op, &inner.cfg)),
     }
 }
 
-/// Writes `value` at `key` under `lease_id`; returns the write's revision.
-async fn put_value(
+/// Writes `kvs` under `lease_id`: one put, or one transaction of puts;
+/// returns the write's revision.
+async fn put_values(
     inner: &Inner,
     lease_id: i64,
-    key: &str,
-    value: Vec<u8>,
+    kvs: &[(String, Vec<u8>)],
 ) -> std::result::Result<i64, etcd_client::Error> {
-    let opts = etcd_client::PutOptions::new().with_lease(lease_id);
-    let resp = inner
-        .etcd
-        .kv_client()
-        .put(key.as_bytes(), value, Some(opts))
-        .await?;
-    Ok(resp.header().map(|h| h.revision()).unwrap_or(0))
+    let opts = || etcd_client::PutOptions::new().with_lease(lease_id);
+    let revision = match kvs {
+        [(key, value)] => inner
+            .etcd
+            .kv_client()
+            .put(key.as_bytes(), value.clone(), Some(opts()))
+            .await?
+            .header()
+            .map(|h| h.revision()),
+        _ => {
+            let puts: Vec<etcd_client::TxnOp> = kvs
+                .iter()
+                .map(|(k, v)| etcd_client::TxnOp::put(k.as_bytes(), v.clone(), Some(opts())))
+                .collect();
+            let txn = etcd_client::Txn::new().and_then(puts);
+            inner
+                .etcd
+                .kv_client()
+                .txn(txn)
+                .await?
+                .header()
+                .map(|h| h.revision())
+        }
+    };
+    Ok(revision.unwrap_or(0))
 }
 
 /// Grants a new lease and re-writes every registration under it.
@@ -55,17 +75,18 @@ pub(crate) async fn regrant(inner: &Inner, st: &mut LeaseState, why: &str) -> Re
         .await
         .map_err(|e| etcd_error::map(e, Op::KeepAlive, &inner.cfg))?;
     let old = st.lease_id;
-    for ((_, _), value) in st.registrations.iter() {
-        // Keys are re-derived from the stored value's engine and rank.
-        let key = key_of(inner, value)?;
-        put_value(inner, granted.id(), &key, value.clone())
+    // In reverse key order: a key sorts after every prefix of it, so each
+    // NIXL agent's labels are back before its marker `{ns}/{agent}/` (a peer
+    // never sees the marker without the blob).
+    for (key, value) in st.registrations.iter().rev() {
+        put_values(inner, granted.id(), &[(key.clone(), value.clone())])
             .await
             .map_err(|e| etcd_error::map(e, Op::KeepAlive, &inner.cfg))?;
     }
     st.lease_id = granted.id();
     log::warn!(
         "ETCD lease {old:x} was lost ({why}); granted lease {:x} (ttl {} s) and re-registered \
-         {} record(s)",
+         {} key(s)",
         granted.id(),
         granted.ttl(),
         st.registrations.len()
@@ -73,21 +94,6 @@ pub(crate) async fn regrant(inner: &Inner, st: &mut LeaseState, why: &str) -> Re
     // Best effort: if the old lease still exists somewhere, drop it.
     let _ = inner.etcd.lease_client().revoke(old).await;
     Ok(())
-}
-
-fn key_of(inner: &Inner, value: &[u8]) -> Result<String> {
-    #[derive(serde::Deserialize)]
-    struct Id {
-        engine_id: String,
-        rank: u32,
-    }
-    let id: Id = serde_json::from_slice(value)
-        .map_err(|e| Error::internal(format!("stored registration is unreadable: {e}")))?;
-    Ok(crate::keys::rank_key(
-        &inner.cfg.namespace,
-        &id.engine_id,
-        id.rank,
-    ))
 }
 
 /// Background task: renews the lease every third of its TTL. On a failed

@@ -14,6 +14,9 @@ pub mod ffi;
 pub mod keys;
 mod lease;
 pub mod logging;
+#[cfg(feature = "nixl")]
+pub mod nixl;
+pub mod nixl_layout;
 pub mod record;
 mod runtime;
 pub mod tp;

@@ -156,10 +156,15 @@ fn unregister_removes_only_this_clients_records() {
     );
     assert_eq!(b.lookup("e", 0).unwrap(), b"abc");
     a.unregister("e", 0).unwrap();
+    // The owner sees its own delete at once; another client once the delete
+    // event reaches its cache.
     assert_eq!(
-        b.lookup("e", 0).unwrap_err().status,
+        a.lookup("e", 0).unwrap_err().status,
         NIXL_ETCD_ERR_NOT_FOUND
     );
+    assert!(common::wait_until(Duration::from_secs(5), || b
+        .lookup("e", 0)
+        .is_err_and(|e| e.status == NIXL_ETCD_ERR_NOT_FOUND)));
     assert_eq!(
         a.unregister("e", 0).unwrap_err().status,
         NIXL_ETCD_ERR_NOT_FOUND

@@ -242,3 +242,51 @@ pub fn target_ranks(
         Err(f) => Err((f, n)),
     }
 }
+
+/// A C string for an optional argument (NULL when `None`).
+fn opt_cstring(s: Option<&str>) -> Option<CString> {
+    s.map(|s| CString::new(s).unwrap())
+}
+
+fn opt_ptr(s: &Option<CString>) -> *const std::ffi::c_char {
+    s.as_ref().map_or(std::ptr::null(), |s| s.as_ptr())
+}
+
+/// The NIXL-native layout (`nixl_etcd_*_nixl`).
+impl Handle {
+    pub fn publish_nixl(
+        &self,
+        agent: &str,
+        label: Option<&str>,
+        blob: &[u8],
+    ) -> Result<(), Failure> {
+        let a = CString::new(agent).unwrap();
+        let l = opt_cstring(label);
+        check(unsafe {
+            nixl_etcd_publish_nixl(self.0, a.as_ptr(), opt_ptr(&l), blob.as_ptr(), blob.len())
+        })
+    }
+
+    pub fn fetch_nixl(
+        &self,
+        agent: &str,
+        label: Option<&str>,
+        timeout_ms: i64,
+    ) -> Result<Vec<u8>, Failure> {
+        let a = CString::new(agent).unwrap();
+        let l = opt_cstring(label);
+        let mut buf = nixl_etcd_buffer {
+            data: std::ptr::null_mut(),
+            len: 0,
+        };
+        check(unsafe {
+            nixl_etcd_fetch_nixl(self.0, a.as_ptr(), opt_ptr(&l), timeout_ms, &mut buf)
+        })?;
+        Ok(take(&mut buf))
+    }
+
+    pub fn unpublish_nixl(&self, agent: &str) -> Result<(), Failure> {
+        let a = CString::new(agent).unwrap();
+        check(unsafe { nixl_etcd_unpublish_nixl(self.0, a.as_ptr()) })
+    }
+}
