@@ -133,6 +133,11 @@ typedef void (*nixl_etcd_event_callback)(void *user_data, const struct nixl_etcd
 #define NIXL_ETCD_ERR_BAD_RECORD -8
 
 /**
+ * A NIXL call failed, or NIXL could not be loaded (builds with NIXL support).
+ */
+#define NIXL_ETCD_ERR_NIXL -9
+
+/**
  * A rank appeared.
  */
 #define NIXL_ETCD_EVENT_ADDED 1
@@ -374,6 +379,50 @@ nixl_etcd_status nixl_etcd_target_ranks(uint32_t local_tp,
                                         uint32_t *out,
                                         size_t cap,
                                         size_t *n);
+
+#if defined(NIXL_ETCD_WITH_NIXL)
+/**
+ * Publishes the local metadata of a NIXL agent (a `nixl_capi_agent_t` from
+ * NIXL's C API) for (`engine_id`, `rank`), like `nixl_etcd_register`.
+ * `NIXL_ETCD_ERR_NIXL` if NIXL cannot be loaded or the agent's metadata
+ * cannot be read. Only in builds with NIXL support (`NIXL_ETCD_WITH_NIXL`).
+ *
+ * # Safety
+ * `agent` is NULL or a live NIXL agent not used concurrently;
+ * `engine_id` is NULL or NUL-terminated.
+ */
+nixl_etcd_status nixl_etcd_publish_agent(struct nixl_etcd_client *c,
+                                         const char *engine_id,
+                                         uint32_t rank,
+                                         void *agent);
+#endif
+
+#if defined(NIXL_ETCD_WITH_NIXL)
+/**
+ * Waits for (`engine_id`, `rank`) like `nixl_etcd_wait`, loads its metadata
+ * into the NIXL agent `agent`, and returns the remote agent's name in
+ * `*remote_agent` (free with `nixl_etcd_string_free`). Only in builds with
+ * NIXL support (`NIXL_ETCD_WITH_NIXL`).
+ *
+ * # Safety
+ * `agent` is NULL or a live NIXL agent not used concurrently; `engine_id`
+ * is NULL or NUL-terminated; `remote_agent` is NULL or writable.
+ */
+nixl_etcd_status nixl_etcd_load_remote_agent(struct nixl_etcd_client *c,
+                                             void *agent,
+                                             const char *engine_id,
+                                             uint32_t rank,
+                                             int64_t timeout_ms,
+                                             char **remote_agent);
+#endif
+
+/**
+ * Frees a string returned by the library. NULL is a no-op.
+ *
+ * # Safety
+ * `s` is NULL or a string this library returned, freed once.
+ */
+void nixl_etcd_string_free(char *s);
 
 /**
  * Releases a buffer filled by the library and resets it to {NULL, 0}.

@@ -11,6 +11,8 @@ use crate::nixl_layout;
 
 pub const ENV_USE_ETCD: &str = "VLLM_NIXL_USE_ETCD";
 pub const ENV_ENDPOINTS: &str = "VLLM_NIXL_ETCD_ENDPOINTS";
+/// NIXL's built-in exchange's variable; used when ENV_ENDPOINTS is unset.
+pub const ENV_NIXL_ENDPOINTS: &str = "NIXL_ETCD_ENDPOINTS";
 pub const ENV_NAMESPACE: &str = "VLLM_NIXL_ETCD_NAMESPACE";
 pub const ENV_TIMEOUT: &str = "VLLM_NIXL_ETCD_TIMEOUT";
 pub const ENV_LEASE_TTL: &str = "VLLM_NIXL_ETCD_LEASE_TTL";
@@ -86,9 +88,12 @@ impl Config {
 
     fn from_env(env: &impl Fn(&str) -> Option<String>) -> Result<Config> {
         let var = |k: &str| env(k).filter(|v| !v.trim().is_empty());
-        let endpoints = match var(ENV_ENDPOINTS) {
-            Some(v) => parse_endpoints(&v, ENV_ENDPOINTS)?,
-            None => vec![DEFAULT_ENDPOINT.to_owned()],
+        // NIXL's own variable is the fallback, so an engine that used NIXL's
+        // built-in exchange switches without new settings.
+        let endpoints = match (var(ENV_ENDPOINTS), var(ENV_NIXL_ENDPOINTS)) {
+            (Some(v), _) => parse_endpoints(&v, ENV_ENDPOINTS)?,
+            (None, Some(v)) => parse_endpoints(&v, ENV_NIXL_ENDPOINTS)?,
+            (None, None) => vec![DEFAULT_ENDPOINT.to_owned()],
         };
         let namespace = keys::normalize_namespace(
             &var(ENV_NAMESPACE).unwrap_or_else(|| keys::DEFAULT_NAMESPACE.to_owned()),
@@ -331,6 +336,27 @@ mod tests {
         assert_eq!(c.max_request_bytes, 1_572_864);
         assert!(!c.host.is_empty());
         assert_eq!(c.nixl_namespace, "/nixl/agents/");
+    }
+
+    #[test]
+    fn nixl_endpoints_are_the_fallback() {
+        let c = load(&[(ENV_NIXL_ENDPOINTS, "nixl-etcd:2379")], None).unwrap();
+        assert_eq!(c.endpoints, vec!["http://nixl-etcd:2379"]);
+        let c = load(
+            &[
+                (ENV_NIXL_ENDPOINTS, "nixl-etcd:2379"),
+                (ENV_ENDPOINTS, "vllm:1"),
+            ],
+            None,
+        )
+        .unwrap();
+        assert_eq!(c.endpoints, vec!["http://vllm:1"]);
+        let err = load(&[(ENV_NIXL_ENDPOINTS, "nope")], None).unwrap_err();
+        assert!(
+            err.message.contains("NIXL_ETCD_ENDPOINTS"),
+            "{}",
+            err.message
+        );
     }
 
     #[test]

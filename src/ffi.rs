@@ -38,6 +38,8 @@ pub const NIXL_ETCD_ERR_CLOSED: nixl_etcd_status = -6;
 pub const NIXL_ETCD_ERR_INTERNAL: nixl_etcd_status = -7;
 /// A record in etcd could not be read (bad JSON, unknown format, wrong engine).
 pub const NIXL_ETCD_ERR_BAD_RECORD: nixl_etcd_status = -8;
+/// A NIXL call failed, or NIXL could not be loaded (builds with NIXL support).
+pub const NIXL_ETCD_ERR_NIXL: nixl_etcd_status = -9;
 
 /// An open client. Opaque: only pointers to it are handed out.
 pub struct nixl_etcd_client {
@@ -677,6 +679,78 @@ pub unsafe extern "C" fn nixl_etcd_target_ranks(
     })
 }
 
+/// Publishes the local metadata of a NIXL agent (a `nixl_capi_agent_t` from
+/// NIXL's C API) for (`engine_id`, `rank`), like `nixl_etcd_register`.
+/// `NIXL_ETCD_ERR_NIXL` if NIXL cannot be loaded or the agent's metadata
+/// cannot be read. Only in builds with NIXL support (`NIXL_ETCD_WITH_NIXL`).
+///
+/// # Safety
+/// `agent` is NULL or a live NIXL agent not used concurrently;
+/// `engine_id` is NULL or NUL-terminated.
+#[cfg(feature = "nixl")]
+#[no_mangle]
+pub unsafe extern "C" fn nixl_etcd_publish_agent(
+    c: *mut nixl_etcd_client,
+    engine_id: *const c_char,
+    rank: u32,
+    agent: *mut c_void,
+) -> nixl_etcd_status {
+    guard(|| {
+        let client = lookup_client(c)?;
+        let engine_id = unsafe { str_arg(engine_id, "engine_id") }?;
+        if agent.is_null() {
+            return Err(Error::invalid("agent is NULL"));
+        }
+        unsafe { client.publish_raw_agent(engine_id, rank, agent.cast()) }
+    })
+}
+
+/// Waits for (`engine_id`, `rank`) like `nixl_etcd_wait`, loads its metadata
+/// into the NIXL agent `agent`, and returns the remote agent's name in
+/// `*remote_agent` (free with `nixl_etcd_string_free`). Only in builds with
+/// NIXL support (`NIXL_ETCD_WITH_NIXL`).
+///
+/// # Safety
+/// `agent` is NULL or a live NIXL agent not used concurrently; `engine_id`
+/// is NULL or NUL-terminated; `remote_agent` is NULL or writable.
+#[cfg(feature = "nixl")]
+#[no_mangle]
+pub unsafe extern "C" fn nixl_etcd_load_remote_agent(
+    c: *mut nixl_etcd_client,
+    agent: *mut c_void,
+    engine_id: *const c_char,
+    rank: u32,
+    timeout_ms: i64,
+    remote_agent: *mut *mut c_char,
+) -> nixl_etcd_status {
+    guard(|| {
+        let out = unsafe { remote_agent.as_mut() }
+            .ok_or_else(|| Error::invalid("remote_agent is NULL"))?;
+        *out = std::ptr::null_mut();
+        let client = lookup_client(c)?;
+        let engine_id = unsafe { str_arg(engine_id, "engine_id") }?;
+        if agent.is_null() {
+            return Err(Error::invalid("agent is NULL"));
+        }
+        let timeout = (timeout_ms >= 0).then(|| Duration::from_millis(timeout_ms as u64));
+        let name =
+            unsafe { client.load_remote_into_raw_agent(agent.cast(), engine_id, rank, timeout) }?;
+        *out = c_text(&name).into_raw();
+        Ok(())
+    })
+}
+
+/// Frees a string returned by the library. NULL is a no-op.
+///
+/// # Safety
+/// `s` is NULL or a string this library returned, freed once.
+#[no_mangle]
+pub unsafe extern "C" fn nixl_etcd_string_free(s: *mut c_char) {
+    if !s.is_null() {
+        let _ = catch_unwind(AssertUnwindSafe(|| drop(unsafe { CString::from_raw(s) })));
+    }
+}
+
 /// Releases a buffer filled by the library and resets it to {NULL, 0}.
 /// NULL, or a buffer already freed, is a no-op.
 ///
@@ -741,6 +815,7 @@ mod tests {
             (NIXL_ETCD_ERR_CLOSED, Status::ErrClosed),
             (NIXL_ETCD_ERR_INTERNAL, Status::ErrInternal),
             (NIXL_ETCD_ERR_BAD_RECORD, Status::ErrBadRecord),
+            (NIXL_ETCD_ERR_NIXL, Status::ErrNixl),
         ];
         for (c, s) in pairs {
             assert_eq!(c, s as i32);

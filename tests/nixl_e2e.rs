@@ -69,3 +69,91 @@ fn decode_reads_64_mib_of_kv_blocks_from_prefill_found_through_etcd() {
             .is_empty()
     }));
 }
+
+mod capi;
+
+/// The C exports take the `nixl_capi_agent_t` a C engine already has.
+#[test]
+fn c_exports_publish_an_agent_and_load_it_into_another() {
+    use nixl_etcd::ffi::*;
+    use nixl_etcd::nixl::nixl_sys::Agent;
+    use std::ffi::{CStr, CString};
+
+    let etcd = EtcdServer::start();
+    let ns = unique_namespace("capi-nixl");
+    let prefill = capi::open(&etcd.options_json(&ns, "")).unwrap();
+    let decode = capi::open(&etcd.options_json(&ns, "")).unwrap();
+    let a = Agent::new(&format!("capi-prefill-{}", std::process::id())).unwrap();
+    let b = Agent::new(&format!("capi-decode-{}", std::process::id())).unwrap();
+    let _ucx = (
+        a.create_backend("UCX", &[]).unwrap(),
+        b.create_backend("UCX", &[]).unwrap(),
+    );
+    let engine = CString::new("prefill_engine").unwrap();
+    unsafe {
+        assert_eq!(
+            nixl_etcd_publish_agent(prefill.0, engine.as_ptr(), 0, a.as_raw().cast()),
+            NIXL_ETCD_OK,
+            "{}",
+            capi::last_error()
+        );
+        let mut name = std::ptr::null_mut();
+        assert_eq!(
+            nixl_etcd_load_remote_agent(
+                decode.0,
+                b.as_raw().cast(),
+                engine.as_ptr(),
+                0,
+                5000,
+                &mut name
+            ),
+            NIXL_ETCD_OK,
+            "{}",
+            capi::last_error()
+        );
+        assert_eq!(CStr::from_ptr(name).to_str().unwrap(), a.name());
+        nixl_etcd_string_free(name);
+        assert!(b.has_remote(a.name()));
+        // NULL agent, and a rank that never comes.
+        assert_eq!(
+            nixl_etcd_publish_agent(prefill.0, engine.as_ptr(), 1, std::ptr::null_mut()),
+            NIXL_ETCD_ERR_INVALID_ARGUMENT
+        );
+        let mut name = std::ptr::null_mut();
+        assert_eq!(
+            nixl_etcd_load_remote_agent(
+                decode.0,
+                b.as_raw().cast(),
+                engine.as_ptr(),
+                9,
+                200,
+                &mut name
+            ),
+            NIXL_ETCD_ERR_TIMEOUT
+        );
+        assert!(name.is_null());
+        // Metadata that is not a NIXL agent's is a NIXL error, not a crash.
+        assert_eq!(
+            nixl_etcd_register(prefill.0, engine.as_ptr(), 2, b"junk".as_ptr(), 4),
+            NIXL_ETCD_OK
+        );
+        assert_eq!(
+            nixl_etcd_load_remote_agent(
+                decode.0,
+                b.as_raw().cast(),
+                engine.as_ptr(),
+                2,
+                5000,
+                &mut name
+            ),
+            NIXL_ETCD_ERR_NIXL
+        );
+        assert!(
+            capi::last_error().contains("load_remote_md"),
+            "{}",
+            capi::last_error()
+        );
+    }
+    prefill.close().unwrap();
+    decode.close().unwrap();
+}
