@@ -4,7 +4,7 @@
 //! unreachable the last known records keep being served.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -261,13 +261,24 @@ fn change(old: Option<&Slot>, new: &Slot) -> Option<Event> {
     }
 }
 
+/// Engines a client follows one by one before it follows the whole namespace.
+const MAX_ENGINE_INFORMERS: usize = 4;
+
 /// The informers of one client, created on first interest.
-#[derive(Default)]
 pub(crate) struct Cache {
     informers: Mutex<HashMap<String, Arc<Informer>>>,
+    /// The client's request counter.
+    requests: Arc<AtomicU64>,
 }
 
 impl Cache {
+    pub fn new(requests: Arc<AtomicU64>) -> Cache {
+        Cache {
+            informers: Mutex::new(HashMap::new()),
+            requests,
+        }
+    }
+
     /// The informer that covers `engine` (`None`: the whole namespace):
     /// an existing namespace-wide one, else the engine's own, started now.
     pub fn informer(
@@ -292,6 +303,19 @@ impl Cache {
                 return inf.clone();
             }
         }
+        // A client that follows many engines (a decode rank reading from a
+        // fleet of prefills) watches the whole namespace instead: one list
+        // and one watch, however large the fleet.
+        let prefix = if !exact && engine.is_some() && all.len() >= MAX_ENGINE_INFORMERS {
+            log::debug!(
+                "following more than {MAX_ENGINE_INFORMERS} engines: caching the whole \
+                 namespace {}",
+                cfg.namespace
+            );
+            ns_prefix
+        } else {
+            prefix
+        };
         let (changes, _) = watch::channel(0);
         let inf = Arc::new(Informer {
             prefix: prefix.clone(),
@@ -301,7 +325,13 @@ impl Cache {
             list_error: Mutex::new(None),
             task: Mutex::new(None),
         });
-        let task = tokio::spawn(run(inf.clone(), etcd.clone(), cfg.clone(), hub.clone()));
+        let task = tokio::spawn(run(
+            inf.clone(),
+            etcd.clone(),
+            cfg.clone(),
+            hub.clone(),
+            self.requests.clone(),
+        ));
         *inf.task.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
         all.insert(prefix, inf.clone());
         inf
@@ -355,11 +385,17 @@ impl Cache {
 }
 
 /// The informer's life: list, watch, and on any break re-list.
-async fn run(inf: Arc<Informer>, etcd: etcd_client::Client, cfg: Config, hub: Arc<Hub>) {
+async fn run(
+    inf: Arc<Informer>,
+    etcd: etcd_client::Client,
+    cfg: Config,
+    hub: Arc<Hub>,
+    requests: Arc<AtomicU64>,
+) {
     let mut stale = false;
     let mut backoff = Duration::from_millis(100);
     loop {
-        match list_then_watch(&inf, &etcd, &cfg, &hub, &mut stale).await {
+        match list_then_watch(&inf, &etcd, &cfg, &requests, &hub, &mut stale).await {
             Ok(()) => backoff = Duration::from_millis(100),
             Err(e) => {
                 if inf.listed() && !stale {
@@ -386,11 +422,14 @@ async fn list_then_watch(
     inf: &Informer,
     etcd: &etcd_client::Client,
     cfg: &Config,
+    requests: &AtomicU64,
     hub: &Hub,
     stale: &mut bool,
 ) -> Result<()> {
     let namespace = cfg.namespace.as_str();
     let map = |e| etcd_error::map(e, Op::Lookup, cfg);
+    // A list and a watch: two requests per (re)sync.
+    requests.fetch_add(2, Ordering::Relaxed);
     let mut kv = etcd.kv_client();
     let listing = kv.get(inf.prefix.as_bytes(), Some(GetOptions::new().with_prefix()));
     let resp = tokio::time::timeout(cfg.timeout, listing)

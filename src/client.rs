@@ -44,6 +44,8 @@ pub(crate) struct Inner {
     announced: StdMutex<std::collections::HashSet<String>>,
     pub cache: Cache,
     pub hub: Arc<Hub>,
+    /// etcd requests issued by this client (RPCs and stream messages sent).
+    pub requests: Arc<AtomicU64>,
 }
 
 /// A record found in etcd or in the cache, decoded.
@@ -111,6 +113,8 @@ impl Client {
             }
         };
         let (closed_tx, _) = watch::channel(false);
+        // Connect and grant: two requests.
+        let requests = Arc::new(AtomicU64::new(2));
         let inner = Arc::new(Inner {
             incarnation: new_incarnation(),
             pid: std::process::id(),
@@ -121,7 +125,8 @@ impl Client {
             closed_tx,
             keepalive: StdMutex::new(None),
             announced: StdMutex::new(Default::default()),
-            cache: Cache::default(),
+            cache: Cache::new(requests.clone()),
+            requests,
             hub: Arc::new(Hub::default()),
             etcd,
             cfg,
@@ -139,6 +144,12 @@ impl Client {
 
     pub fn config(&self) -> &Config {
         &self.inner.cfg
+    }
+
+    /// etcd requests this client issued so far (RPCs and stream messages
+    /// sent), for benchmarks and capacity planning.
+    pub fn requests_issued(&self) -> u64 {
+        self.inner.requests.load(Ordering::Relaxed)
     }
 
     /// Unique per client; a peer seeing a new one knows the rank restarted.
@@ -281,7 +292,7 @@ impl Client {
                 ));
             }
             let resp = inner
-                .etcd
+                .etcd()
                 .kv_client()
                 .delete(key.as_bytes(), None)
                 .await
@@ -576,7 +587,7 @@ impl Client {
             // One delete-range: the marker and every label go at one revision.
             let opts = etcd_client::DeleteOptions::new().with_prefix();
             inner
-                .etcd
+                .etcd()
                 .kv_client()
                 .delete(prefix.as_bytes(), Some(opts))
                 .await
@@ -616,7 +627,7 @@ impl Client {
                 let mut st = inner.state.lock().await;
                 st.registrations.clear();
                 let id = st.lease_id;
-                match inner.etcd.lease_client().revoke(id).await {
+                match inner.etcd().lease_client().revoke(id).await {
                     // Already gone (expired, or etcd was wiped): nothing is
                     // attached to it any more.
                     Err(e) if etcd_error::is_lease_not_found(&e) => Ok(id),
@@ -731,7 +742,7 @@ fn not_found(cfg: &Config, engine_id: &str, rank: u32, key: &str) -> Error {
 /// Reads one rank's record from etcd.
 async fn get_record(inner: &Inner, key: &str) -> Result<Option<Found>> {
     let resp = inner
-        .etcd
+        .etcd()
         .kv_client()
         .get(key.as_bytes(), None)
         .await
@@ -751,7 +762,7 @@ async fn get_record(inner: &Inner, key: &str) -> Result<Option<Found>> {
 async fn fetch_raw(inner: &Inner, key: &str, wait: bool) -> Result<Vec<u8>> {
     let map = |e: etcd_client::Error| etcd_error::map(e, Op::FetchNixl, &inner.cfg);
     let resp = inner
-        .etcd
+        .etcd()
         .kv_client()
         .get(key.as_bytes(), None)
         .await
@@ -765,7 +776,7 @@ async fn fetch_raw(inner: &Inner, key: &str, wait: bool) -> Result<Vec<u8>> {
     let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
     let opts = etcd_client::WatchOptions::new().with_start_revision(revision + 1);
     let mut stream = inner
-        .etcd
+        .etcd()
         .watch_client()
         .watch(key.as_bytes(), Some(opts))
         .await
@@ -806,6 +817,12 @@ async fn wait_for<T>(informer: &Informer, check: impl Fn() -> Option<Result<T>>)
 }
 
 impl Inner {
+    /// The etcd client, counting one request per use.
+    pub(crate) fn etcd(&self) -> &etcd_client::Client {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        &self.etcd
+    }
+
     /// The informer covering `engine` (`None`: the whole namespace), started
     /// on first use. Must run on the runtime.
     fn informer(self: &Arc<Self>, engine: Option<&str>) -> Arc<Informer> {

@@ -42,7 +42,7 @@ async fn put_values(
     let opts = || etcd_client::PutOptions::new().with_lease(lease_id);
     let revision = match kvs {
         [(key, value)] => inner
-            .etcd
+            .etcd()
             .kv_client()
             .put(key.as_bytes(), value.clone(), Some(opts()))
             .await?
@@ -55,7 +55,7 @@ async fn put_values(
                 .collect();
             let txn = etcd_client::Txn::new().and_then(puts);
             inner
-                .etcd
+                .etcd()
                 .kv_client()
                 .txn(txn)
                 .await?
@@ -69,7 +69,7 @@ async fn put_values(
 /// Grants a new lease and re-writes every registration under it.
 pub(crate) async fn regrant(inner: &Inner, st: &mut LeaseState, why: &str) -> Result<()> {
     let granted = inner
-        .etcd
+        .etcd()
         .lease_client()
         .grant(inner.cfg.lease_ttl_s, None)
         .await
@@ -92,7 +92,7 @@ pub(crate) async fn regrant(inner: &Inner, st: &mut LeaseState, why: &str) -> Re
         st.registrations.len()
     );
     // Best effort: if the old lease still exists somewhere, drop it.
-    let _ = inner.etcd.lease_client().revoke(old).await;
+    let _ = inner.etcd().lease_client().revoke(old).await;
     Ok(())
 }
 
@@ -193,10 +193,13 @@ async fn renew_on_stream(
     stream: &mut Option<(i64, KeepAliveStream)>,
 ) -> std::result::Result<Option<i64>, etcd_client::Error> {
     if stream.as_ref().map(|(id, _)| *id) != Some(lease_id) {
-        let s = inner.etcd.lease_client().keep_alive(lease_id).await?;
+        let s = inner.etcd().lease_client().keep_alive(lease_id).await?;
         *stream = Some((lease_id, s));
     }
     let (_, (keeper, responses)) = stream.as_mut().expect("stream just set");
+    inner
+        .requests
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     keeper.keep_alive().await?;
     match responses.message().await? {
         Some(resp) if resp.ttl() > 0 => Ok(Some(resp.ttl())),
