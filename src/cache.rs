@@ -416,6 +416,76 @@ async fn run(
     }
 }
 
+/// Records per page of a list: a whole fleet's namespace in one or two requests.
+const LIST_PAGE: i64 = 1024;
+/// Largest response accepted (gRPC's default is 4 MiB; a page of records can
+/// be larger). A page over it is fetched again in halves.
+const MAX_RESPONSE_BYTES: usize = 256 << 20;
+
+/// The key just past every key starting with `prefix`.
+fn prefix_end(prefix: &str) -> Vec<u8> {
+    let mut end = prefix.as_bytes().to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+/// Lists every rank record under `prefix`, in pages read at one revision (so
+/// the result is one consistent snapshot); returns the records and that
+/// revision.
+async fn list_prefix(
+    etcd: &etcd_client::Client,
+    prefix: &str,
+    namespace: &str,
+    cfg: &Config,
+    requests: &AtomicU64,
+) -> Result<(HashMap<RankId, Slot>, i64)> {
+    let mut kv = etcd
+        .kv_client()
+        .max_decoding_message_size(MAX_RESPONSE_BYTES);
+    let end = prefix_end(prefix);
+    let mut from = prefix.as_bytes().to_vec();
+    let mut revision = 0;
+    let mut page = LIST_PAGE;
+    let mut fresh = HashMap::new();
+    loop {
+        requests.fetch_add(1, Ordering::Relaxed);
+        let mut opts = GetOptions::new().with_range(end.clone()).with_limit(page);
+        if revision > 0 {
+            opts = opts.with_revision(revision);
+        }
+        let resp = match kv.get(from.clone(), Some(opts)).await {
+            // A page too large to receive: ask for half as many records.
+            Err(etcd_client::Error::GRpcStatus(s))
+                if s.code() == tonic::Code::OutOfRange && page > 1 =>
+            {
+                page /= 2;
+                continue;
+            }
+            other => other.map_err(|e| etcd_error::map(e, Op::Lookup, cfg))?,
+        };
+        if revision == 0 {
+            revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+        }
+        fresh.extend(
+            resp.kvs()
+                .iter()
+                .filter_map(|kv| Entry::decode(namespace, kv)),
+        );
+        match resp.kvs().last() {
+            Some(last) if resp.more() => {
+                from = last.key().to_vec();
+                from.push(0);
+            }
+            _ => return Ok((fresh, revision)),
+        }
+    }
+}
+
 /// Lists the prefix, reconciles, then applies watch events until the watch
 /// breaks. `Ok` means "re-list now" (compaction), `Err` a connection problem.
 async fn list_then_watch(
@@ -428,24 +498,15 @@ async fn list_then_watch(
 ) -> Result<()> {
     let namespace = cfg.namespace.as_str();
     let map = |e| etcd_error::map(e, Op::Lookup, cfg);
-    // A list and a watch: two requests per (re)sync.
-    requests.fetch_add(2, Ordering::Relaxed);
-    let mut kv = etcd.kv_client();
-    let listing = kv.get(inf.prefix.as_bytes(), Some(GetOptions::new().with_prefix()));
-    let resp = tokio::time::timeout(cfg.timeout, listing)
+    let listing = list_prefix(etcd, &inf.prefix, namespace, cfg, requests);
+    let (fresh, revision) = tokio::time::timeout(cfg.timeout, listing)
         .await
         .map_err(|_| etcd_error::timed_out(Op::Lookup, cfg.timeout, &cfg.endpoints.join(",")))
-        .and_then(|r| r.map_err(map))
+        .and_then(|r| r)
         .inspect_err(|e| inf.set_list_error(Some(e.clone())))?;
-    let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
     if inf.list_error().is_some() {
         inf.set_list_error(None);
     }
-    let fresh = resp
-        .kvs()
-        .iter()
-        .filter_map(|kv| Entry::decode(namespace, kv))
-        .collect();
     inf.reconcile(fresh, revision, hub);
     if *stale {
         log::info!(
@@ -454,11 +515,13 @@ async fn list_then_watch(
         );
         *stale = false;
     }
+    requests.fetch_add(1, Ordering::Relaxed);
     let opts = WatchOptions::new()
         .with_prefix()
         .with_start_revision(revision + 1);
     let mut stream = etcd
         .watch_client()
+        .max_decoding_message_size(MAX_RESPONSE_BYTES)
         .watch(inf.prefix.as_bytes(), Some(opts))
         .await
         .map_err(map)?;

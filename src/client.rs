@@ -82,6 +82,13 @@ impl Client {
     }
 
     async fn open_async(cfg: Config) -> Result<Client> {
+        if std::env::var_os(crate::config::ENV_NIXL_ENDPOINTS).is_some_and(|v| !v.is_empty()) {
+            log::warn!(
+                "NIXL_ETCD_ENDPOINTS is set: NIXL's built-in etcd exchange is active in this \
+                 process too and writes lease-less keys for every NIXL agent it creates; unset \
+                 it and set VLLM_NIXL_ETCD_ENDPOINTS instead"
+            );
+        }
         let timeout = cfg.timeout;
         let endpoints = cfg.endpoints.join(",");
         let connect = async {

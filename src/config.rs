@@ -11,7 +11,8 @@ use crate::nixl_layout;
 
 pub const ENV_USE_ETCD: &str = "VLLM_NIXL_USE_ETCD";
 pub const ENV_ENDPOINTS: &str = "VLLM_NIXL_ETCD_ENDPOINTS";
-/// NIXL's built-in exchange's variable; used when ENV_ENDPOINTS is unset.
+/// NIXL's built-in exchange's variable. Not read: while it is set, NIXL
+/// itself writes lease-less keys for every agent the process creates.
 pub const ENV_NIXL_ENDPOINTS: &str = "NIXL_ETCD_ENDPOINTS";
 pub const ENV_NAMESPACE: &str = "VLLM_NIXL_ETCD_NAMESPACE";
 pub const ENV_TIMEOUT: &str = "VLLM_NIXL_ETCD_TIMEOUT";
@@ -88,12 +89,9 @@ impl Config {
 
     fn from_env(env: &impl Fn(&str) -> Option<String>) -> Result<Config> {
         let var = |k: &str| env(k).filter(|v| !v.trim().is_empty());
-        // NIXL's own variable is the fallback, so an engine that used NIXL's
-        // built-in exchange switches without new settings.
-        let endpoints = match (var(ENV_ENDPOINTS), var(ENV_NIXL_ENDPOINTS)) {
-            (Some(v), _) => parse_endpoints(&v, ENV_ENDPOINTS)?,
-            (None, Some(v)) => parse_endpoints(&v, ENV_NIXL_ENDPOINTS)?,
-            (None, None) => vec![DEFAULT_ENDPOINT.to_owned()],
+        let endpoints = match var(ENV_ENDPOINTS) {
+            Some(v) => parse_endpoints(&v, ENV_ENDPOINTS)?,
+            None => vec![DEFAULT_ENDPOINT.to_owned()],
         };
         let namespace = keys::normalize_namespace(
             &var(ENV_NAMESPACE).unwrap_or_else(|| keys::DEFAULT_NAMESPACE.to_owned()),
@@ -339,24 +337,9 @@ mod tests {
     }
 
     #[test]
-    fn nixl_endpoints_are_the_fallback() {
+    fn nixl_endpoints_are_not_read() {
         let c = load(&[(ENV_NIXL_ENDPOINTS, "nixl-etcd:2379")], None).unwrap();
-        assert_eq!(c.endpoints, vec!["http://nixl-etcd:2379"]);
-        let c = load(
-            &[
-                (ENV_NIXL_ENDPOINTS, "nixl-etcd:2379"),
-                (ENV_ENDPOINTS, "vllm:1"),
-            ],
-            None,
-        )
-        .unwrap();
-        assert_eq!(c.endpoints, vec!["http://vllm:1"]);
-        let err = load(&[(ENV_NIXL_ENDPOINTS, "nope")], None).unwrap_err();
-        assert!(
-            err.message.contains("NIXL_ETCD_ENDPOINTS"),
-            "{}",
-            err.message
-        );
+        assert_eq!(c.endpoints, vec![DEFAULT_ENDPOINT]);
     }
 
     #[test]
