@@ -34,14 +34,10 @@ impl Entry {
     pub fn decode(namespace: &str, kv: &KeyValue) -> Option<(RankId, Result<Entry>)> {
         let key = std::str::from_utf8(kv.key()).ok()?;
         let (engine, rank) = keys::parse_rank_key(namespace, key)?;
-        let entry = Record::from_json(key, kv.value(), engine, rank).and_then(|mut record| {
-            let metadata: Arc<[u8]> = record.decode_metadata(key)?.into();
-            record.metadata = String::new();
-            Ok(Entry {
-                record: Arc::new(record),
-                metadata,
-                revision: kv.mod_revision(),
-            })
+        let entry = Record::from_json(key, kv.value(), engine, rank).map(|(record, md)| Entry {
+            record: Arc::new(record),
+            metadata: md.into(),
+            revision: kv.mod_revision(),
         });
         Some(((engine.to_owned(), rank), entry))
     }

@@ -71,24 +71,21 @@ impl Record {
     }
 
     /// Parses and checks a value read from `key`, expected to hold
-    /// (`engine_id`, `rank`).
-    pub fn from_json(key: &str, value: &[u8], engine_id: &str, rank: u32) -> Result<Record> {
-        #[derive(Deserialize)]
-        struct Probe {
-            format: Option<u32>,
+    /// (`engine_id`, `rank`); returns the record (its base64 copy dropped)
+    /// and the decoded metadata. One JSON pass and one base64 pass.
+    pub fn from_json(
+        key: &str,
+        value: &[u8],
+        engine_id: &str,
+        rank: u32,
+    ) -> Result<(Record, Vec<u8>)> {
+        let mut rec: Record = match serde_json::from_slice(value) {
+            Ok(rec) => rec,
+            Err(e) => return Err(Self::explain(key, value, e)),
+        };
+        if rec.format != FORMAT_VERSION {
+            return Err(Self::unknown_format(key, rec.format));
         }
-        let probe: Probe = serde_json::from_slice(value).map_err(|e| Error::bad_record(key, e))?;
-        match probe.format {
-            Some(FORMAT_VERSION) => {}
-            Some(v) => {
-                return Err(Error::bad_record(
-                    key,
-                    format!("format version {v}, this library reads version {FORMAT_VERSION}"),
-                ))
-            }
-            None => return Err(Error::bad_record(key, "no format version")),
-        }
-        let rec: Record = serde_json::from_slice(value).map_err(|e| Error::bad_record(key, e))?;
         if rec.engine_id != engine_id || rec.rank != rank {
             return Err(Error::bad_record(
                 key,
@@ -109,7 +106,29 @@ impl Record {
                 ),
             ));
         }
-        Ok(rec)
+        rec.metadata = String::new();
+        Ok((rec, md))
+    }
+
+    /// Why a value is not a record: a newer format says so rather than
+    /// failing on a field it changed.
+    fn explain(key: &str, value: &[u8], e: serde_json::Error) -> Error {
+        #[derive(Deserialize)]
+        struct Probe {
+            format: Option<u32>,
+        }
+        match serde_json::from_slice::<Probe>(value) {
+            Ok(Probe { format: Some(v) }) if v != FORMAT_VERSION => Self::unknown_format(key, v),
+            Ok(Probe { format: None }) => Error::bad_record(key, "no format version"),
+            _ => Error::bad_record(key, e),
+        }
+    }
+
+    fn unknown_format(key: &str, v: u32) -> Error {
+        Error::bad_record(
+            key,
+            format!("format version {v}, this library reads version {FORMAT_VERSION}"),
+        )
     }
 
     pub fn decode_metadata(&self, key: &str) -> Result<Vec<u8>> {
@@ -133,9 +152,15 @@ mod tests {
         let md = blob();
         let rec = Record::new("e", 3, "node1", "inc-1", &md);
         let json = rec.to_json();
-        let back = Record::from_json("k", &json, "e", 3).unwrap();
-        assert_eq!(back, rec);
-        assert_eq!(back.decode_metadata("k").unwrap(), md);
+        let (back, decoded) = Record::from_json("k", &json, "e", 3).unwrap();
+        assert_eq!(
+            back,
+            Record {
+                metadata: String::new(),
+                ..rec
+            }
+        );
+        assert_eq!(decoded, md);
         assert!(json.len() <= Record::encoded_size_bound(md.len(), "e", "node1"));
     }
 
