@@ -180,8 +180,8 @@ fn measure_floor(server: &EtcdServer, namespace: &str, n: usize) -> BenchResult<
     ))
 }
 
-/// 2. Cold lookups: a fresh client per sample (opened and closed outside the
-/// timing), so nothing is cached: the first interest in an engine.
+/// Cold lookups (item 2): a fresh client per sample, opened and closed
+/// outside the timing, so nothing is cached: the first interest in an engine.
 fn measure_cold(options: &str, n: usize) -> BenchResult<Series> {
     let mut ns = Vec::with_capacity(n);
     for i in 0..(WARMUP + n) {

@@ -597,3 +597,327 @@ pub fn read_to_string_lossy(path: &Path) -> String {
     }
     String::from_utf8_lossy(&buf).into_owned()
 }
+
+/// `etcdctl` (API v3) against `endpoints` (comma-separated URLs), for a cluster
+/// or a chosen subset of its members.
+pub fn etcdctl_endpoints(endpoints: &str, args: &[&str]) -> Output {
+    Command::new(etcdctl_bin())
+        .env("ETCDCTL_API", "3")
+        .arg("--endpoints")
+        .arg(endpoints)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("run {}: {e}", etcdctl_bin().display()))
+}
+
+/// `n` distinct free loopback ports: every listener is held until all are
+/// bound, then all are released for etcd to take.
+fn free_ports(n: usize) -> Vec<u16> {
+    let held: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"))
+        .collect();
+    held.iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
+}
+
+impl EtcdServer {
+    /// Spawns etcd without waiting for `/health`: a cluster member cannot be
+    /// healthy before a quorum of its peers runs.
+    fn spawn_only(&mut self) -> Result<(), String> {
+        assert!(self.child.is_none(), "etcd is already running");
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .map_err(|e| format!("open {}: {e}", self.log_path().display()))?;
+        let log2 = log.try_clone().map_err(|e| format!("dup log fd: {e}"))?;
+        let mut cmd = self.command();
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(log2));
+        let child = cmd
+            .spawn()
+            .map_err(|e| format!("spawn {}: {e}", etcd_bin().display()))?;
+        self.child = Some(child);
+        self.paused = false;
+        Ok(())
+    }
+
+    /// This member's id as etcd reports it and the leader it knows, from
+    /// `etcdctl endpoint status` (None if it does not answer within 1 s).
+    fn member_and_leader(&self) -> Option<(u64, u64)> {
+        let out = etcdctl(
+            self,
+            &[
+                "--dial-timeout",
+                "1s",
+                "--command-timeout",
+                "1s",
+                "endpoint",
+                "status",
+                "-w",
+                "json",
+            ],
+        );
+        if !out.status.success() {
+            return None;
+        }
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let status = v.as_array()?.first()?.get("Status")?;
+        let member = status.get("header")?.get("member_id")?.as_u64()?;
+        let leader = status.get("leader")?.as_u64()?;
+        Some((member, leader))
+    }
+}
+
+/// A private etcd cluster of N members on free loopback ports, each with its
+/// own temp data dir, bootstrapped with `--initial-cluster` listing every
+/// member, a unique `--initial-cluster-token` and `--initial-cluster-state
+/// new`. Members are [`EtcdServer`]s: [`member`](Self::member) gives each one's
+/// whole API (pid, log, stop, ...). Dropping the cluster kills every member.
+pub struct EtcdCluster {
+    members: Vec<EtcdServer>,
+    token: String,
+}
+
+impl EtcdCluster {
+    /// Starts `n` members and waits until every one answers `/health` true
+    /// (a leader is elected). Panics, with the members' logs, if it cannot.
+    pub fn start(n: usize) -> EtcdCluster {
+        assert!(n >= 1, "a cluster needs at least one member");
+        static CLUSTERS: AtomicU64 = AtomicU64::new(0);
+        let mut failures = Vec::new();
+        for attempt in 1..=START_ATTEMPTS {
+            let token = format!(
+                "nixl-etcd-test-{}-{}-{}",
+                std::process::id(),
+                CLUSTERS.fetch_add(1, Ordering::Relaxed),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos())
+                    .unwrap_or(0)
+            );
+            let ports = free_ports(2 * n);
+            let names: Vec<String> = (0..n).map(|i| format!("member{i}")).collect();
+            let initial_cluster = (0..n)
+                .map(|i| format!("{}=http://127.0.0.1:{}", names[i], ports[2 * i + 1]))
+                .collect::<Vec<_>>()
+                .join(",");
+            let members = (0..n)
+                .map(|i| EtcdServer {
+                    child: None,
+                    dir: tempfile::Builder::new()
+                        .prefix("nixl-etcd-cluster-")
+                        .tempdir()
+                        .expect("create temp dir for etcd"),
+                    client_port: ports[2 * i],
+                    peer_port: ports[2 * i + 1],
+                    name: names[i].clone(),
+                    max_request_bytes: None,
+                    // `command()` names only the member itself in
+                    // `--initial-cluster`; etcd takes the last value of a
+                    // repeated flag, so these list the whole cluster.
+                    extra_args: vec![
+                        "--initial-cluster".into(),
+                        initial_cluster.clone(),
+                        "--initial-cluster-token".into(),
+                        token.clone(),
+                    ],
+                    paused: false,
+                })
+                .collect();
+            let mut cluster = EtcdCluster { members, token };
+            match cluster.launch_all() {
+                Ok(()) => return cluster,
+                Err(err) => {
+                    let logs = cluster.logs(3000);
+                    let clash = logs.contains("address already in use");
+                    failures.push(format!("attempt {attempt} (ports {ports:?}): {err}"));
+                    drop(cluster);
+                    if clash && attempt < START_ATTEMPTS {
+                        continue;
+                    }
+                    panic!(
+                        "etcd cluster of {n} failed to start ({}):\n{}\n{logs}",
+                        etcd_bin().display(),
+                        failures.join("\n")
+                    );
+                }
+            }
+        }
+        unreachable!("the last start attempt either returns or panics")
+    }
+
+    fn launch_all(&mut self) -> Result<(), String> {
+        for m in self.members.iter_mut() {
+            m.spawn_only()?;
+        }
+        self.wait_all_healthy()
+    }
+
+    /// Blocks until every running member answers `/health` true, or fails
+    /// after [`READY_TIMEOUT`] (or as soon as a member exits).
+    pub fn wait_all_healthy(&mut self) -> Result<(), String> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            let mut all = true;
+            for (i, m) in self.members.iter_mut().enumerate() {
+                if let Some(child) = m.child.as_mut() {
+                    if let Ok(Some(status)) = child.try_wait() {
+                        return Err(format!("member {i} exited early with {status}"));
+                    }
+                    all &= health_ok(m.client_port, Duration::from_millis(500));
+                }
+            }
+            if all {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "not every member answered /health true within {READY_TIMEOUT:?}"
+                ));
+            }
+            thread::sleep(READY_POLL);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+
+    /// The cluster's `--initial-cluster-token`.
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    /// Every member's client URL, comma-separated (`VLLM_NIXL_ETCD_ENDPOINTS`).
+    pub fn endpoints(&self) -> String {
+        self.members
+            .iter()
+            .map(EtcdServer::endpoint)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The client URLs of the members in `which`, comma-separated.
+    pub fn endpoints_of(&self, which: &[usize]) -> String {
+        which
+            .iter()
+            .map(|&i| self.members[i].endpoint())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// A whole options object for the library: every endpoint, `namespace`,
+    /// then `extra` (more `"key":value` pairs, no leading comma; may be empty).
+    pub fn options_json(&self, namespace: &str, extra: &str) -> String {
+        let mut s = format!(
+            "{{\"endpoints\":\"{}\",\"namespace\":\"{}\"",
+            self.endpoints(),
+            namespace
+        );
+        if !extra.trim().is_empty() {
+            s.push(',');
+            s.push_str(extra);
+        }
+        s.push('}');
+        s
+    }
+
+    pub fn member(&self, i: usize) -> &EtcdServer {
+        &self.members[i]
+    }
+
+    pub fn member_mut(&mut self, i: usize) -> &mut EtcdServer {
+        &mut self.members[i]
+    }
+
+    /// SIGKILL member `i` (its data dir stays for [`restart`](Self::restart)).
+    pub fn kill(&mut self, i: usize) {
+        self.members[i].kill();
+    }
+
+    /// Starts member `i` again on its ports and data dir and waits until it
+    /// is healthy, which needs a quorum of the cluster running; to bring back
+    /// several members, use [`restart_no_wait`](Self::restart_no_wait) on each
+    /// and then [`wait_all_healthy`](Self::wait_all_healthy).
+    pub fn restart(&mut self, i: usize) {
+        self.members[i].restart();
+    }
+
+    /// Starts member `i` again (killing it first if running) without waiting.
+    pub fn restart_no_wait(&mut self, i: usize) {
+        let m = &mut self.members[i];
+        m.kill();
+        if let Err(e) = m.spawn_only() {
+            panic!("restart member {i}: {e}\n{}", m.log_tail(4000));
+        }
+    }
+
+    /// SIGSTOP member `i`.
+    pub fn pause(&mut self, i: usize) {
+        self.members[i].pause();
+    }
+
+    /// SIGCONT member `i`.
+    pub fn resume(&mut self, i: usize) {
+        self.members[i].resume();
+    }
+
+    /// The index of the member that is leader now, as the first running,
+    /// unpaused member that answers `etcdctl endpoint status` reports it
+    /// (None if none answers or no leader is known).
+    pub fn leader_index(&mut self) -> Option<usize> {
+        let mut ids: Vec<Option<u64>> = vec![None; self.members.len()];
+        let mut leader = None;
+        for (m, id) in self.members.iter_mut().zip(ids.iter_mut()) {
+            if m.is_paused() || !m.is_running() {
+                continue;
+            }
+            if let Some((me, lead)) = m.member_and_leader() {
+                *id = Some(me);
+                if lead != 0 {
+                    leader.get_or_insert(lead);
+                }
+            }
+        }
+        let leader = leader?;
+        ids.iter().position(|id| *id == Some(leader))
+    }
+
+    /// Polls [`leader_index`](Self::leader_index) until a leader is known.
+    pub fn wait_leader(&mut self, timeout: Duration) -> Option<usize> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(i) = self.leader_index() {
+                return Some(i);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The tail of every member's log, labelled, for diagnostics.
+    pub fn logs(&self, max_bytes_each: usize) -> String {
+        self.members
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                format!(
+                    "--- member {i} ({}) ---\n{}",
+                    m.endpoint(),
+                    m.log_tail(max_bytes_each)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}

@@ -1,0 +1,126 @@
+//! Latency samples, their percentiles, and the rows of the report.
+
+use serde_json::{json, Value};
+
+/// Samples of one operation, in microseconds.
+#[derive(Debug, Clone, Default)]
+pub struct Series {
+    pub samples_us: Vec<f64>,
+}
+
+impl Series {
+    pub fn new(samples_us: Vec<f64>) -> Series {
+        Series { samples_us }
+    }
+
+    pub fn push(&mut self, us: f64) {
+        self.samples_us.push(us);
+    }
+
+    /// The `p`-th percentile (0..=100), nearest rank.
+    pub fn pct(&self, p: f64) -> f64 {
+        if self.samples_us.is_empty() {
+            return f64::NAN;
+        }
+        let mut v = self.samples_us.clone();
+        v.sort_by(|a, b| a.total_cmp(b));
+        let rank = ((p / 100.0) * v.len() as f64).ceil().max(1.0) as usize;
+        v[rank.min(v.len()) - 1]
+    }
+
+    pub fn p50(&self) -> f64 {
+        self.pct(50.0)
+    }
+
+    pub fn summary(&self) -> Value {
+        json!({
+            "n": self.samples_us.len(),
+            "p50_us": self.pct(50.0),
+            "p90_us": self.pct(90.0),
+            "p99_us": self.pct(99.0),
+            "max_us": self.pct(100.0),
+        })
+    }
+}
+
+/// One measured operation: ours, its floor (raw etcd-client), and NIXL's
+/// built-in exchange where it has an equivalent.
+#[derive(Debug, Clone)]
+pub struct Row {
+    /// "single" or "cluster3".
+    pub setup: String,
+    pub op: String,
+    pub ours: Series,
+    pub floor: Option<(String, Series)>,
+    pub nixl: Option<Series>,
+}
+
+impl Row {
+    pub fn new(setup: &str, op: &str, ours: Series) -> Row {
+        Row {
+            setup: setup.into(),
+            op: op.into(),
+            ours,
+            floor: None,
+            nixl: None,
+        }
+    }
+
+    pub fn floor(mut self, what: &str, s: Series) -> Row {
+        self.floor = Some((what.into(), s));
+        self
+    }
+
+    pub fn to_json(&self) -> Value {
+        json!({
+            "setup": self.setup,
+            "op": self.op,
+            "ours": self.ours.summary(),
+            "ours_samples_us": self.ours.samples_us,
+            "floor_op": self.floor.as_ref().map(|f| f.0.clone()),
+            "floor": self.floor.as_ref().map(|f| f.1.summary()),
+            "floor_samples_us": self.floor.as_ref().map(|f| f.1.samples_us.clone()),
+            "ratio_p50": self.floor.as_ref().map(|f| self.ours.p50() / f.1.p50()),
+            "nixl_builtin": self.nixl.as_ref().map(Series::summary),
+            "nixl_samples_us": self.nixl.as_ref().map(|s| s.samples_us.clone()),
+        })
+    }
+}
+
+/// Fleet start-up at one size.
+#[derive(Debug, Clone)]
+pub struct FleetRow {
+    /// Engines per side.
+    pub engines: usize,
+    /// Ranks per engine.
+    pub tp: usize,
+    /// Clients per side (engines x tp).
+    pub clients_per_side: usize,
+    /// From the start signal until every decode rank has every target rank.
+    pub all_discovered_s: f64,
+    /// etcd requests (RPCs and stream messages sent) per client, mean.
+    pub requests_per_client: f64,
+    /// Resident memory added per client, bytes.
+    pub rss_per_client_bytes: f64,
+}
+
+impl FleetRow {
+    pub fn to_json(&self) -> Value {
+        json!({
+            "engines_per_side": self.engines,
+            "tp": self.tp,
+            "clients_per_side": self.clients_per_side,
+            "all_discovered_s": self.all_discovered_s,
+            "requests_per_client": self.requests_per_client,
+            "rss_per_client_bytes": self.rss_per_client_bytes,
+        })
+    }
+}
+
+/// Operation names shared by the parts of the benchmark.
+pub const OP_REGISTER: &str = "register 8 KiB (lease-bound put)";
+pub const OP_COLD_LOOKUP: &str = "cold lookup 8 KiB (not cached)";
+pub const OP_WARM_LOOKUP: &str = "warm lookup 8 KiB (cached)";
+pub const OP_DISCOVERY: &str = "discovery: register -> blocked wait returns";
+pub const OP_INVAL_UNREGISTER: &str = "invalidation: unregister -> REMOVED event";
+pub const OP_INVAL_CLOSE: &str = "invalidation: close -> REMOVED event";
