@@ -414,3 +414,44 @@ fn lookup_record_returns_every_field() {
     prefill.close().unwrap();
     decode.close().unwrap();
 }
+
+#[test]
+fn a_client_following_many_engines_follows_only_the_ranks_it_reads() {
+    use nixl_etcd::{Client, Config};
+    let etcd = EtcdServer::start();
+    let ns = unique_namespace("many");
+    let cfg = Config::from_sources(|_| None, Some(&etcd.options_json(&ns, ""))).unwrap();
+    let prefill = Client::open(cfg.clone()).unwrap();
+    let decode = Client::open(cfg).unwrap();
+    let before = decode.requests_issued();
+    for e in 0..8u32 {
+        for r in 0..4u32 {
+            prefill
+                .register(&format!("p{e}"), r, &blob(e * 10 + r, 256))
+                .unwrap();
+        }
+    }
+    // A decode rank reads rank 1 of every engine.
+    for e in 0..8u32 {
+        let got = decode
+            .wait(&format!("p{e}"), 1, Some(Duration::from_secs(10)))
+            .unwrap();
+        assert_eq!(&*got.metadata, &blob(e * 10 + 1, 256)[..]);
+    }
+    // Four engines followed whole (a list and a watch each), four single
+    // ranks (a get and a watch each): requests do not depend on how many
+    // ranks the engines have.
+    let used = decode.requests_issued() - before;
+    assert!(used <= 16 + 4, "{used} requests");
+    // A followed single rank stays current, and is served from the cache.
+    prefill.register("p7", 1, b"updated").unwrap();
+    assert!(wait_until(Duration::from_secs(5), || decode
+        .lookup("p7", 1)
+        .is_ok_and(|f| &*f.metadata == b"updated")));
+    prefill.unregister("p6", 1).unwrap();
+    assert!(wait_until(Duration::from_secs(5), || decode
+        .lookup("p6", 1)
+        .is_err_and(|e| e.status == nixl_etcd::Status::ErrNotFound)));
+    prefill.close().unwrap();
+    decode.close().unwrap();
+}
