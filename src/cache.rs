@@ -68,9 +68,7 @@ impl State {
 }
 
 pub(crate) struct Informer {
-    /// The prefix it lists and watches, or the one key when `exact`.
     prefix: String,
-    exact: bool,
     state: RwLock<State>,
     /// Listed at least once: absence in `entries` then means "not registered
     /// as of the last list or event".
@@ -94,11 +92,7 @@ impl Informer {
     }
 
     pub fn covers(&self, key: &str) -> bool {
-        if self.exact {
-            key == self.prefix
-        } else {
-            key.starts_with(&self.prefix)
-        }
+        key.starts_with(&self.prefix)
     }
 
     pub fn listed(&self) -> bool {
@@ -263,20 +257,8 @@ fn change(old: Option<&Slot>, new: &Slot) -> Option<Event> {
     }
 }
 
-/// Engines a client follows whole (every rank) before it follows single
-/// ranks only.
+/// Engines a client follows one by one before it follows the whole namespace.
 const MAX_ENGINE_INFORMERS: usize = 4;
-
-/// What an informer follows.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum Scope<'a> {
-    /// Every engine (a subscription to all engines).
-    Namespace,
-    /// Every rank of one engine (a subscription, a whole-engine wait).
-    Engine(&'a str),
-    /// One rank (a lookup or a wait).
-    Rank(&'a str, u32),
-}
 
 /// The informers of one client, created on first interest.
 pub(crate) struct Cache {
@@ -293,45 +275,46 @@ impl Cache {
         }
     }
 
-    /// The informer for `scope`: an existing one that covers it, else a new
-    /// one. A rank asked about is followed through its engine's informer
-    /// while the client follows few engines, and through a one-key informer
-    /// beyond that (a decode rank reading one rank of each of many prefill
-    /// engines): what a client receives then grows with what it reads, not
-    /// with the fleet.
+    /// The informer that covers `engine` (`None`: the whole namespace):
+    /// an existing namespace-wide one, else the engine's own, started now.
     pub fn informer(
         &self,
-        scope: Scope<'_>,
+        engine: Option<&str>,
         cfg: &Config,
         etcd: &etcd_client::Client,
         hub: &Arc<Hub>,
+        exact: bool,
     ) -> Arc<Informer> {
-        let ns = format!("{}/", cfg.namespace);
-        let mut all = self.informers.lock().unwrap_or_else(|e| e.into_inner());
-        let (prefix, exact) = match scope {
-            Scope::Namespace => (ns, false),
-            Scope::Engine(e) => (keys::engine_prefix(&cfg.namespace, e), false),
-            Scope::Rank(e, r) => {
-                let engine = keys::engine_prefix(&cfg.namespace, e);
-                let key = keys::rank_key(&cfg.namespace, e, r);
-                if let Some(inf) = [&engine, &ns, &key].iter().find_map(|k| all.get(*k)) {
-                    return inf.clone();
-                }
-                let engines = all.values().filter(|i| !i.exact && i.prefix != ns).count();
-                if engines < MAX_ENGINE_INFORMERS {
-                    (engine, false)
-                } else {
-                    (key, true)
-                }
-            }
+        let ns_prefix = format!("{}/", cfg.namespace);
+        let prefix = match engine {
+            Some(e) => keys::engine_prefix(&cfg.namespace, e),
+            None => ns_prefix.clone(),
         };
+        let mut all = self.informers.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(inf) = all.get(&prefix) {
             return inf.clone();
         }
+        if !exact {
+            if let Some(inf) = all.get(&ns_prefix) {
+                return inf.clone();
+            }
+        }
+        // A client that follows many engines (a decode rank reading from a
+        // fleet of prefills) watches the whole namespace instead: one list
+        // and one watch, however large the fleet.
+        let prefix = if !exact && engine.is_some() && all.len() >= MAX_ENGINE_INFORMERS {
+            log::debug!(
+                "following more than {MAX_ENGINE_INFORMERS} engines: caching the whole \
+                 namespace {}",
+                cfg.namespace
+            );
+            ns_prefix
+        } else {
+            prefix
+        };
         let (changes, _) = watch::channel(0);
         let inf = Arc::new(Informer {
             prefix: prefix.clone(),
-            exact,
             state: RwLock::new(State::default()),
             listed: AtomicBool::new(false),
             changes,
@@ -350,17 +333,14 @@ impl Cache {
         inf
     }
 
-    /// The cached slot of (`engine`, `rank`), if an informer covering it
-    /// exists and holds it. Runs on any thread, without the runtime.
+    /// The cached slot of (`engine`, `rank`), if an informer covering the
+    /// engine exists and holds it. Runs on any thread, without the runtime.
     pub fn cached(&self, cfg: &Config, engine: &str, rank: u32) -> Option<Slot> {
         let all = self.informers.lock().unwrap_or_else(|e| e.into_inner());
-        let inf = [
-            keys::engine_prefix(&cfg.namespace, engine),
-            format!("{}/", cfg.namespace),
-            keys::rank_key(&cfg.namespace, engine, rank),
-        ]
-        .iter()
-        .find_map(|k| all.get(k).cloned())?;
+        let inf = all
+            .get(&keys::engine_prefix(&cfg.namespace, engine))
+            .or_else(|| all.get(&format!("{}/", cfg.namespace)))?
+            .clone();
         drop(all);
         inf.get(&(engine.to_owned(), rank))
     }
@@ -456,7 +436,6 @@ fn prefix_end(prefix: &str) -> Vec<u8> {
 async fn list_prefix(
     etcd: &etcd_client::Client,
     prefix: &str,
-    exact: bool,
     namespace: &str,
     cfg: &Config,
     requests: &AtomicU64,
@@ -464,14 +443,7 @@ async fn list_prefix(
     let mut kv = etcd
         .kv_client()
         .max_decoding_message_size(MAX_RESPONSE_BYTES);
-    // One key: its end is the key followed by a NUL byte.
-    let end = if exact {
-        let mut e = prefix.as_bytes().to_vec();
-        e.push(0);
-        e
-    } else {
-        prefix_end(prefix)
-    };
+    let end = prefix_end(prefix);
     let mut from = prefix.as_bytes().to_vec();
     let mut revision = 0;
     let mut page = LIST_PAGE;
@@ -522,7 +494,7 @@ async fn list_then_watch(
 ) -> Result<()> {
     let namespace = cfg.namespace.as_str();
     let map = |e| etcd_error::map(e, Op::Lookup, cfg);
-    let listing = list_prefix(etcd, &inf.prefix, inf.exact, namespace, cfg, requests);
+    let listing = list_prefix(etcd, &inf.prefix, namespace, cfg, requests);
     let (fresh, revision) = tokio::time::timeout(cfg.timeout, listing)
         .await
         .map_err(|_| etcd_error::timed_out(Op::Lookup, cfg.timeout, &cfg.endpoints.join(",")))
@@ -540,10 +512,9 @@ async fn list_then_watch(
         *stale = false;
     }
     requests.fetch_add(1, Ordering::Relaxed);
-    let mut opts = WatchOptions::new().with_start_revision(revision + 1);
-    if !inf.exact {
-        opts = opts.with_prefix();
-    }
+    let opts = WatchOptions::new()
+        .with_prefix()
+        .with_start_revision(revision + 1);
     let mut stream = etcd
         .watch_client()
         .max_decoding_message_size(MAX_RESPONSE_BYTES)

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use etcd_client::ConnectOptions;
 use tokio::sync::{watch, Mutex};
 
-use crate::cache::{Cache, Entry, Informer, Scope};
+use crate::cache::{Cache, Entry, Informer};
 use crate::config::Config;
 use crate::error::{Error, Result, Status};
 use crate::etcd_error::{self, Op};
@@ -333,7 +333,7 @@ impl Client {
         let found = self.call(Op::Lookup, cfg.timeout, async move {
             // A cache hit costs no round trip. A miss asks etcd: the cache may
             // lag a registration that another client just made.
-            let informer = inner.informer(Scope::Rank(&id, rank));
+            let informer = inner.informer(Some(&id));
             let wanted = (id.clone(), rank);
             if let Some(hit) = informer.get(&wanted) {
                 return hit;
@@ -371,8 +371,8 @@ impl Client {
         let inner = self.inner.clone();
         let id = engine_id.to_owned();
         let waiting = async move {
-            // The informer lists, then watches: no polling.
-            let informer = inner.informer(Scope::Rank(&id, rank));
+            // The informer lists the engine, then watches it: no polling.
+            let informer = inner.informer(Some(&id));
             let wanted = (id.clone(), rank);
             wait_for(&informer, || informer.get(&wanted)).await
         };
@@ -407,11 +407,9 @@ impl Client {
         let inner = self.inner.clone();
         let engine = engine_id.map(str::to_owned);
         let informer = self.call(Op::Lookup, self.inner.cfg.timeout, async move {
-            let scope = match engine.as_deref() {
-                Some(e) => Scope::Engine(e),
-                None => Scope::Namespace,
-            };
-            Ok(inner.informer(scope))
+            Ok(inner
+                .cache
+                .informer(engine.as_deref(), &inner.cfg, &inner.etcd, &inner.hub, true))
         })?;
         informer
             .subscribe(&self.inner.hub, engine_id.map(str::to_owned), callback)
@@ -445,7 +443,7 @@ impl Client {
         let last_seen = Arc::new(StdMutex::new(EngineState::default()));
         let seen = last_seen.clone();
         let waiting = async move {
-            let informer = inner.informer(Scope::Engine(&id));
+            let informer = inner.informer(Some(&id));
             wait_for(&informer, || {
                 let state = informer.with_engine(&id, EngineState::of);
                 let done = state.complete();
@@ -832,9 +830,10 @@ impl Inner {
         &self.etcd
     }
 
-    /// The informer following `scope`, started on first use. Must run on
-    /// the runtime.
-    fn informer(self: &Arc<Self>, scope: Scope<'_>) -> Arc<Informer> {
-        self.cache.informer(scope, &self.cfg, &self.etcd, &self.hub)
+    /// The informer covering `engine` (`None`: the whole namespace), started
+    /// on first use. Must run on the runtime.
+    fn informer(self: &Arc<Self>, engine: Option<&str>) -> Arc<Informer> {
+        self.cache
+            .informer(engine, &self.cfg, &self.etcd, &self.hub, false)
     }
 }
