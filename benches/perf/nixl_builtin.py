@@ -46,13 +46,15 @@ import uuid
 
 # Sleep between two polls of check_remote_metadata.
 POLL_S = 0.0002
-# Least time between the waiter's fetch and the publish, so that the fetch is
-# parked in an etcd watch that etcd has caught up when the blob arrives, as
-# for an engine that has been waiting. NIXL starts that watch at its get's
-# revision, which etcd treats as a past revision and catches up only on its
-# 100 ms sync loop; a publish within that window waits for the loop
-# (measured here: median 36 ms with a 50 ms pause, 4 ms with 150 ms).
-PRE_SEND_WAIT_S = float(os.environ.get("NIXL_BUILTIN_PRE_SEND_WAIT_S", "0.15"))
+# Time between the waiter's fetch and the publish: 10 ms, the same scenario as
+# nixl-etcd's discovery row (a waiter already blocked when the prefill
+# publishes, as when a decode engine waits for a prefill that is starting).
+# NIXL starts its watch at its get's revision, which etcd treats as a past
+# revision and catches up only on its 100 ms sync loop; a publish within that
+# window waits for the loop (measured here: median 36 ms with a 50 ms pause,
+# 4 ms with 150 ms). Set NIXL_BUILTIN_PRE_SEND_WAIT_S=0.15 for NIXL's most
+# favourable case.
+PRE_SEND_WAIT_S = float(os.environ.get("NIXL_BUILTIN_PRE_SEND_WAIT_S", "0.01"))
 # Longest wait for a publish to become visible (NIXL's fetch itself gives up
 # after its 5 s watch timeout).
 VISIBLE_TIMEOUT_S = 6.0
