@@ -4,7 +4,7 @@
 //! unreachable the last known records keep being served.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -78,6 +78,9 @@ pub(crate) struct Informer {
     /// Why the last list failed, until one succeeds (for readers waiting on
     /// the first list).
     list_error: Mutex<Option<Error>>,
+    /// The highest revision read from etcd by a list or a watch event (not
+    /// this client's own writes), to notice etcd's history going back.
+    seen: AtomicI64,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
@@ -158,8 +161,28 @@ impl Informer {
     fn reconcile(&self, mut fresh: HashMap<RankId, Slot>, revision: i64, hub: &Hub) {
         let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
         let state = &mut *state;
+        // A list is taken after every event this informer read, so its
+        // revision is never below theirs, unless etcd's history went back:
+        // etcd was wiped (a new cluster counts from 1 again) or restored
+        // from an older backup. Fault found by `tests/faults.rs`: the old
+        // records' higher revisions made them look newer than the new
+        // cluster's, so caches kept serving pre-wipe values, and ignored the
+        // new puts and deletes, until the new revisions caught up. Then the
+        // list is the whole truth: nothing local is taken for newer (the
+        // differences are still emitted as events).
+        let seen = self.seen.fetch_max(revision, Ordering::AcqRel);
+        let history_reset = revision < seen;
+        if history_reset {
+            log::warn!(
+                "etcd's revision went back from {seen} to {revision} (etcd wiped or restored); \
+                 the cache of {} starts over from etcd's records",
+                self.prefix
+            );
+            self.seen.store(revision, Ordering::Release);
+            state.tombstones.clear();
+        }
         for (id, slot) in &state.entries {
-            if matches!(slot, Ok(e) if e.revision > revision) {
+            if !history_reset && matches!(slot, Ok(e) if e.revision > revision) {
                 fresh.insert(id.clone(), slot.clone());
             }
         }
@@ -319,6 +342,7 @@ impl Cache {
             listed: AtomicBool::new(false),
             changes,
             list_error: Mutex::new(None),
+            seen: AtomicI64::new(0),
             task: Mutex::new(None),
         });
         let task = tokio::spawn(run(
@@ -440,7 +464,7 @@ async fn list_prefix(
     cfg: &Config,
     requests: &AtomicU64,
 ) -> Result<(HashMap<RankId, Slot>, i64)> {
-    let mut kv = etcd
+    let kv = etcd
         .kv_client()
         .max_decoding_message_size(MAX_RESPONSE_BYTES);
     let end = prefix_end(prefix);
@@ -449,12 +473,18 @@ async fn list_prefix(
     let mut page = LIST_PAGE;
     let mut fresh = HashMap::new();
     loop {
-        requests.fetch_add(1, Ordering::Relaxed);
         let mut opts = GetOptions::new().with_range(end.clone()).with_limit(page);
         if revision > 0 {
             opts = opts.with_revision(revision);
         }
-        let resp = match kv.get(from.clone(), Some(opts)).await {
+        // A member that is down is skipped (see `retry_transient`).
+        let attempt = || {
+            requests.fetch_add(1, Ordering::Relaxed);
+            let mut kv = kv.clone();
+            let (from, opts) = (from.clone(), opts.clone());
+            async move { kv.get(from, Some(opts)).await }
+        };
+        let resp = match etcd_error::retry_transient(cfg, attempt).await {
             // A page too large to receive: ask for half as many records.
             Err(etcd_client::Error::GRpcStatus(s))
                 if s.code() == tonic::Code::OutOfRange && page > 1 =>
@@ -515,12 +545,16 @@ async fn list_then_watch(
     let opts = WatchOptions::new()
         .with_prefix()
         .with_start_revision(revision + 1);
-    let mut stream = etcd
-        .watch_client()
-        .max_decoding_message_size(MAX_RESPONSE_BYTES)
-        .watch(inf.prefix.as_bytes(), Some(opts))
-        .await
-        .map_err(map)?;
+    let prefix = inf.prefix.as_bytes();
+    let mut stream = etcd_error::retry_transient(cfg, || {
+        let mut watch = etcd
+            .watch_client()
+            .max_decoding_message_size(MAX_RESPONSE_BYTES);
+        let opts = opts.clone();
+        async move { watch.watch(prefix, Some(opts)).await }
+    })
+    .await
+    .map_err(map)?;
     loop {
         let Some(msg) = stream.message().await.map_err(map)? else {
             return Err(Error::new(Status::ErrConnection, "the watch stream ended"));
@@ -536,6 +570,7 @@ async fn list_then_watch(
         }
         for ev in msg.events() {
             let Some(kv) = ev.kv() else { continue };
+            inf.seen.fetch_max(kv.mod_revision(), Ordering::AcqRel);
             match ev.event_type() {
                 EventType::Put => {
                     if let Some((id, slot)) = Entry::decode(namespace, kv) {

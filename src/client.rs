@@ -98,11 +98,14 @@ impl Client {
             let etcd = etcd_client::Client::connect(&cfg.endpoints, Some(opts))
                 .await
                 .map_err(|e| etcd_error::map(e, Op::Connect, &cfg))?;
-            let granted = etcd
-                .lease_client()
-                .grant(cfg.lease_ttl_s, None)
-                .await
-                .map_err(|e| etcd_error::map(e, Op::Connect, &cfg))?;
+            // The first request: a member that is down is skipped (retried).
+            let ttl = cfg.lease_ttl_s;
+            let granted = etcd_error::retry_transient(&cfg, || {
+                let mut leases = etcd.lease_client();
+                async move { leases.grant(ttl, None).await }
+            })
+            .await
+            .map_err(|e| etcd_error::map(e, Op::Connect, &cfg))?;
             Ok::<_, Error>((etcd, granted.id(), granted.ttl()))
         };
         let (etcd, lease_id, ttl) = match tokio::time::timeout(timeout, connect).await {
@@ -298,12 +301,13 @@ impl Client {
                     ),
                 ));
             }
-            let resp = inner
-                .etcd()
-                .kv_client()
-                .delete(key.as_bytes(), None)
-                .await
-                .map_err(|e| etcd_error::map(e, Op::Unregister, &inner.cfg))?;
+            let k = key.as_bytes();
+            let resp = etcd_error::retry_transient(&inner.cfg, || {
+                let mut kv = inner.etcd().kv_client();
+                async move { kv.delete(k, None).await }
+            })
+            .await
+            .map_err(|e| etcd_error::map(e, Op::Unregister, &inner.cfg))?;
             st.registrations.remove(&key);
             let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
             inner
@@ -593,12 +597,14 @@ impl Client {
             }
             // One delete-range: the marker and every label go at one revision.
             let opts = etcd_client::DeleteOptions::new().with_prefix();
-            inner
-                .etcd()
-                .kv_client()
-                .delete(prefix.as_bytes(), Some(opts))
-                .await
-                .map_err(|e| etcd_error::map(e, Op::UnpublishNixl, &inner.cfg))?;
+            let p = prefix.as_bytes();
+            etcd_error::retry_transient(&inner.cfg, || {
+                let mut kv = inner.etcd().kv_client();
+                let opts = opts.clone();
+                async move { kv.delete(p, Some(opts)).await }
+            })
+            .await
+            .map_err(|e| etcd_error::map(e, Op::UnpublishNixl, &inner.cfg))?;
             st.registrations.retain(|k, _| !k.starts_with(&prefix));
             Ok(())
         })?;
@@ -634,7 +640,11 @@ impl Client {
                 let mut st = inner.state.lock().await;
                 st.registrations.clear();
                 let id = st.lease_id;
-                match inner.etcd().lease_client().revoke(id).await {
+                let revoke = || {
+                    let mut leases = inner.etcd().lease_client();
+                    async move { leases.revoke(id).await }
+                };
+                match etcd_error::retry_transient(&inner.cfg, revoke).await {
                     // Already gone (expired, or etcd was wiped): nothing is
                     // attached to it any more.
                     Err(e) if etcd_error::is_lease_not_found(&e) => Ok(id),
@@ -748,12 +758,12 @@ fn not_found(cfg: &Config, engine_id: &str, rank: u32, key: &str) -> Error {
 
 /// Reads one rank's record from etcd.
 async fn get_record(inner: &Inner, key: &str) -> Result<Option<Found>> {
-    let resp = inner
-        .etcd()
-        .kv_client()
-        .get(key.as_bytes(), None)
-        .await
-        .map_err(|e| etcd_error::map(e, Op::Lookup, &inner.cfg))?;
+    let resp = etcd_error::retry_transient(&inner.cfg, || {
+        let mut kv = inner.etcd().kv_client();
+        async move { kv.get(key, None).await }
+    })
+    .await
+    .map_err(|e| etcd_error::map(e, Op::Lookup, &inner.cfg))?;
     let Some(kv) = resp.kvs().first() else {
         return Ok(None);
     };
@@ -768,12 +778,12 @@ async fn get_record(inner: &Inner, key: &str) -> Result<Option<Found>> {
 /// an absent key is a `TIMEOUT` at once.
 async fn fetch_raw(inner: &Inner, key: &str, wait: bool) -> Result<Vec<u8>> {
     let map = |e: etcd_client::Error| etcd_error::map(e, Op::FetchNixl, &inner.cfg);
-    let resp = inner
-        .etcd()
-        .kv_client()
-        .get(key.as_bytes(), None)
-        .await
-        .map_err(map)?;
+    let resp = etcd_error::retry_transient(&inner.cfg, || {
+        let mut kv = inner.etcd().kv_client();
+        async move { kv.get(key, None).await }
+    })
+    .await
+    .map_err(map)?;
     if let Some(kv) = resp.kvs().first() {
         return Ok(kv.value().to_vec());
     }
@@ -782,12 +792,13 @@ async fn fetch_raw(inner: &Inner, key: &str, wait: bool) -> Result<Vec<u8>> {
     }
     let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
     let opts = etcd_client::WatchOptions::new().with_start_revision(revision + 1);
-    let mut stream = inner
-        .etcd()
-        .watch_client()
-        .watch(key.as_bytes(), Some(opts))
-        .await
-        .map_err(map)?;
+    let mut stream = etcd_error::retry_transient(&inner.cfg, || {
+        let mut watch = inner.etcd().watch_client();
+        let opts = opts.clone();
+        async move { watch.watch(key, Some(opts)).await }
+    })
+    .await
+    .map_err(map)?;
     loop {
         let Some(msg) = stream.message().await.map_err(map)? else {
             return Err(Error::new(

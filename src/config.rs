@@ -222,7 +222,12 @@ fn wrong_type(key: &str, want: &str, got: &Value) -> Error {
 
 fn parse_timeout(v: Option<f64>, what: &str, raw: &str) -> Result<Duration> {
     match v {
-        Some(s) if s > 0.0 && s <= MAX_TIMEOUT_S => Ok(Duration::from_secs_f64(s)),
+        // A value so small that it rounds to zero nanoseconds (found by
+        // `tests/fuzz_decoders.rs`: 3.2e-52) would time every call out at
+        // once, as 0 would: refused like 0.
+        Some(s) if s > 0.0 && s <= MAX_TIMEOUT_S && !Duration::from_secs_f64(s).is_zero() => {
+            Ok(Duration::from_secs_f64(s))
+        }
         _ => Err(Error::invalid(format!(
             "{what}={raw} is not a timeout; give a number of seconds above 0 and at most \
              {MAX_TIMEOUT_S}"

@@ -74,6 +74,96 @@ pub fn is_lease_not_found(e: &EtcdError) -> bool {
     }
 }
 
+/// A failure that another attempt may not see: the member the request went
+/// to is down or restarting (connection refused or reset), or has no leader
+/// right now (etcd answers `Unavailable`: "no leader", "leader changed").
+pub fn is_transient(e: &EtcdError) -> bool {
+    match e {
+        EtcdError::TransportError(_) | EtcdError::IoError(_) => true,
+        EtcdError::GRpcStatus(s) => match s.code() {
+            Code::Unavailable => true,
+            // A connection that broke under the request ("connection reset",
+            // "broken pipe") is reported with one of these codes and the
+            // transport's error as its source; a status that etcd itself
+            // sent has no source, and is not retried.
+            Code::Unknown | Code::Internal | Code::Cancelled | Code::Aborted => {
+                std::error::Error::source(s).is_some()
+            }
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
+/// The connection to the member could not be opened: the request was never
+/// sent.
+fn is_refused(e: &EtcdError) -> bool {
+    let mut src: Option<&(dyn std::error::Error + 'static)> = match e {
+        EtcdError::GRpcStatus(s) => std::error::Error::source(s),
+        other => std::error::Error::source(other),
+    };
+    while let Some(s) = src {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::ConnectionRefused {
+                return true;
+            }
+        }
+        src = s.source();
+    }
+    false
+}
+
+/// Runs `attempt` until it succeeds or fails for a reason other than
+/// [`is_transient`], for at most `cfg.timeout` (then the last error is
+/// returned; callers also bound the whole call with their own timeout).
+///
+/// Fault found by `tests/faults.rs`: the client's channel balances over every
+/// endpoint and keeps a dead member in its set (each request sent there fails
+/// at once with "connection refused"), so while one member of a 3-member
+/// cluster was down about a third of the calls failed although the other
+/// two served. Each attempt is balanced afresh, so another attempt usually
+/// reaches a live member:
+/// * a refused connection (nothing was sent) is tried again at once, up to
+///   four times per endpoint, so a fully unreachable etcd still fails fast
+///   with "Connection refused";
+/// * other transient failures (no leader during an election, a connection
+///   reset under the request) are tried again after a pause that starts at
+///   2 ms and doubles up to 200 ms, until the budget is spent.
+///
+/// Every caller sends requests that are safe to send twice: reads, puts of
+/// the same value under the same lease, deletes, lease grants (an extra
+/// lease expires unused) and revokes.
+pub async fn retry_transient<T, F, Fut>(cfg: &Config, mut attempt: F) -> Result<T, EtcdError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, EtcdError>>,
+{
+    let deadline = tokio::time::Instant::now() + cfg.timeout;
+    let mut refusals_left = 4 * cfg.endpoints.len().max(1);
+    let mut pause = Duration::from_millis(2);
+    loop {
+        let e = match attempt().await {
+            Err(e) if is_transient(&e) => e,
+            other => return other,
+        };
+        let wait = if is_refused(&e) && refusals_left > 1 {
+            refusals_left -= 1;
+            Duration::ZERO
+        } else if is_refused(&e) {
+            return Err(e);
+        } else {
+            let p = pause;
+            pause = (pause * 2).min(Duration::from_millis(200));
+            p
+        };
+        if tokio::time::Instant::now() + wait >= deadline {
+            return Err(e);
+        }
+        log::debug!("etcd request failed ({}); retrying in {wait:?}", cause(&e));
+        tokio::time::sleep(wait).await;
+    }
+}
+
 pub fn map(e: EtcdError, op: Op, cfg: &Config) -> Error {
     log::trace!("etcd {} error: {e:?}", op.name());
     let endpoints = cfg.endpoints.join(",");

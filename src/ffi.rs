@@ -105,7 +105,8 @@ pub struct nixl_etcd_record {
     pub metadata: nixl_etcd_buffer,
 }
 
-static CLIENTS: Mutex<Option<HashMap<usize, Arc<Client>>>> = Mutex::new(None);
+/// The open handles. Also taken across `fork` (see `runtime::guard_fork`).
+pub(crate) static CLIENTS: Mutex<Option<HashMap<usize, Arc<Client>>>> = Mutex::new(None);
 static NEXT_HANDLE: AtomicU64 = AtomicU64::new(1);
 
 thread_local! {

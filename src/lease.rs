@@ -33,8 +33,17 @@ pub(crate) async fn put_attached(
 }
 
 /// Writes `kvs` under `lease_id`: one put, or one transaction of puts;
-/// returns the write's revision.
+/// returns the write's revision. Sent again on a transient failure (a dead
+/// member, no leader): the same values under the same lease.
 async fn put_values(
+    inner: &Inner,
+    lease_id: i64,
+    kvs: &[(String, Vec<u8>)],
+) -> std::result::Result<i64, etcd_client::Error> {
+    etcd_error::retry_transient(&inner.cfg, || put_values_once(inner, lease_id, kvs)).await
+}
+
+async fn put_values_once(
     inner: &Inner,
     lease_id: i64,
     kvs: &[(String, Vec<u8>)],
@@ -68,12 +77,13 @@ async fn put_values(
 
 /// Grants a new lease and re-writes every registration under it.
 pub(crate) async fn regrant(inner: &Inner, st: &mut LeaseState, why: &str) -> Result<()> {
-    let granted = inner
-        .etcd()
-        .lease_client()
-        .grant(inner.cfg.lease_ttl_s, None)
-        .await
-        .map_err(|e| etcd_error::map(e, Op::KeepAlive, &inner.cfg))?;
+    let ttl = inner.cfg.lease_ttl_s;
+    let granted = etcd_error::retry_transient(&inner.cfg, || {
+        let mut leases = inner.etcd().lease_client();
+        async move { leases.grant(ttl, None).await }
+    })
+    .await
+    .map_err(|e| etcd_error::map(e, Op::KeepAlive, &inner.cfg))?;
     let old = st.lease_id;
     // In reverse key order: a key sorts after every prefix of it, so each
     // NIXL agent's labels are back before its marker `{ns}/{agent}/` (a peer

@@ -3,6 +3,13 @@
 
 use crate::error::{Error, Result};
 
+/// Largest tensor-parallel size accepted (the limit of the `world_size`
+/// option). Fault found by `tests/hostile_input.rs`: without it,
+/// `target_ranks(1, 0, u32::MAX)` built a list of 4,294,967,295 ranks (16
+/// GiB) before `nixl_etcd_target_ranks` could compare it with `cap`, and the
+/// process aborted on the failed allocation (or ran out of memory).
+pub const MAX_TP: u32 = 65_536;
+
 /// The remote ranks local rank `local_rank` of a `local_tp`-way engine reads
 /// from, when the remote engine is `remote_tp`-way.
 ///
@@ -13,9 +20,9 @@ use crate::error::{Error, Result};
 ///
 /// The larger size must be a multiple of the smaller.
 pub fn target_ranks(local_tp: u32, local_rank: u32, remote_tp: u32) -> Result<Vec<u32>> {
-    if local_tp == 0 || remote_tp == 0 {
+    if local_tp == 0 || remote_tp == 0 || local_tp > MAX_TP || remote_tp > MAX_TP {
         return Err(Error::invalid(format!(
-            "tensor-parallel sizes must be at least 1 (local_tp={local_tp}, \
+            "tensor-parallel sizes must be at least 1 and at most {MAX_TP} (local_tp={local_tp}, \
              remote_tp={remote_tp})"
         )));
     }
