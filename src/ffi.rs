@@ -171,6 +171,11 @@ unsafe fn str_arg<'a>(p: *const c_char, name: &str) -> Result<&'a str> {
         .map_err(|e| Error::invalid(format!("{name} is not valid UTF-8: {e}")))
 }
 
+/// A C timeout: < 0 means "the client's configured timeout".
+fn timeout_arg(timeout_ms: i64) -> Option<Duration> {
+    u64::try_from(timeout_ms).ok().map(Duration::from_millis)
+}
+
 /// # Safety
 /// `data` is NULL or valid for `len` bytes.
 unsafe fn bytes_arg<'a>(data: *const u8, len: usize, name: &str) -> Result<&'a [u8]> {
@@ -361,7 +366,7 @@ pub unsafe extern "C" fn nixl_etcd_wait(
         let out = out_buffer(out)?;
         let client = lookup_client(c)?;
         let engine_id = unsafe { str_arg(engine_id, "engine_id") }?;
-        let timeout = (timeout_ms >= 0).then(|| Duration::from_millis(timeout_ms as u64));
+        let timeout = timeout_arg(timeout_ms);
         fill(out, client.wait(engine_id, rank, timeout)?);
         Ok(())
     })
@@ -420,7 +425,7 @@ pub unsafe extern "C" fn nixl_etcd_fetch_nixl(
         let client = lookup_client(c)?;
         let agent_name = unsafe { str_arg(agent_name, "agent_name") }?;
         let label = unsafe { opt_str_arg(label, "label") }?;
-        let timeout = (timeout_ms >= 0).then(|| Duration::from_millis(timeout_ms as u64));
+        let timeout = timeout_arg(timeout_ms);
         fill_bytes(out, &client.fetch_nixl(agent_name, label, timeout)?);
         Ok(())
     })
@@ -632,7 +637,7 @@ pub unsafe extern "C" fn nixl_etcd_wait_engine(
     guard(|| {
         let client = lookup_client(c)?;
         let engine_id = unsafe { str_arg(engine_id, "engine_id") }?;
-        let timeout = (timeout_ms >= 0).then(|| Duration::from_millis(timeout_ms as u64));
+        let timeout = timeout_arg(timeout_ms);
         let size = client.wait_engine(engine_id, timeout)?;
         if let Some(out) = unsafe { world_size.as_mut() } {
             *out = size;
@@ -733,7 +738,7 @@ pub unsafe extern "C" fn nixl_etcd_load_remote_agent(
         if agent.is_null() {
             return Err(Error::invalid("agent is NULL"));
         }
-        let timeout = (timeout_ms >= 0).then(|| Duration::from_millis(timeout_ms as u64));
+        let timeout = timeout_arg(timeout_ms);
         let name =
             unsafe { client.load_remote_into_raw_agent(agent.cast(), engine_id, rank, timeout) }?;
         *out = c_text(&name).into_raw();

@@ -92,7 +92,7 @@ fn sleep(d: Duration) {
     std::thread::sleep(d)
 }
 
-/// 1. SIGKILL the leader; restart it; later SIGKILL a follower; restart it.
+/// Scenario 1: SIGKILL the leader; restart it; later SIGKILL a follower; restart it.
 /// The cluster keeps a quorum throughout: no client may go without a
 /// successful write for longer than its timeout, and nothing is lost.
 #[test]
@@ -229,7 +229,7 @@ fn bring_back_all(
     }
 }
 
-/// 2. The whole cluster killed and started again on the same data dirs:
+/// Scenario 2: The whole cluster killed and started again on the same data dirs:
 /// clients reconnect by themselves, leases survive (or are re-granted),
 /// every registration is back, and waits blocked across the outage return
 /// once what they wait for is registered.
@@ -324,7 +324,7 @@ fn slow_whole_cluster_restart_keeps_everything() {
     waiter.close().unwrap();
 }
 
-/// 3. etcd wiped: every member killed, its data deleted, a new empty cluster
+/// Scenario 3: etcd wiped: every member killed, its data deleted, a new empty cluster
 /// started on the same ports. Every client re-creates its registrations
 /// from its own state (new lease), and every cache drops what the old
 /// cluster held.
@@ -425,7 +425,7 @@ fn slow_wiped_cluster_gets_every_registration_back() {
     out.close_all();
 }
 
-/// 4. etcd hung: every member SIGSTOPped for twice the timeout. Every call
+/// Scenario 4: etcd hung: every member SIGSTOPped for twice the timeout. Every call
 /// returns within its bound plus a small slack (register and lookup: the
 /// client timeout; wait: its own timeout_ms), with TIMEOUT or CONNECTION
 /// when it fails; nothing hangs. After SIGCONT the same clients recover.
@@ -667,7 +667,7 @@ impl Drop for Prefill {
     }
 }
 
-/// 5. A registrant process SIGKILLed: its records vanish within TTL + 1 s
+/// Scenario 5: A registrant process SIGKILLed: its records vanish within TTL + 1 s
 /// (its lease expires), subscribers get REMOVED for each rank, a wait for a
 /// rank that is gone keeps waiting and returns when the rank comes back, and
 /// a wait already blocked on a rank that never exists is not disturbed.
@@ -825,7 +825,7 @@ fn under_valgrind() -> bool {
     std::env::var_os("NIXL_ETCD_UNDER_VALGRIND").is_some()
 }
 
-/// 6. `nixl_etcd_close` while 8 threads are blocked in waits and 4 more
+/// Scenario 6: `nixl_etcd_close` while 8 threads are blocked in waits and 4 more
 /// call the client in a loop: every wait returns CLOSED promptly, the racing
 /// calls end with CLOSED, and every export on the stale handle then returns
 /// CLOSED (never touching freed memory: also run under valgrind by

@@ -394,7 +394,7 @@ fn null_for_every_pointer_of_every_export() {
     let cases = {
         let mut cases = cases;
         let mut name: *mut c_char = null_mut();
-        let agent = 0x1 as *mut c_void; // never dereferenced: earlier checks fail
+        let agent = std::ptr::dangling_mut::<c_void>(); // never dereferenced: earlier checks fail
         unsafe {
             cases.extend([
                 case(

@@ -1,5 +1,5 @@
-//! 7. Many threads on shared clients, with forks in the middle: 64 threads x
-//! 1,000 mixed calls through the C ABI on 4 clients of a 3-member cluster,
+//! Scenario 7: many threads on shared clients, with forks in the middle: 64
+//! threads x 1,000 mixed calls through the C ABI on 4 clients of a 3-member cluster,
 //! while the main thread forks three times; each child (holding only the
 //! forking thread, and whatever locks the others held at that instant) must
 //! see its inherited handle CLOSED, open its own client and work, then exit.
@@ -37,6 +37,14 @@ const CHILD_LIMIT: Duration = Duration::from_secs(30);
 
 /// The tests of this file one at a time: one measures fds and RSS.
 static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Failures by (call, status), their messages, and each child's (exit code,
+/// time to exit).
+type StormResult = (
+    BTreeMap<(&'static str, i32), usize>,
+    Vec<String>,
+    Vec<(i32, Duration)>,
+);
 
 fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd")
@@ -187,11 +195,7 @@ fn run_all(
     rounds: u32,
     fork_at: &[f64],
     child: impl Fn() -> i32,
-) -> (
-    BTreeMap<(&'static str, i32), usize>,
-    Vec<String>,
-    Vec<(i32, Duration)>,
-) {
+) -> StormResult {
     let done = Arc::new(AtomicUsize::new(0));
     let clients: Arc<Vec<Handle>> = Arc::new(clients.to_vec());
     let threads: Vec<_> = (0..THREADS)

@@ -111,8 +111,11 @@ pub struct Load {
     pub spec: LoadSpec,
     pub clients: Vec<Handle>,
     stop: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<(Vec<Call>, Slot, Vec<String>)>>,
+    threads: Vec<Worker>,
 }
+
+/// A load thread: its calls, its slot, its errors.
+type Worker = JoinHandle<(Vec<Call>, Slot, Vec<String>)>;
 
 /// Everything a finished load recorded.
 pub struct Outcome {
@@ -135,9 +138,8 @@ impl Load {
         let t0 = Instant::now();
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
-        for c in 0..spec.clients {
+        for (c, &h) in clients.iter().enumerate() {
             for t in 0..spec.threads {
-                let h = clients[c];
                 let peer = (c + 1) % spec.clients;
                 let stop = stop.clone();
                 let spec = spec.clone();
