@@ -166,7 +166,7 @@ extern "C" {
  * Opens a client. `options_json`: NULL or "" to configure from the environment
  * only, or a JSON object that overrides it key by key (`endpoints`,
  * `namespace`, `timeout_s`, `lease_ttl_s`, `host`, `max_request_bytes`,
- * `world_size`, `nixl_namespace`).
+ * `max_metadata_bytes`, `world_size`, `nixl_namespace`).
  * Connects and grants the client's lease within the timeout, or fails with
  * `NIXL_ETCD_ERR_CONNECTION` ("ETCD connection failed: <cause>").
  *
@@ -191,6 +191,10 @@ nixl_etcd_status nixl_etcd_close(struct nixl_etcd_client *c);
 /**
  * Publishes `metadata` (`len` bytes, may contain NUL bytes) for
  * (`engine_id`, `rank`) under the client's lease. Registering again replaces.
+ * Metadata up to `max_metadata_bytes` (default 64 MiB) is accepted; above
+ * what fits in one etcd request (`max_request_bytes`) it is stored in chunks
+ * beside the record, and readers get it whole or not at all. Over the
+ * maximum: `NIXL_ETCD_ERR_TOO_LARGE`, nothing written.
  *
  * # Safety
  * `engine_id` is NULL or NUL-terminated; `metadata` is NULL (with `len` 0) or

@@ -11,6 +11,7 @@ use std::time::Duration;
 use etcd_client::{EventType, GetOptions, KeyValue, WatchOptions};
 use tokio::sync::watch;
 
+use crate::blob;
 use crate::config::Config;
 use crate::error::{Error, Result, Status};
 use crate::etcd_error::{self, Op};
@@ -41,6 +42,41 @@ impl Entry {
         });
         Some(((engine.to_owned(), rank), entry))
     }
+}
+
+/// Turns a decoded entry whose metadata is in chunks into a complete one:
+/// reads the chunks its record names as of `revision` (the record's) and
+/// checks them. `Ok(None)`: the chunks are gone because a newer
+/// registration replaced them (only when that revision was compacted); the
+/// newer record follows. `Err`: etcd could not be read; a slot holding an
+/// error: the chunks do not match the record.
+pub(crate) async fn complete(
+    etcd: &etcd_client::Client,
+    cfg: &Config,
+    requests: &AtomicU64,
+    slot: Slot,
+    revision: i64,
+) -> Result<Option<Slot>> {
+    let entry = match slot {
+        Ok(e) if e.record.blob.is_some() => e,
+        other => return Ok(Some(other)),
+    };
+    let rec = &entry.record;
+    let Some(blob) = rec.blob.as_ref() else {
+        return Ok(Some(Ok(entry)));
+    };
+    let ns = &cfg.namespace;
+    let key = keys::rank_key(ns, &rec.engine_id, rec.rank);
+    let prefix = blob::generation_prefix(ns, &rec.engine_id, rec.rank, &blob.generation);
+    let (chunks, pinned) = blob::fetch(etcd, cfg, requests, &prefix, blob, revision).await?;
+    if !pinned && chunks.is_empty() && blob.chunks > 0 {
+        return Ok(None);
+    }
+    let assembled = blob::assemble(&key, &prefix, blob, rec.metadata_len, &chunks);
+    Ok(Some(assembled.map(|md| Entry {
+        metadata: md.into(),
+        ..entry
+    })))
 }
 
 pub type RankId = (String, u32);
@@ -443,7 +479,7 @@ const LIST_PAGE: i64 = 1024;
 const MAX_RESPONSE_BYTES: usize = 256 << 20;
 
 /// The key just past every key starting with `prefix`.
-fn prefix_end(prefix: &str) -> Vec<u8> {
+pub(crate) fn prefix_end(prefix: &str) -> Vec<u8> {
     let mut end = prefix.as_bytes().to_vec();
     while let Some(last) = end.pop() {
         if last < 0xff {
@@ -497,11 +533,24 @@ async fn list_prefix(
         if revision == 0 {
             revision = resp.header().map(|h| h.revision()).unwrap_or(0);
         }
-        fresh.extend(
-            resp.kvs()
-                .iter()
-                .filter_map(|kv| Entry::decode(namespace, kv)),
-        );
+        for (id, slot) in resp
+            .kvs()
+            .iter()
+            .filter_map(|kv| Entry::decode(namespace, kv))
+        {
+            // Chunks as of the list's revision: there even if replaced since.
+            match complete(etcd, cfg, requests, slot, revision).await? {
+                Some(slot) => {
+                    fresh.insert(id, slot);
+                }
+                None => {
+                    return Err(Error::new(
+                        Status::ErrConnection,
+                        "a record's chunks were replaced during the list; listing again",
+                    ))
+                }
+            }
+        }
         match resp.kvs().last() {
             Some(last) if resp.more() => {
                 from = last.key().to_vec();
@@ -574,7 +623,11 @@ async fn list_then_watch(
             match ev.event_type() {
                 EventType::Put => {
                     if let Some((id, slot)) = Entry::decode(namespace, kv) {
-                        inf.apply(id, Some(slot), kv.mod_revision(), hub);
+                        let rev = kv.mod_revision();
+                        // None: superseded; the newer put is further on.
+                        if let Some(slot) = complete(etcd, cfg, requests, slot, rev).await? {
+                            inf.apply(id, Some(slot), rev, hub);
+                        }
                     }
                 }
                 EventType::Delete => {

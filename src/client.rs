@@ -9,13 +9,14 @@ use std::time::{Duration, Instant};
 use etcd_client::ConnectOptions;
 use tokio::sync::{watch, Mutex};
 
+use crate::blob;
 use crate::cache::{Cache, Entry, Informer};
 use crate::config::Config;
 use crate::error::{Error, Result, Status};
 use crate::etcd_error::{self, Op};
 use crate::events::{Callback, Hub};
 use crate::keys;
-use crate::lease;
+use crate::lease::{self, Delete};
 use crate::nixl_layout;
 use crate::record::Record;
 use crate::runtime;
@@ -29,6 +30,9 @@ pub(crate) type Registrations = BTreeMap<String, Vec<u8>>;
 pub(crate) struct LeaseState {
     pub lease_id: i64,
     pub registrations: Registrations,
+    /// Rank record key -> the folder of the chunk generation it names, for
+    /// records whose metadata is chunked.
+    pub generations: BTreeMap<String, String>,
 }
 
 pub(crate) struct Inner {
@@ -131,6 +135,7 @@ impl Client {
             state: Mutex::new(LeaseState {
                 lease_id,
                 registrations: BTreeMap::new(),
+                generations: BTreeMap::new(),
             }),
             closed_tx,
             keepalive: StdMutex::new(None),
@@ -214,33 +219,40 @@ impl Client {
     }
 
     /// Publishes `metadata` for (`engine_id`, `rank`) under the client's lease;
-    /// registering again replaces.
+    /// registering again replaces. Metadata too large for one etcd request
+    /// is stored in chunks beside the record (see `blob`); readers never see
+    /// a partial or mixed blob.
     pub fn register(&self, engine_id: &str, rank: u32, metadata: &[u8]) -> Result<()> {
         keys::validate_engine_id(engine_id)?;
         let cfg = &self.inner.cfg;
-        let key = keys::rank_key(&cfg.namespace, engine_id, rank);
-        let bound = Record::encoded_size_bound(metadata.len(), engine_id, &cfg.host);
-        // Room for the key and the gRPC framing around the value.
-        let limit = cfg.max_request_bytes.saturating_sub(key.len() + 512);
-        if bound > limit {
-            return Err(Error::new(
-                Status::ErrTooLarge,
-                format!(
-                    "metadata of {} bytes for engine {engine_id} rank {rank} encodes to about \
-                     {bound} bytes, over the {limit} bytes that fit in one etcd request \
-                     (max_request_bytes={}); nothing was written",
-                    metadata.len(),
-                    cfg.max_request_bytes
-                ),
+        if metadata.len() > cfg.max_metadata_bytes {
+            return Err(blob::too_large(
+                &format!("engine {engine_id} rank {rank}"),
+                metadata.len(),
+                cfg.max_metadata_bytes,
             ));
         }
-        let mut record = Record::new(
-            engine_id,
-            rank,
-            &cfg.host,
-            &self.inner.incarnation,
-            metadata,
-        );
+        let key = keys::rank_key(&cfg.namespace, engine_id, rank);
+        let incarnation = &self.inner.incarnation;
+        let (mut record, chunks, generation) =
+            if metadata.len() > inline_limit(cfg, engine_id, rank) {
+                let generation = new_incarnation();
+                let prefix = blob::generation_prefix(&cfg.namespace, engine_id, rank, &generation);
+                let size = blob::chunk_size(cfg.max_request_bytes, prefix.len());
+                let (chunks, blob_ref) = blob::split(metadata, &prefix, &generation, size);
+                let record = Record::chunked(
+                    engine_id,
+                    rank,
+                    &cfg.host,
+                    incarnation,
+                    metadata.len(),
+                    blob_ref,
+                );
+                (record, chunks, Some(prefix))
+            } else {
+                let record = Record::new(engine_id, rank, &cfg.host, incarnation, metadata);
+                (record, Vec::new(), None)
+            };
         record.world_size = cfg.world_size;
         let value = record.to_json();
         // What this client's own cache holds for the rank once the put is done.
@@ -254,9 +266,7 @@ impl Client {
         let id = engine_id.to_owned();
         self.call(Op::Register, cfg.timeout, async move {
             let mut st = inner.state.lock().await;
-            let kvs = [(key.clone(), value)];
-            let revision = lease::put_attached(&inner, &mut st, &kvs, Op::Register).await?;
-            st.registrations.extend(kvs);
+            let revision = write_record(&inner, &mut st, &key, value, chunks, generation).await?;
             let entry = Entry { revision, ..entry };
             inner
                 .cache
@@ -281,7 +291,7 @@ impl Client {
         Ok(())
     }
 
-    /// Removes a registration this client made.
+    /// Removes a registration this client made (its chunks with it).
     pub fn unregister(&self, engine_id: &str, rank: u32) -> Result<()> {
         keys::validate_engine_id(engine_id)?;
         let cfg = &self.inner.cfg;
@@ -301,15 +311,16 @@ impl Client {
                     ),
                 ));
             }
-            let k = key.as_bytes();
-            let resp = etcd_error::retry_transient(&inner.cfg, || {
-                let mut kv = inner.etcd().kv_client();
-                async move { kv.delete(k, None).await }
-            })
-            .await
-            .map_err(|e| etcd_error::map(e, Op::Unregister, &inner.cfg))?;
+            let mut deletes = vec![Delete::Key(key.clone())];
+            let generation = st.generations.get(&key).cloned();
+            deletes.extend(generation.clone().map(Delete::Prefix));
+            let revision =
+                lease::write_attached(&inner, &mut st, &[], &deletes, Op::Unregister).await?;
             st.registrations.remove(&key);
-            let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+            if let Some(g) = generation {
+                st.registrations.retain(|k, _| !k.starts_with(&g));
+                st.generations.remove(&key);
+            }
             inner
                 .cache
                 .write_through(&key, (id, rank), None, revision, &inner.hub);
@@ -668,6 +679,16 @@ impl Client {
     }
 }
 
+/// The largest metadata stored in the record itself; anything larger goes
+/// in chunks. The record (base64 metadata and its JSON around it), its key
+/// and the request's framing must fit in `max_request_bytes`.
+pub fn inline_limit(cfg: &Config, engine_id: &str, rank: u32) -> usize {
+    let key = keys::rank_key(&cfg.namespace, engine_id, rank);
+    let limit = cfg.max_request_bytes.saturating_sub(key.len() + 512);
+    let fixed = Record::encoded_size_bound(0, engine_id, &cfg.host);
+    (limit.saturating_sub(fixed) / 4) * 3
+}
+
 /// What a whole-engine wait has seen of an engine.
 #[derive(Debug, Default, Clone)]
 struct EngineState {
@@ -767,9 +788,71 @@ async fn get_record(inner: &Inner, key: &str) -> Result<Option<Found>> {
     let Some(kv) = resp.kvs().first() else {
         return Ok(None);
     };
-    let (_, entry) = Entry::decode(&inner.cfg.namespace, kv)
+    let (_, slot) = Entry::decode(&inner.cfg.namespace, kv)
         .ok_or_else(|| Error::bad_record(key, "the key is not a rank record"))?;
-    entry.map(Some)
+    let revision = kv.mod_revision();
+    match crate::cache::complete(&inner.etcd, &inner.cfg, &inner.requests, slot, revision).await? {
+        Some(slot) => slot.map(Some),
+        // Replaced while we read it: read the newer record.
+        None => Box::pin(get_record(inner, key)).await,
+    }
+}
+
+/// Writes a rank record, after its chunks when its metadata is chunked, and
+/// drops the chunks of the generation it replaces in the same transaction;
+/// returns the record's revision. On failure nothing new is visible: the
+/// record was not written, and the new chunks are deleted (best effort; they
+/// are under the lease anyway).
+async fn write_record(
+    inner: &Inner,
+    st: &mut LeaseState,
+    key: &str,
+    value: Vec<u8>,
+    chunks: Vec<(String, Vec<u8>)>,
+    generation: Option<String>,
+) -> Result<i64> {
+    let old = st.generations.get(key).cloned();
+    if let Some(g) = &generation {
+        lease::put_each(inner, st, &chunks, Op::Register)
+            .await
+            .inspect_err(|_| forget_generation(inner, st, g))?;
+        // Re-written with everything else if the lease is lost from now on.
+        st.registrations.extend(chunks);
+    }
+    let deletes: Vec<Delete> = old.iter().cloned().map(Delete::Prefix).collect();
+    let kvs = [(key.to_owned(), value)];
+    let revision = match lease::write_attached(inner, st, &kvs, &deletes, Op::Register).await {
+        Ok(r) => r,
+        Err(e) => {
+            if let Some(g) = &generation {
+                forget_generation(inner, st, g);
+            }
+            return Err(e);
+        }
+    };
+    st.registrations.extend(kvs);
+    if let Some(old) = old {
+        st.registrations.retain(|k, _| !k.starts_with(&old));
+    }
+    match generation {
+        Some(g) => st.generations.insert(key.to_owned(), g),
+        None => st.generations.remove(key),
+    };
+    Ok(revision)
+}
+
+/// Drops a chunk generation no record names: from what the lease re-writes,
+/// and from etcd in the background (best effort: it goes with the lease).
+fn forget_generation(inner: &Inner, st: &mut LeaseState, prefix: &str) {
+    st.registrations.retain(|k, _| !k.starts_with(prefix));
+    let mut kv = inner.etcd().kv_client();
+    let prefix = prefix.to_owned();
+    tokio::spawn(async move {
+        let opts = etcd_client::DeleteOptions::new().with_prefix();
+        if let Err(e) = kv.delete(prefix.as_bytes(), Some(opts)).await {
+            log::debug!("could not delete unused chunks {prefix}: {e}");
+        }
+    });
 }
 
 /// The value at `key` once it exists: a get, then (if `wait`) a watch on the

@@ -48,6 +48,9 @@ pub struct Config {
     pub host: String,
     /// The etcd server's request limit; a record must fit below it.
     pub max_request_bytes: usize,
+    /// Largest metadata accepted; above what fits in one request it is
+    /// stored in chunks (see `blob`).
+    pub max_metadata_bytes: usize,
     /// The local engine's number of ranks, recorded in each rank's record so
     /// peers can wait for the whole engine.
     pub world_size: Option<u32>,
@@ -65,6 +68,7 @@ const OPTION_KEYS: &[&str] = &[
     "lease_ttl_s",
     "host",
     "max_request_bytes",
+    "max_metadata_bytes",
     "world_size",
     "nixl_namespace",
 ];
@@ -123,6 +127,7 @@ impl Config {
             lease_ttl_s,
             host,
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
+            max_metadata_bytes: crate::blob::DEFAULT_MAX_METADATA_BYTES,
             world_size: None,
             nixl_namespace,
         })
@@ -187,6 +192,15 @@ impl Config {
                         ))
                     })?;
                 self.max_request_bytes = n as usize;
+            }
+            "max_metadata_bytes" => {
+                let max = crate::blob::MAX_METADATA_BYTES_LIMIT as u64;
+                let n = v.as_u64().filter(|n| *n <= max).ok_or_else(|| {
+                    Error::invalid(format!(
+                        "{what} must be an integer number of bytes from 0 to {max}, got {v}"
+                    ))
+                })?;
+                self.max_metadata_bytes = n as usize;
             }
             "world_size" => {
                 let n = v

@@ -74,6 +74,12 @@ pub fn is_lease_not_found(e: &EtcdError) -> bool {
     }
 }
 
+/// A read at a revision etcd has already compacted away.
+pub fn is_compacted(e: &EtcdError) -> bool {
+    matches!(e, EtcdError::GRpcStatus(s)
+        if s.code() == Code::OutOfRange && s.message().contains("compacted"))
+}
+
 /// A failure that another attempt may not see: the member the request went
 /// to is down or restarting (connection refused or reset), or has no leader
 /// right now (etcd answers `Unavailable`: "no leader", "leader changed").

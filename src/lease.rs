@@ -10,6 +10,14 @@ use crate::client::{Inner, LeaseState};
 use crate::error::Result;
 use crate::etcd_error::{self, Op};
 
+/// A key to delete in the same transaction as a write: exact, or every key
+/// under a prefix.
+#[derive(Debug, Clone)]
+pub(crate) enum Delete {
+    Key(String),
+    Prefix(String),
+}
+
 /// Writes every `(key, value)` of `kvs` under the client's lease, all in one
 /// transaction when there are several (a reader sees all of them or none),
 /// and returns the write's revision. If etcd no longer knows the lease,
@@ -21,10 +29,21 @@ pub(crate) async fn put_attached(
     kvs: &[(String, Vec<u8>)],
     op: Op,
 ) -> Result<i64> {
-    match put_values(inner, st.lease_id, kvs).await {
+    write_attached(inner, st, kvs, &[], op).await
+}
+
+/// [`put_attached`], with `deletes` applied in the same transaction.
+pub(crate) async fn write_attached(
+    inner: &Inner,
+    st: &mut LeaseState,
+    kvs: &[(String, Vec<u8>)],
+    deletes: &[Delete],
+    op: Op,
+) -> Result<i64> {
+    match write_values(inner, st.lease_id, kvs, deletes).await {
         Err(e) if etcd_error::is_lease_not_found(&e) => {
             regrant(inner, st, "etcd no longer knows it").await?;
-            put_values(inner, st.lease_id, kvs)
+            write_values(inner, st.lease_id, kvs, deletes)
                 .await
                 .map_err(|e| etcd_error::map(e, op, &inner.cfg))
         }
@@ -32,25 +51,91 @@ pub(crate) async fn put_attached(
     }
 }
 
-/// Writes `kvs` under `lease_id`: one put, or one transaction of puts;
-/// returns the write's revision. Sent again on a transient failure (a dead
-/// member, no leader): the same values under the same lease.
-async fn put_values(
+/// Chunks sent at once: etcd batches concurrent proposals into one disk
+/// write, so a few in flight cut a large blob's write time.
+const CHUNKS_IN_FLIGHT: usize = 4;
+
+/// Writes every `(key, value)` of `kvs` under the client's lease, each in
+/// its own request (each must fit in one), a few at a time. For metadata
+/// chunks, which no reader looks at before the record naming them exists.
+pub(crate) async fn put_each(
     inner: &Inner,
-    lease_id: i64,
+    st: &mut LeaseState,
     kvs: &[(String, Vec<u8>)],
-) -> std::result::Result<i64, etcd_client::Error> {
-    etcd_error::retry_transient(&inner.cfg, || put_values_once(inner, lease_id, kvs)).await
+    op: Op,
+) -> Result<()> {
+    match put_each_under(inner, st.lease_id, kvs).await {
+        Err(e) if etcd_error::is_lease_not_found(&e) => {
+            regrant(inner, st, "etcd no longer knows it").await?;
+            put_each_under(inner, st.lease_id, kvs)
+                .await
+                .map_err(|e| etcd_error::map(e, op, &inner.cfg))
+        }
+        other => other.map_err(|e| etcd_error::map(e, op, &inner.cfg)),
+    }
 }
 
-async fn put_values_once(
+async fn put_each_under(
     inner: &Inner,
     lease_id: i64,
     kvs: &[(String, Vec<u8>)],
+) -> std::result::Result<(), etcd_client::Error> {
+    for batch in kvs.chunks(CHUNKS_IN_FLIGHT) {
+        let mut set = tokio::task::JoinSet::new();
+        for (key, value) in batch {
+            let (key, value) = (key.clone(), value.clone());
+            let etcd = inner.etcd().clone();
+            let cfg = inner.cfg.clone();
+            set.spawn(async move {
+                etcd_error::retry_transient(&cfg, || {
+                    let mut client = etcd.kv_client();
+                    let opts = etcd_client::PutOptions::new().with_lease(lease_id);
+                    let (k, v) = (key.clone(), value.clone());
+                    async move { client.put(k, v, Some(opts)).await }
+                })
+                .await
+            });
+        }
+        while let Some(done) = set.join_next().await {
+            match done {
+                Ok(r) => {
+                    r?;
+                }
+                Err(e) => {
+                    return Err(etcd_client::Error::IoError(std::io::Error::other(format!(
+                        "a chunk write stopped: {e}"
+                    ))))
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Writes `kvs` under `lease_id` (and applies `deletes`): one put, or one
+/// transaction; returns the write's revision. Sent again on a transient
+/// failure (a dead member, no leader): the same values under the same lease.
+async fn write_values(
+    inner: &Inner,
+    lease_id: i64,
+    kvs: &[(String, Vec<u8>)],
+    deletes: &[Delete],
+) -> std::result::Result<i64, etcd_client::Error> {
+    etcd_error::retry_transient(&inner.cfg, || {
+        write_values_once(inner, lease_id, kvs, deletes)
+    })
+    .await
+}
+
+async fn write_values_once(
+    inner: &Inner,
+    lease_id: i64,
+    kvs: &[(String, Vec<u8>)],
+    deletes: &[Delete],
 ) -> std::result::Result<i64, etcd_client::Error> {
     let opts = || etcd_client::PutOptions::new().with_lease(lease_id);
-    let revision = match kvs {
-        [(key, value)] => inner
+    let revision = match (kvs, deletes) {
+        ([(key, value)], []) => inner
             .etcd()
             .kv_client()
             .put(key.as_bytes(), value.clone(), Some(opts()))
@@ -58,11 +143,18 @@ async fn put_values_once(
             .header()
             .map(|h| h.revision()),
         _ => {
-            let puts: Vec<etcd_client::TxnOp> = kvs
+            let mut ops: Vec<etcd_client::TxnOp> = kvs
                 .iter()
                 .map(|(k, v)| etcd_client::TxnOp::put(k.as_bytes(), v.clone(), Some(opts())))
                 .collect();
-            let txn = etcd_client::Txn::new().and_then(puts);
+            ops.extend(deletes.iter().map(|d| match d {
+                Delete::Key(k) => etcd_client::TxnOp::delete(k.as_bytes(), None),
+                Delete::Prefix(p) => etcd_client::TxnOp::delete(
+                    p.as_bytes(),
+                    Some(etcd_client::DeleteOptions::new().with_prefix()),
+                ),
+            }));
+            let txn = etcd_client::Txn::new().and_then(ops);
             inner
                 .etcd()
                 .kv_client()
@@ -85,11 +177,24 @@ pub(crate) async fn regrant(inner: &Inner, st: &mut LeaseState, why: &str) -> Re
     .await
     .map_err(|e| etcd_error::map(e, Op::KeepAlive, &inner.cfg))?;
     let old = st.lease_id;
-    // In reverse key order: a key sorts after every prefix of it, so each
-    // NIXL agent's labels are back before its marker `{ns}/{agent}/` (a peer
-    // never sees the marker without the blob).
-    for (key, value) in st.registrations.iter().rev() {
-        put_values(inner, granted.id(), &[(key.clone(), value.clone())])
+    // Metadata chunks first, so every record is back after the chunks it
+    // names; then the rest in reverse key order: a key sorts after every
+    // prefix of it, so each NIXL agent's labels are back before its marker
+    // `{ns}/{agent}/` (a peer never sees the marker without the blob).
+    let ns = &inner.cfg.namespace;
+    let (chunks, rest): (Vec<_>, Vec<_>) = st
+        .registrations
+        .iter()
+        .partition(|(k, _)| crate::blob::is_chunk_key(ns, k));
+    let chunks: Vec<(String, Vec<u8>)> = chunks
+        .into_iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    put_each_under(inner, granted.id(), &chunks)
+        .await
+        .map_err(|e| etcd_error::map(e, Op::KeepAlive, &inner.cfg))?;
+    for (key, value) in rest.into_iter().rev() {
+        write_values(inner, granted.id(), &[(key.clone(), value.clone())], &[])
             .await
             .map_err(|e| etcd_error::map(e, Op::KeepAlive, &inner.cfg))?;
     }

@@ -4,6 +4,7 @@
 //! The C ABI lives in [`ffi`] (header `include/nixl_etcd.h`); it is a thin
 //! layer over the safe [`Client`].
 
+pub mod blob;
 pub mod cache;
 pub mod client;
 pub mod config;

@@ -4,6 +4,7 @@
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
+use crate::blob::BlobRef;
 use crate::error::{Error, Result};
 
 /// Version of the record layout. Readers refuse versions they do not know.
@@ -28,8 +29,12 @@ pub struct Record {
     pub world_size: Option<u32>,
     /// Length of `metadata` once decoded; checked on read.
     pub metadata_len: usize,
-    /// The NIXL agent metadata (opaque bytes), base64 (standard alphabet).
+    /// The NIXL agent metadata (opaque bytes), base64 (standard alphabet);
+    /// empty when the metadata is stored in chunks (`blob`).
     pub metadata: String,
+    /// Where the metadata is, when it was too large for the record itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blob: Option<BlobRef>,
 }
 
 impl Record {
@@ -56,6 +61,23 @@ impl Record {
             world_size: None,
             metadata_len: metadata.len(),
             metadata: base64::engine::general_purpose::STANDARD.encode(metadata),
+            blob: None,
+        }
+    }
+
+    /// A record whose metadata (`metadata_len` bytes) is stored in chunks.
+    pub fn chunked(
+        engine_id: &str,
+        rank: u32,
+        host: &str,
+        incarnation: &str,
+        metadata_len: usize,
+        blob: BlobRef,
+    ) -> Record {
+        Record {
+            metadata_len,
+            blob: Some(blob),
+            ..Record::new(engine_id, rank, host, incarnation, &[])
         }
     }
 
@@ -72,7 +94,9 @@ impl Record {
 
     /// Parses and checks a value read from `key`, expected to hold
     /// (`engine_id`, `rank`); returns the record (its base64 copy dropped)
-    /// and the decoded metadata. One JSON pass and one base64 pass.
+    /// and the decoded metadata. One JSON pass and one base64 pass. For a
+    /// chunked record (`blob`) the metadata is empty: the caller fetches the
+    /// chunks (see `blob::assemble`).
     pub fn from_json(
         key: &str,
         value: &[u8],
@@ -94,6 +118,10 @@ impl Record {
                     rec.engine_id, rec.rank
                 ),
             ));
+        }
+        if let Some(blob) = &rec.blob {
+            check_blob_ref(key, blob, &rec)?;
+            return Ok((rec, Vec::new()));
         }
         let md = rec.decode_metadata(key)?;
         if md.len() != rec.metadata_len {
@@ -136,6 +164,38 @@ impl Record {
             .decode(&self.metadata)
             .map_err(|e| Error::bad_record(key, format!("metadata is not base64: {e}")))
     }
+}
+
+/// A chunk reference must be plausible before anything is fetched for it:
+/// its generation becomes a key segment, its sizes bound the read.
+fn check_blob_ref(key: &str, blob: &BlobRef, rec: &Record) -> Result<()> {
+    let bad = |why: String| Err(Error::bad_record(key, why));
+    if blob.generation.is_empty()
+        || blob.generation.len() > 64
+        || !blob.generation.bytes().all(|b| b.is_ascii_alphanumeric())
+    {
+        return bad(format!(
+            "blob generation {:?} is not a plain id",
+            blob.generation
+        ));
+    }
+    if !rec.metadata.is_empty() {
+        return bad("it has both inline and chunked metadata".to_owned());
+    }
+    let chunks = blob.chunks as usize;
+    let fits = blob.chunk_size > 0
+        && chunks == rec.metadata_len.div_ceil(blob.chunk_size)
+        && rec.metadata_len <= crate::blob::MAX_METADATA_BYTES_LIMIT;
+    if !fits {
+        return bad(format!(
+            "blob of {} chunks of {} bytes cannot hold {} bytes of metadata",
+            blob.chunks, blob.chunk_size, rec.metadata_len
+        ));
+    }
+    if blob.sha256.len() != 64 || !blob.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return bad("blob sha256 is not 64 hex digits".to_owned());
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -396,16 +396,28 @@ fn bad_options_name_the_key() {
 fn oversize_metadata_is_too_large_and_nothing_is_written() {
     let etcd = EtcdServer::builder().max_request_bytes(64 * 1024).start();
     let ns = unique_namespace("large");
-    let a = client(&etcd, &ns, r#""max_request_bytes":65536"#);
-    a.register("e", 0, &blob(5, 40 * 1024)).unwrap();
-    let err = a.register("e", 1, &blob(6, 60 * 1024)).unwrap_err();
+    let a = client(
+        &etcd,
+        &ns,
+        r#""max_request_bytes":65536,"max_metadata_bytes":100000"#,
+    );
+    // Over one request: stored in chunks, read back whole.
+    a.register("e", 0, &blob(5, 100_000)).unwrap();
+    assert_eq!(a.lookup("e", 0).unwrap(), blob(5, 100_000));
+    // Over the maximum: refused with both sizes, nothing written.
+    let err = a.register("e", 1, &blob(6, 100_001)).unwrap_err();
     assert_eq!(err.status, NIXL_ETCD_ERR_TOO_LARGE);
-    assert!(err.message.contains("61440 bytes"), "{}", err.message);
+    assert!(
+        err.message.contains("100001 bytes") && err.message.contains("100000 bytes"),
+        "{}",
+        err.message
+    );
     assert_eq!(
         a.lookup("e", 1).unwrap_err().status,
         NIXL_ETCD_ERR_NOT_FOUND
     );
-    // A client that believes the limit is larger still gets TOO_LARGE, from etcd.
+    // A client that believes the request limit is larger gets TOO_LARGE
+    // from etcd.
     let b = client(&etcd, &ns, "");
     let err = b.register("e", 2, &blob(7, 100 * 1024)).unwrap_err();
     assert_eq!(err.status, NIXL_ETCD_ERR_TOO_LARGE, "{}", err.message);
@@ -415,6 +427,8 @@ fn oversize_metadata_is_too_large_and_nothing_is_written() {
     );
     a.close().unwrap();
     b.close().unwrap();
+    let left = etcdctl_ok(&etcd, &["get", "--prefix", "--keys-only", &ns]);
+    assert!(left.trim().is_empty(), "keys left after close: {left}");
 }
 
 #[test]

@@ -282,13 +282,24 @@ def test_invalid_option_and_environment(etcd, monkeypatch):
 
 
 def test_too_large(open_client):
-    c = open_client(max_request_bytes=64 * 1024)
+    c = open_client(max_metadata_bytes=64 * 1024)
     e = engine()
     with pytest.raises(nixl_etcd.TooLarge) as exc:
-        c.register(e, 0, b"\x01" * (100 * 1024))
+        c.register(e, 0, b"\x01" * (64 * 1024 + 1))
     assert exc.value.status == -5
+    assert "65537 bytes" in str(exc.value)
     with pytest.raises(nixl_etcd.NotFound):  # nothing was written
         c.lookup(e, 0)
+
+
+def test_metadata_over_one_request_round_trips(open_client):
+    writer = open_client(max_request_bytes=64 * 1024)
+    reader = open_client()
+    e = engine()
+    blob = bytes((i * 131 + 7) % 256 for i in range(1 << 20))
+    writer.register(e, 0, blob)
+    assert reader.wait(e, 0, timeout=5.0) == blob
+    assert writer.lookup(e, 0) == blob
 
 
 def test_bad_record(open_client, etcd, ns):
