@@ -138,6 +138,12 @@ typedef void (*nixl_etcd_event_callback)(void *user_data, const struct nixl_etcd
 #define NIXL_ETCD_ERR_NIXL -9
 
 /**
+ * etcd refused the user name or password, or the user's roles do not allow
+ * the operation on the key (the message names the user and the key).
+ */
+#define NIXL_ETCD_ERR_PERMISSION -10
+
+/**
  * A rank appeared.
  */
 #define NIXL_ETCD_EVENT_ADDED 1

@@ -6,7 +6,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Duration, Instant};
 
-use etcd_client::ConnectOptions;
 use tokio::sync::{watch, Mutex};
 
 use crate::cache::{Cache, Entry, Informer};
@@ -92,12 +91,7 @@ impl Client {
         let timeout = cfg.timeout;
         let endpoints = cfg.endpoints.join(",");
         let connect = async {
-            let opts = ConnectOptions::new()
-                .with_connect_timeout(timeout)
-                .with_keep_alive(Duration::from_secs(5), timeout);
-            let etcd = etcd_client::Client::connect(&cfg.endpoints, Some(opts))
-                .await
-                .map_err(|e| etcd_error::map(e, Op::Connect, &cfg))?;
+            let etcd = crate::connect::connect(&cfg).await?;
             // The first request: a member that is down is skipped (retried).
             let ttl = cfg.lease_ttl_s;
             let granted = etcd_error::retry_transient(&cfg, || {

@@ -26,6 +26,9 @@ pub enum Status {
     ErrBadRecord = -8,
     /// A NIXL call failed, or NIXL could not be loaded (feature `nixl`).
     ErrNixl = -9,
+    /// etcd refused the credentials, or the user's roles do not allow the
+    /// operation on the key.
+    ErrPermission = -10,
 }
 
 impl Status {
@@ -42,6 +45,7 @@ impl Status {
             Status::ErrInternal => "internal error",
             Status::ErrBadRecord => "unreadable record",
             Status::ErrNixl => "NIXL error",
+            Status::ErrPermission => "permission denied",
         }
     }
 
@@ -58,11 +62,12 @@ impl Status {
             Status::ErrInternal => c"internal error",
             Status::ErrBadRecord => c"unreadable record",
             Status::ErrNixl => c"NIXL error",
+            Status::ErrPermission => c"permission denied",
         }
     }
 
     pub fn from_i32(v: i32) -> Option<Status> {
-        const ALL: [Status; 10] = [
+        const ALL: [Status; 11] = [
             Status::Ok,
             Status::ErrInvalidArgument,
             Status::ErrConnection,
@@ -73,6 +78,7 @@ impl Status {
             Status::ErrInternal,
             Status::ErrBadRecord,
             Status::ErrNixl,
+            Status::ErrPermission,
         ];
         ALL.into_iter().find(|s| *s as i32 == v)
     }
@@ -141,16 +147,17 @@ mod tests {
         assert_eq!(Status::ErrInternal as i32, -7);
         assert_eq!(Status::ErrBadRecord as i32, -8);
         assert_eq!(Status::ErrNixl as i32, -9);
+        assert_eq!(Status::ErrPermission as i32, -10);
     }
 
     #[test]
     fn every_status_round_trips_and_has_matching_texts() {
-        for v in -9..=0 {
+        for v in -10..=0 {
             let s = Status::from_i32(v).expect("known status");
             assert_eq!(s as i32, v);
             assert_eq!(s.as_cstr().to_str().unwrap(), s.as_str());
         }
         assert_eq!(Status::from_i32(1), None);
-        assert_eq!(Status::from_i32(-10), None);
+        assert_eq!(Status::from_i32(-11), None);
     }
 }

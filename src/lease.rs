@@ -21,14 +21,19 @@ pub(crate) async fn put_attached(
     kvs: &[(String, Vec<u8>)],
     op: Op,
 ) -> Result<i64> {
+    // A refusal names the key(s) written.
+    let keys = kvs
+        .iter()
+        .map(|(k, _)| k.as_str())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let map = |e| etcd_error::map_key(e, op, &inner.cfg, &keys);
     match put_values(inner, st.lease_id, kvs).await {
         Err(e) if etcd_error::is_lease_not_found(&e) => {
             regrant(inner, st, "etcd no longer knows it").await?;
-            put_values(inner, st.lease_id, kvs)
-                .await
-                .map_err(|e| etcd_error::map(e, op, &inner.cfg))
+            put_values(inner, st.lease_id, kvs).await.map_err(map)
         }
-        other => other.map_err(|e| etcd_error::map(e, op, &inner.cfg)),
+        other => other.map_err(map),
     }
 }
 

@@ -98,6 +98,13 @@ class NixlError(NixlEtcdError):
     STATUS = _ffi.ERR_NIXL
 
 
+class PermissionDenied(NixlEtcdError):
+    """etcd refused the credentials, or the user's roles do not allow the operation on the key
+    (``NIXL_ETCD_ERR_PERMISSION``)."""
+
+    STATUS = _ffi.ERR_PERMISSION
+
+
 ERROR_CLASSES: Dict[int, Type[NixlEtcdError]] = {
     cls.STATUS: cls  # type: ignore[misc]
     for cls in (
@@ -110,6 +117,7 @@ ERROR_CLASSES: Dict[int, Type[NixlEtcdError]] = {
         InternalError,
         BadRecord,
         NixlError,
+        PermissionDenied,
     )
 }
 
@@ -124,6 +132,7 @@ STATUS_NAMES: Dict[int, str] = {
     _ffi.ERR_INTERNAL: "NIXL_ETCD_ERR_INTERNAL",
     _ffi.ERR_BAD_RECORD: "NIXL_ETCD_ERR_BAD_RECORD",
     _ffi.ERR_NIXL: "NIXL_ETCD_ERR_NIXL",
+    _ffi.ERR_PERMISSION: "NIXL_ETCD_ERR_PERMISSION",
 }
 
 
