@@ -138,6 +138,19 @@ typedef void (*nixl_etcd_event_callback)(void *user_data, const struct nixl_etcd
 #define NIXL_ETCD_ERR_NIXL -9
 
 /**
+ * etcd refused the user name or password, or the user's roles do not allow
+ * the operation on the key (the message names the user and the key).
+ */
+#define NIXL_ETCD_ERR_PERMISSION -10
+
+/**
+ * Records are signed (`VLLM_NIXL_ETCD_HMAC_KEY_FILE`) and a record in etcd
+ * has no signature or a wrong one: it is never handed out (the message
+ * names the key and the reason).
+ */
+#define NIXL_ETCD_ERR_BAD_SIGNATURE -11
+
+/**
  * A rank appeared.
  */
 #define NIXL_ETCD_EVENT_ADDED 1

@@ -18,6 +18,7 @@ use crate::etcd_error::{self, Op};
 use crate::events::{Event, EventKind, Hub};
 use crate::keys;
 use crate::record::Record;
+use crate::sign::Signer;
 
 /// A decoded record, shared by the cache and every reader.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,11 +32,23 @@ pub struct Entry {
 
 impl Entry {
     /// Decodes a key-value read from etcd under `namespace`; `None` if the
-    /// key is not a rank record.
-    pub fn decode(namespace: &str, kv: &KeyValue) -> Option<(RankId, Result<Entry>)> {
+    /// key is not a rank record. With a `signer`, a record whose signature
+    /// is missing or wrong is an error slot, never an entry.
+    pub fn decode(
+        namespace: &str,
+        signer: Option<&Signer>,
+        kv: &KeyValue,
+    ) -> Option<(RankId, Result<Entry>)> {
         let key = std::str::from_utf8(kv.key()).ok()?;
         let (engine, rank) = keys::parse_rank_key(namespace, key)?;
-        let entry = Record::from_json(key, kv.value(), engine, rank).map(|(record, md)| Entry {
+        let verified = match signer {
+            Some(s) => s
+                .open(key, kv.value())
+                .map_err(|e| Error::bad_signature(key, e)),
+            None => Ok(kv.value().to_vec()),
+        };
+        let entry = verified.and_then(|value| Record::from_json(key, &value, engine, rank));
+        let entry = entry.map(|(record, md)| Entry {
             record: Arc::new(record),
             metadata: md.into(),
             revision: kv.mod_revision(),
@@ -322,14 +335,17 @@ const MAX_ENGINE_INFORMERS: usize = 4;
 /// The informers of one client, created on first interest.
 pub(crate) struct Cache {
     informers: Mutex<HashMap<String, Arc<Informer>>>,
+    /// Verifies every record read, when records are signed.
+    signer: Option<Arc<Signer>>,
     /// The client's request counter.
     requests: Arc<AtomicU64>,
 }
 
 impl Cache {
-    pub fn new(requests: Arc<AtomicU64>) -> Cache {
+    pub fn new(requests: Arc<AtomicU64>, signer: Option<Arc<Signer>>) -> Cache {
         Cache {
             informers: Mutex::new(HashMap::new()),
+            signer,
             requests,
         }
     }
@@ -387,6 +403,7 @@ impl Cache {
             cfg.clone(),
             hub.clone(),
             self.requests.clone(),
+            self.signer.clone(),
         ));
         *inf.task.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
         all.insert(prefix, inf.clone());
@@ -447,11 +464,22 @@ async fn run(
     cfg: Config,
     hub: Arc<Hub>,
     requests: Arc<AtomicU64>,
+    signer: Option<Arc<Signer>>,
 ) {
     let mut stale = false;
     let mut backoff = Duration::from_millis(100);
     loop {
-        match list_then_watch(&inf, &etcd, &cfg, &requests, &hub, &mut stale).await {
+        match list_then_watch(
+            &inf,
+            &etcd,
+            &cfg,
+            &requests,
+            signer.as_deref(),
+            &hub,
+            &mut stale,
+        )
+        .await
+        {
             Ok(()) => backoff = Duration::from_millis(100),
             Err(e) => {
                 if inf.listed() && !stale {
@@ -499,6 +527,7 @@ async fn list_prefix(
     namespace: &str,
     cfg: &Config,
     requests: &AtomicU64,
+    signer: Option<&Signer>,
 ) -> Result<(HashMap<RankId, Slot>, i64)> {
     let kv = etcd
         .kv_client()
@@ -536,7 +565,7 @@ async fn list_prefix(
         for (id, slot) in resp
             .kvs()
             .iter()
-            .filter_map(|kv| Entry::decode(namespace, kv))
+            .filter_map(|kv| Entry::decode(namespace, signer, kv))
         {
             // Chunks as of the list's revision: there even if replaced since.
             match complete(etcd, cfg, requests, slot, revision).await? {
@@ -568,12 +597,13 @@ async fn list_then_watch(
     etcd: &etcd_client::Client,
     cfg: &Config,
     requests: &AtomicU64,
+    signer: Option<&Signer>,
     hub: &Hub,
     stale: &mut bool,
 ) -> Result<()> {
     let namespace = cfg.namespace.as_str();
     let map = |e| etcd_error::map(e, Op::Lookup, cfg);
-    let listing = list_prefix(etcd, &inf.prefix, namespace, cfg, requests);
+    let listing = list_prefix(etcd, &inf.prefix, namespace, cfg, requests, signer);
     let (fresh, revision) = tokio::time::timeout(cfg.timeout, listing)
         .await
         .map_err(|_| etcd_error::timed_out(Op::Lookup, cfg.timeout, &cfg.endpoints.join(",")))
@@ -622,7 +652,7 @@ async fn list_then_watch(
             inf.seen.fetch_max(kv.mod_revision(), Ordering::AcqRel);
             match ev.event_type() {
                 EventType::Put => {
-                    if let Some((id, slot)) = Entry::decode(namespace, kv) {
+                    if let Some((id, slot)) = Entry::decode(namespace, signer, kv) {
                         let rev = kv.mod_revision();
                         // None: superseded; the newer put is further on.
                         if let Some(slot) = complete(etcd, cfg, requests, slot, rev).await? {

@@ -6,7 +6,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Duration, Instant};
 
-use etcd_client::ConnectOptions;
 use tokio::sync::{watch, Mutex};
 
 use crate::blob;
@@ -20,6 +19,7 @@ use crate::lease::{self, Delete};
 use crate::nixl_layout;
 use crate::record::Record;
 use crate::runtime;
+use crate::sign::Signer;
 
 /// Every key this client holds in etcd (rank records and NIXL-layout keys),
 /// with the value it wrote: all re-written under a new lease if the old one
@@ -50,6 +50,9 @@ pub(crate) struct Inner {
     pub hub: Arc<Hub>,
     /// etcd requests issued by this client (RPCs and stream messages sent).
     pub requests: Arc<AtomicU64>,
+    /// Signs every record written and verifies every record read, when a
+    /// shared key is configured (`VLLM_NIXL_ETCD_HMAC_KEY_FILE`).
+    pub signer: Option<Arc<Signer>>,
 }
 
 /// A record found in etcd or in the cache, decoded.
@@ -93,15 +96,12 @@ impl Client {
                  it and set VLLM_NIXL_ETCD_ENDPOINTS instead"
             );
         }
+        // Key files are read before connecting: a bad one fails the open.
+        let signer = Signer::from_config(&cfg)?.map(Arc::new);
         let timeout = cfg.timeout;
         let endpoints = cfg.endpoints.join(",");
         let connect = async {
-            let opts = ConnectOptions::new()
-                .with_connect_timeout(timeout)
-                .with_keep_alive(Duration::from_secs(5), timeout);
-            let etcd = etcd_client::Client::connect(&cfg.endpoints, Some(opts))
-                .await
-                .map_err(|e| etcd_error::map(e, Op::Connect, &cfg))?;
+            let etcd = crate::connect::connect(&cfg).await?;
             // The first request: a member that is down is skipped (retried).
             let ttl = cfg.lease_ttl_s;
             let granted = etcd_error::retry_transient(&cfg, || {
@@ -140,7 +140,8 @@ impl Client {
             closed_tx,
             keepalive: StdMutex::new(None),
             announced: StdMutex::new(Default::default()),
-            cache: Cache::new(requests.clone()),
+            cache: Cache::new(requests.clone(), signer.clone()),
+            signer,
             requests,
             hub: Arc::new(Hub::default()),
             etcd,
@@ -254,7 +255,12 @@ impl Client {
                 (record, Vec::new(), None)
             };
         record.world_size = cfg.world_size;
-        let value = record.to_json();
+        let value = match &self.inner.signer {
+            Some(signer) => signer
+                .seal(&key, &record.to_json())
+                .map_err(|e| Error::internal(format!("cannot sign the record of {key}: {e}")))?,
+            None => record.to_json(),
+        };
         // What this client's own cache holds for the rank once the put is done.
         record.metadata = String::new();
         let entry = Entry {
@@ -389,7 +395,10 @@ impl Client {
             // The informer lists the engine, then watches it: no polling.
             let informer = inner.informer(Some(&id));
             let wanted = (id.clone(), rank);
-            wait_for(&informer, || informer.get(&wanted)).await
+            wait_for(&informer, || {
+                informer.get(&wanted).or_else(|| refused(&informer))
+            })
+            .await
         };
         let id = engine_id.to_owned();
         let found = self
@@ -463,7 +472,7 @@ impl Client {
                 let state = informer.with_engine(&id, EngineState::of);
                 let done = state.complete();
                 *seen.lock().unwrap_or_else(|e| e.into_inner()) = state;
-                done.map(Ok)
+                done.map(Ok).or_else(|| refused(&informer))
             })
             .await
         };
@@ -788,7 +797,7 @@ async fn get_record(inner: &Inner, key: &str) -> Result<Option<Found>> {
     let Some(kv) = resp.kvs().first() else {
         return Ok(None);
     };
-    let (_, slot) = Entry::decode(&inner.cfg.namespace, kv)
+    let (_, slot) = Entry::decode(&inner.cfg.namespace, inner.signer.as_deref(), kv)
         .ok_or_else(|| Error::bad_record(key, "the key is not a rank record"))?;
     let revision = kv.mod_revision();
     match crate::cache::complete(&inner.etcd, &inner.cfg, &inner.requests, slot, revision).await? {
@@ -901,6 +910,15 @@ async fn fetch_raw(inner: &Inner, key: &str, wait: bool) -> Result<Vec<u8>> {
             }
         }
     }
+}
+
+/// A wait ends at once when etcd refuses to let this user read: waiting
+/// longer cannot help.
+fn refused<T>(informer: &Informer) -> Option<Result<T>> {
+    informer
+        .list_error()
+        .filter(|e| e.status == Status::ErrPermission)
+        .map(Err)
 }
 
 /// Sleeps on the informer's changes until `check` finds something.

@@ -1,6 +1,7 @@
 //! Client configuration: the guide's environment variables, overridden key by
 //! key by the JSON options given to `nixl_etcd_open`.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -8,6 +9,7 @@ use serde_json::Value;
 use crate::error::{Error, Result};
 use crate::keys;
 use crate::nixl_layout;
+use crate::secret::Secret;
 
 pub const ENV_USE_ETCD: &str = "VLLM_NIXL_USE_ETCD";
 pub const ENV_ENDPOINTS: &str = "VLLM_NIXL_ETCD_ENDPOINTS";
@@ -21,6 +23,24 @@ pub const ENV_HOST: &str = "VLLM_NIXL_SIDE_CHANNEL_HOST";
 /// NIXL's own variable for its etcd exchange's namespace, read for the
 /// NIXL-native key layout (`nixl_etcd_publish_nixl` and friends).
 pub const ENV_NIXL_NAMESPACE: &str = "NIXL_ETCD_NAMESPACE";
+/// PEM file of the CA that signed etcd's server certificate (https:// only;
+/// the system's roots when unset).
+pub const ENV_CA_CERT: &str = "VLLM_NIXL_ETCD_CA_CERT";
+/// PEM client certificate for mutual TLS (with [`ENV_KEY`]).
+pub const ENV_CERT: &str = "VLLM_NIXL_ETCD_CERT";
+/// PEM private key of the client certificate.
+pub const ENV_KEY: &str = "VLLM_NIXL_ETCD_KEY";
+/// etcd user (etcd authentication).
+pub const ENV_USERNAME: &str = "VLLM_NIXL_ETCD_USERNAME";
+/// The etcd user's password.
+pub const ENV_PASSWORD: &str = "VLLM_NIXL_ETCD_PASSWORD";
+/// A file holding the etcd user's password (instead of [`ENV_PASSWORD`]).
+pub const ENV_PASSWORD_FILE: &str = "VLLM_NIXL_ETCD_PASSWORD_FILE";
+/// A file holding the shared HMAC key that signs records.
+pub const ENV_HMAC_KEY_FILE: &str = "VLLM_NIXL_ETCD_HMAC_KEY_FILE";
+/// A file holding the previous HMAC key, accepted for verification only
+/// while a key rotation rolls out.
+pub const ENV_HMAC_PREVIOUS_KEY_FILE: &str = "VLLM_NIXL_ETCD_HMAC_PREVIOUS_KEY_FILE";
 
 pub const DEFAULT_ENDPOINT: &str = "http://localhost:2379";
 pub const DEFAULT_TIMEOUT_S: f64 = 10.0;
@@ -34,7 +54,9 @@ const MAX_TIMEOUT_S: f64 = 86_400.0;
 const MAX_LEASE_TTL_S: i64 = 86_400;
 const MAX_WORLD_SIZE: u64 = 65_536;
 
-/// Everything a client needs to know, after validation.
+/// Everything a client needs to know, after validation. Its `Debug` output
+/// never shows a secret: the password is a [`Secret`], and key files are
+/// held as paths only.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     /// Normalized to `http://host:port`.
@@ -58,6 +80,20 @@ pub struct Config {
     /// normalize it): option `nixl_namespace`, else `NIXL_ETCD_NAMESPACE`,
     /// else NIXL's default `/nixl/agents/`.
     pub nixl_namespace: String,
+    /// CA certificate (PEM) that etcd's server certificate must chain to;
+    /// the system's roots when `None`. https:// endpoints only.
+    pub ca_cert: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS; always with `key`.
+    pub cert: Option<PathBuf>,
+    /// Private key (PEM) of `cert`.
+    pub key: Option<PathBuf>,
+    /// etcd user; always with `password`.
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    /// Shared HMAC key that signs records (see [`crate::sign`]).
+    pub hmac_key_file: Option<PathBuf>,
+    /// The previous HMAC key, for verification only, during a rotation.
+    pub hmac_previous_key_file: Option<PathBuf>,
 }
 
 /// Known option keys, for the error message on an unknown one.
@@ -71,6 +107,14 @@ const OPTION_KEYS: &[&str] = &[
     "max_metadata_bytes",
     "world_size",
     "nixl_namespace",
+    "ca_cert",
+    "cert",
+    "key",
+    "username",
+    "password",
+    "password_file",
+    "hmac_key_file",
+    "hmac_previous_key_file",
 ];
 
 impl Config {
@@ -88,6 +132,7 @@ impl Config {
         if let Some(json) = options_json.filter(|s| !s.trim().is_empty()) {
             cfg.apply_options(json)?;
         }
+        cfg.check_security()?;
         Ok(cfg)
     }
 
@@ -120,6 +165,24 @@ impl Config {
             }
             None => nixl_layout::DEFAULT_NIXL_NAMESPACE.to_owned(),
         };
+        let path = |k: &str| var(k).map(|v| PathBuf::from(v.trim()));
+        let password = match (
+            env(ENV_PASSWORD).filter(|v| !v.is_empty()),
+            path(ENV_PASSWORD_FILE),
+        ) {
+            (Some(_), Some(_)) => {
+                return Err(Error::invalid(format!(
+                    "both {ENV_PASSWORD} and {ENV_PASSWORD_FILE} are set; set only one"
+                )))
+            }
+            (Some(p), None) => Some(Secret::new(p)),
+            (None, Some(file)) => Some(read_password_file(&file, ENV_PASSWORD_FILE)?),
+            (None, None) => None,
+        };
+        let username = match var(ENV_USERNAME) {
+            Some(u) => Some(check_username(u.trim(), ENV_USERNAME)?),
+            None => None,
+        };
         Ok(Config {
             endpoints,
             namespace,
@@ -130,7 +193,68 @@ impl Config {
             max_metadata_bytes: crate::blob::DEFAULT_MAX_METADATA_BYTES,
             world_size: None,
             nixl_namespace,
+            ca_cert: path(ENV_CA_CERT),
+            cert: path(ENV_CERT),
+            key: path(ENV_KEY),
+            username,
+            password,
+            hmac_key_file: path(ENV_HMAC_KEY_FILE),
+            hmac_previous_key_file: path(ENV_HMAC_PREVIOUS_KEY_FILE),
         })
+    }
+
+    /// Whether the endpoints are https:// (all of them: mixing is refused).
+    pub fn uses_tls(&self) -> bool {
+        self.endpoints.iter().all(|e| e.starts_with("https://"))
+    }
+
+    /// Cross-checks of the TLS and authentication settings, once the
+    /// environment and the options are both applied.
+    fn check_security(&self) -> Result<()> {
+        let tls = self
+            .endpoints
+            .iter()
+            .filter(|e| e.starts_with("https://"))
+            .count();
+        if tls > 0 && tls < self.endpoints.len() {
+            return Err(Error::invalid(format!(
+                "{ENV_ENDPOINTS} mixes https:// and plaintext endpoints ({}); use https:// for \
+                 every endpoint (a plaintext one would carry the same data unencrypted)",
+                self.endpoints.join(",")
+            )));
+        }
+        let files = [
+            (ENV_CA_CERT, "ca_cert", &self.ca_cert),
+            (ENV_CERT, "cert", &self.cert),
+            (ENV_KEY, "key", &self.key),
+        ];
+        if tls == 0 {
+            if let Some((env, opt, _)) = files.iter().find(|(_, _, p)| p.is_some()) {
+                return Err(Error::invalid(format!(
+                    "TLS is configured ({env} / option \"{opt}\") but the endpoints are \
+                     plaintext ({}); use https://host:port endpoints (nixl-etcd never sends \
+                     over plaintext what was configured for TLS)",
+                    self.endpoints.join(",")
+                )));
+            }
+        }
+        if self.cert.is_some() != self.key.is_some() {
+            return Err(Error::invalid(format!(
+                "mutual TLS needs both a client certificate and its key: set both {ENV_CERT} \
+                 and {ENV_KEY} (options \"cert\" and \"key\"), or neither"
+            )));
+        }
+        match (&self.username, &self.password) {
+            (Some(_), None) => Err(Error::invalid(format!(
+                "{ENV_USERNAME} is set but no password: set {ENV_PASSWORD} or \
+                 {ENV_PASSWORD_FILE} (options \"password\" or \"password_file\")"
+            ))),
+            (None, Some(_)) => Err(Error::invalid(format!(
+                "a password is set ({ENV_PASSWORD}, {ENV_PASSWORD_FILE} or an option) but no \
+                 user: set {ENV_USERNAME} (option \"username\")"
+            ))),
+            _ => Ok(()),
+        }
     }
 
     fn apply_options(&mut self, json: &str) -> Result<()> {
@@ -219,6 +343,36 @@ impl Config {
                 nixl_layout::validate_namespace(s, &what)?;
                 self.nixl_namespace = s.to_owned();
             }
+            "ca_cert" | "cert" | "key" | "hmac_key_file" | "hmac_previous_key_file" => {
+                let s = v
+                    .as_str()
+                    .ok_or_else(|| wrong_type(key, "a file path (string)", v))?;
+                let p = (!s.trim().is_empty()).then(|| PathBuf::from(s.trim()));
+                match key {
+                    "ca_cert" => self.ca_cert = p,
+                    "cert" => self.cert = p,
+                    "key" => self.key = p,
+                    "hmac_key_file" => self.hmac_key_file = p,
+                    _ => self.hmac_previous_key_file = p,
+                }
+            }
+            "username" => {
+                let s = v.as_str().ok_or_else(|| wrong_type(key, "a string", v))?;
+                self.username = Some(check_username(s, &what)?);
+            }
+            "password" => {
+                // Never echo the value: a wrong type says only what it is.
+                let s = v
+                    .as_str()
+                    .ok_or_else(|| Error::invalid(format!("option \"{key}\" must be a string")))?;
+                self.password = Some(Secret::new(s));
+            }
+            "password_file" => {
+                let s = v
+                    .as_str()
+                    .ok_or_else(|| wrong_type(key, "a file path (string)", v))?;
+                self.password = Some(read_password_file(&PathBuf::from(s.trim()), &what)?);
+            }
             _ => {
                 return Err(Error::invalid(format!(
                     "unknown option \"{key}\"; known options: {}",
@@ -228,6 +382,27 @@ impl Config {
         }
         Ok(())
     }
+}
+
+fn check_username(u: &str, what: &str) -> Result<String> {
+    if u.is_empty() || u.len() > 255 || u.chars().any(|c| c.is_control()) {
+        return Err(Error::invalid(format!(
+            "{what}={u:?} is not an etcd user name"
+        )));
+    }
+    Ok(u.to_owned())
+}
+
+fn read_password_file(path: &std::path::Path, what: &str) -> Result<Secret> {
+    let s = Secret::read_file(path, what)
+        .map_err(|e| Error::invalid(format!("{e}; it must hold the etcd user's password")))?;
+    if s.expose_str().is_none() {
+        return Err(Error::invalid(format!(
+            "{what}={} is not UTF-8 text; etcd passwords are text",
+            path.display()
+        )));
+    }
+    Ok(s)
 }
 
 fn wrong_type(key: &str, want: &str, got: &Value) -> Error {
@@ -268,26 +443,21 @@ fn check_host(h: &str, what: &str) -> Result<String> {
     Ok(h.to_owned())
 }
 
-/// Parses a comma-separated endpoint list: `http://host:port` or `host:port`.
+/// Parses a comma-separated endpoint list: `http://host:port`, `host:port`
+/// (plaintext) or `https://host:port` (TLS).
 pub fn parse_endpoints(raw: &str, what: &str) -> Result<Vec<String>> {
     let mut out = Vec::new();
     for item in raw.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         let bad = |why: &str| {
             Err(Error::invalid(format!(
-                "{what}: endpoint {item:?} {why}; expected http://host:port or host:port, \
-                 comma-separated"
+                "{what}: endpoint {item:?} {why}; expected http://host:port, https://host:port or \
+                 host:port, comma-separated"
             )))
         };
-        if item.starts_with("https://") {
-            return Err(Error::invalid(format!(
-                "{what}: endpoint {item:?} asks for TLS, which this build does not support yet; \
-                 it will not fall back to plaintext. Use an http:// endpoint"
-            )));
-        }
-        let hostport = match item.split_once("://") {
-            Some(("http", rest)) => rest,
+        let (scheme, hostport) = match item.split_once("://") {
+            Some((scheme @ ("http" | "https"), rest)) => (scheme, rest),
             Some((scheme, _)) => return bad(&format!("has unsupported scheme {scheme:?}")),
-            None => item,
+            None => ("http", item),
         };
         let hostport = hostport.trim_end_matches('/');
         let Some((host, port)) = hostport.rsplit_once(':') else {
@@ -299,7 +469,7 @@ pub fn parse_endpoints(raw: &str, what: &str) -> Result<Vec<String>> {
         if port.parse::<u16>().map(|p| p == 0).unwrap_or(true) {
             return bad("has no valid port");
         }
-        out.push(format!("http://{host}:{port}"));
+        out.push(format!("{scheme}://{host}:{port}"));
     }
     if out.is_empty() {
         return Err(Error::invalid(format!(
@@ -414,10 +584,37 @@ mod tests {
             (&[(ENV_ENDPOINTS, "localhost")], None, "has no port"),
             (&[(ENV_ENDPOINTS, "grpc://a:1")], None, "unsupported scheme"),
             (
-                &[(ENV_ENDPOINTS, "https://a:1")],
+                &[(ENV_ENDPOINTS, "https://a:1,http://b:2")],
                 None,
-                "not fall back to plaintext",
+                "mixes https:// and plaintext",
             ),
+            (
+                &[(ENV_CA_CERT, "/ca.pem")],
+                None,
+                "TLS is configured (VLLM_NIXL_ETCD_CA_CERT",
+            ),
+            (
+                &[(ENV_ENDPOINTS, "https://a:1"), (ENV_CERT, "/c.pem")],
+                None,
+                "needs both a client certificate and its key",
+            ),
+            (&[(ENV_USERNAME, "u")], None, "no password"),
+            (&[(ENV_PASSWORD, "pw")], None, "no user"),
+            (
+                &[
+                    (ENV_USERNAME, "u"),
+                    (ENV_PASSWORD, "pw"),
+                    (ENV_PASSWORD_FILE, "/pw"),
+                ],
+                None,
+                "set only one",
+            ),
+            (
+                &[(ENV_USERNAME, "u"), (ENV_PASSWORD_FILE, "/nonexistent/pw")],
+                None,
+                "cannot read VLLM_NIXL_ETCD_PASSWORD_FILE=/nonexistent/pw",
+            ),
+            (&[], Some(r#"{"ca_cert":1}"#), "option \"ca_cert\""),
             (&[(ENV_ENDPOINTS, "a:99999")], None, "no valid port"),
             (&[(ENV_ENDPOINTS, " , ")], None, "is empty"),
             (
@@ -483,6 +680,64 @@ mod tests {
                 err.message
             );
         }
+    }
+
+    #[test]
+    fn tls_and_auth_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        let pw = dir.path().join("pw");
+        std::fs::write(&pw, "from-file-pw\n").unwrap();
+        let c = load(
+            &[
+                (ENV_ENDPOINTS, "https://etcd1:2379,https://etcd2:2379/"),
+                (ENV_CA_CERT, "/etc/ca.pem"),
+                (ENV_CERT, "/etc/c.pem"),
+                (ENV_KEY, "/etc/c.key"),
+                (ENV_USERNAME, "alice"),
+                (ENV_PASSWORD_FILE, pw.to_str().unwrap()),
+                (ENV_HMAC_KEY_FILE, "/etc/hmac"),
+            ],
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            c.endpoints,
+            vec!["https://etcd1:2379", "https://etcd2:2379"]
+        );
+        assert!(c.uses_tls());
+        assert_eq!(
+            c.ca_cert.as_deref(),
+            Some(std::path::Path::new("/etc/ca.pem"))
+        );
+        assert_eq!(c.username.as_deref(), Some("alice"));
+        assert_eq!(c.password.as_ref().unwrap().expose(), b"from-file-pw");
+        assert_eq!(
+            c.hmac_key_file.as_deref(),
+            Some(std::path::Path::new("/etc/hmac"))
+        );
+        // The options win, key by key; the password never shows in Debug.
+        let c = load(
+            &[(ENV_USERNAME, "alice"), (ENV_PASSWORD, "env-pw-123")],
+            Some(
+                r#"{"endpoints":"https://e:1","ca_cert":"/ca","username":"bob","password":"opt-pw-456","hmac_previous_key_file":"/old"}"#,
+            ),
+        )
+        .unwrap();
+        assert_eq!(c.username.as_deref(), Some("bob"));
+        assert_eq!(c.password.as_ref().unwrap().expose(), b"opt-pw-456");
+        assert_eq!(
+            c.hmac_previous_key_file.as_deref(),
+            Some(std::path::Path::new("/old"))
+        );
+        let debug = format!("{c:?}");
+        assert!(
+            !debug.contains("opt-pw-456") && !debug.contains("env-pw-123"),
+            "{debug}"
+        );
+        assert!(debug.contains("Secret(<redacted>)"), "{debug}");
+        // A password of the wrong type is not echoed.
+        let e = load(&[], Some(r#"{"password":12345678}"#)).unwrap_err();
+        assert!(!e.message.contains("12345678"), "{}", e.message);
     }
 
     #[test]

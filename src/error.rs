@@ -26,6 +26,12 @@ pub enum Status {
     ErrBadRecord = -8,
     /// A NIXL call failed, or NIXL could not be loaded (feature `nixl`).
     ErrNixl = -9,
+    /// etcd refused the credentials, or the user's roles do not allow the
+    /// operation on the key.
+    ErrPermission = -10,
+    /// Records are signed here (`VLLM_NIXL_ETCD_HMAC_KEY_FILE`) and a record
+    /// in etcd has no signature, or one that does not verify.
+    ErrBadSignature = -11,
 }
 
 impl Status {
@@ -42,6 +48,8 @@ impl Status {
             Status::ErrInternal => "internal error",
             Status::ErrBadRecord => "unreadable record",
             Status::ErrNixl => "NIXL error",
+            Status::ErrPermission => "permission denied",
+            Status::ErrBadSignature => "bad record signature",
         }
     }
 
@@ -58,11 +66,13 @@ impl Status {
             Status::ErrInternal => c"internal error",
             Status::ErrBadRecord => c"unreadable record",
             Status::ErrNixl => c"NIXL error",
+            Status::ErrPermission => c"permission denied",
+            Status::ErrBadSignature => c"bad record signature",
         }
     }
 
     pub fn from_i32(v: i32) -> Option<Status> {
-        const ALL: [Status; 10] = [
+        const ALL: [Status; 12] = [
             Status::Ok,
             Status::ErrInvalidArgument,
             Status::ErrConnection,
@@ -73,6 +83,8 @@ impl Status {
             Status::ErrInternal,
             Status::ErrBadRecord,
             Status::ErrNixl,
+            Status::ErrPermission,
+            Status::ErrBadSignature,
         ];
         ALL.into_iter().find(|s| *s as i32 == v)
     }
@@ -106,6 +118,14 @@ impl Error {
             "the nixl-etcd client is closed; open a new one with nixl_etcd_open",
         )
     }
+    /// A record refused because its signature is missing or wrong.
+    pub fn bad_signature(key: &str, why: impl fmt::Display) -> Self {
+        Self::new(
+            Status::ErrBadSignature,
+            format!("record at key {key} refused: {why}"),
+        )
+    }
+
     pub fn bad_record(key: &str, why: impl fmt::Display) -> Self {
         Self::new(
             Status::ErrBadRecord,
@@ -141,16 +161,18 @@ mod tests {
         assert_eq!(Status::ErrInternal as i32, -7);
         assert_eq!(Status::ErrBadRecord as i32, -8);
         assert_eq!(Status::ErrNixl as i32, -9);
+        assert_eq!(Status::ErrPermission as i32, -10);
+        assert_eq!(Status::ErrBadSignature as i32, -11);
     }
 
     #[test]
     fn every_status_round_trips_and_has_matching_texts() {
-        for v in -9..=0 {
+        for v in -11..=0 {
             let s = Status::from_i32(v).expect("known status");
             assert_eq!(s as i32, v);
             assert_eq!(s.as_cstr().to_str().unwrap(), s.as_str());
         }
         assert_eq!(Status::from_i32(1), None);
-        assert_eq!(Status::from_i32(-10), None);
+        assert_eq!(Status::from_i32(-12), None);
     }
 }

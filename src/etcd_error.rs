@@ -84,6 +84,10 @@ pub fn is_compacted(e: &EtcdError) -> bool {
 /// to is down or restarting (connection refused or reset), or has no leader
 /// right now (etcd answers `Unavailable`: "no leader", "leader changed").
 pub fn is_transient(e: &EtcdError) -> bool {
+    // A certificate problem does not go away by asking again.
+    if tls_failure(e).is_some() || tls_alert(e).is_some() || tls_eof(e) {
+        return false;
+    }
     match e {
         EtcdError::TransportError(_) | EtcdError::IoError(_) => true,
         EtcdError::GRpcStatus(s) => match s.code() {
@@ -170,15 +174,233 @@ where
     }
 }
 
+/// The errors in `e`'s chain (etcd-client's error does not expose a
+/// status's sources: start there). An `io::Error` wrapping another error is
+/// followed into it (its `source` skips the wrapped error itself).
+fn chain(e: &EtcdError) -> Vec<&(dyn std::error::Error + 'static)> {
+    let mut out = Vec::new();
+    let mut src: Option<&(dyn std::error::Error + 'static)> = match e {
+        EtcdError::GRpcStatus(s) => std::error::Error::source(s),
+        other => std::error::Error::source(other),
+    };
+    while let Some(s) = src {
+        out.push(s);
+        if let Some(inner) = s
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            out.push(inner);
+        }
+        src = s.source();
+    }
+    out
+}
+
+/// The TLS check that failed, in words, if `e` is a TLS failure.
+fn tls_failure(e: &EtcdError) -> Option<rustls::Error> {
+    chain(e)
+        .into_iter()
+        .find_map(|s| s.downcast_ref::<rustls::Error>().cloned())
+}
+
+/// A TLS alert the server sent after the handshake (TLS 1.3 servers refuse
+/// a client certificate then), reported only as text in an HTTP/2 error.
+fn tls_alert(e: &EtcdError) -> Option<String> {
+    let c = cause(e);
+    let (_, rest) = c.split_once("received fatal alert: ")?;
+    Some(
+        rest.split(|ch: char| !ch.is_ascii_alphanumeric())
+            .next()
+            .unwrap_or("")
+            .to_owned(),
+    )
+}
+
+/// The server closed the connection during the TLS handshake: it does not
+/// speak TLS.
+fn tls_eof(e: &EtcdError) -> bool {
+    cause(e).contains("tls handshake eof")
+}
+
+/// A message for a failed TLS handshake that says which check failed and
+/// which setting to look at.
+fn tls_message(err: &rustls::Error, cfg: &Config) -> String {
+    use rustls::{AlertDescription as A, CertificateError as C};
+    let endpoints = cfg.endpoints.join(",");
+    let ca = match &cfg.ca_cert {
+        Some(p) => format!("the CA in VLLM_NIXL_ETCD_CA_CERT={}", p.display()),
+        None => "the system's CA roots (VLLM_NIXL_ETCD_CA_CERT is unset)".to_owned(),
+    };
+    let cert = match &cfg.cert {
+        Some(p) => format!("the client certificate VLLM_NIXL_ETCD_CERT={}", p.display()),
+        None => "no client certificate (VLLM_NIXL_ETCD_CERT and VLLM_NIXL_ETCD_KEY are unset)"
+            .to_owned(),
+    };
+    let what = match err {
+ rustls::Error::InvalidCertificate(c) => match c {
+            C::UnknownIssuer => format!(
+                "check failed: unknown CA: the server's certificate is not signed by {ca}; give the CA that signed etcd's --cert-file"
+            ),
+            C::Expired | C::ExpiredContext { .. } => {
+                "check failed: expired: the server's certificate has expired; renew etcd's --cert-file"
+                    .to_owned()
+            }
+            C::NotValidYet | C::NotValidYetContext { .. } => {
+                "check failed: not yet valid: the server's certificate is not valid yet; check the clocks of both machines"
+                    .to_owned()
+            }
+            C::NotValidForName | C::NotValidForNameContext { .. } => format!(
+                "check failed: name mismatch: the server's certificate is not valid for the host in {endpoints}; use a host name or address that the certificate lists (subjectAltName), or reissue it"
+            ),
+            C::Revoked => "check failed: the server's certificate is revoked".to_owned(),
+            _ => format!("check failed: the server's certificate was refused (verified against {ca})"),
+        },
+ rustls::Error::AlertReceived(alert) => match alert {
+            A::CertificateRequired | A::BadCertificate | A::UnknownCA | A::CertificateExpired
+            | A::CertificateUnknown | A::CertificateRevoked | A::UnsupportedCertificate
+            | A::AccessDenied => format!(
+                "the server refused the client certificate (TLS alert {alert:?}); etcd requires one signed by its --trusted-ca-file (--client-cert-auth), this client sent {cert}"
+            ),
+            _ => format!("the server ended the handshake (TLS alert {alert:?})"),
+        },
+ rustls::Error::InvalidMessage(_) | rustls::Error::InappropriateMessage { .. } => format!(
+            "the server at {endpoints} does not speak TLS; if etcd serves plaintext, use http:// endpoints"
+        ),
+        _ => "the TLS handshake failed".to_owned(),
+    };
+    format!("ETCD connection failed: TLS with {endpoints}: {what} [{err}]")
+}
+
+/// The message for etcd refusing the credentials or an operation, naming the
+/// user and, where known, the key.
+fn permission(e: &EtcdError, op: Op, cfg: &Config, key: Option<&str>) -> Option<Error> {
+    let EtcdError::GRpcStatus(s) = e else {
+        return None;
+    };
+    let msg = s.message();
+    let user = match &cfg.username {
+        Some(u) => format!("user \"{u}\""),
+        None => "no user (VLLM_NIXL_ETCD_USERNAME is unset)".to_owned(),
+    };
+    let what = match key {
+        Some(k) => format!("key {k}"),
+        None => format!("keys under {}/", cfg.namespace),
+    };
+    let text = if s.code() == Code::PermissionDenied || msg.contains("permission denied") {
+        format!(
+            "etcd denied {} of {what} to {user}: {msg}; check that the user's roles grant \
+             readwrite on the prefix {}/ (etcdctl user get / role get), or use the namespace \
+             the user is granted (VLLM_NIXL_ETCD_NAMESPACE)",
+            op.name(),
+            cfg.namespace
+        )
+    } else if msg.contains("authentication failed") {
+        format!(
+            "etcd refused the credentials of {user}: {msg}; check VLLM_NIXL_ETCD_USERNAME and \
+             VLLM_NIXL_ETCD_PASSWORD (or VLLM_NIXL_ETCD_PASSWORD_FILE)"
+        )
+    } else if msg.contains("user name is empty") || msg.contains("user name not found") {
+        format!(
+            "etcd requires authentication and this client sent {user}: {msg}; set \
+             VLLM_NIXL_ETCD_USERNAME and VLLM_NIXL_ETCD_PASSWORD (or VLLM_NIXL_ETCD_PASSWORD_FILE)"
+        )
+    } else if msg.contains("authentication is not enabled") {
+        format!(
+            "credentials were given ({user}) but etcd at {} does not have authentication \
+             enabled: {msg}; unset VLLM_NIXL_ETCD_USERNAME or enable authentication in etcd",
+            cfg.endpoints.join(",")
+        )
+    } else if s.code() == Code::Unauthenticated || msg.contains("invalid auth token") {
+        format!(
+            "etcd did not accept the authentication of {user} for {}: {msg}; check \
+             VLLM_NIXL_ETCD_USERNAME and VLLM_NIXL_ETCD_PASSWORD (or \
+             VLLM_NIXL_ETCD_PASSWORD_FILE)",
+            op.name()
+        )
+    } else {
+        return None;
+    };
+    Some(Error::new(Status::ErrPermission, text))
+}
+
+/// [`map`], naming `key` when etcd denies the operation on it.
+pub fn map_key(e: EtcdError, op: Op, cfg: &Config, key: &str) -> Error {
+    match permission(&e, op, cfg, Some(key)) {
+        Some(err) => err,
+        None => map(e, op, cfg),
+    }
+}
+
 pub fn map(e: EtcdError, op: Op, cfg: &Config) -> Error {
     log::trace!("etcd {} error: {e:?}", op.name());
+    if let Some(err) = permission(&e, op, cfg, None) {
+        return err;
+    }
+    if let Some(tls) = tls_failure(&e) {
+        return Error::new(Status::ErrConnection, tls_message(&tls, cfg));
+    }
     let endpoints = cfg.endpoints.join(",");
+    if let Some(alert) = tls_alert(&e) {
+        let client_cert_alerts = [
+            "BadCertificate",
+            "CertificateRequired",
+            "UnknownCA",
+            "CertificateExpired",
+            "CertificateUnknown",
+            "CertificateRevoked",
+            "UnsupportedCertificate",
+            "AccessDenied",
+        ];
+        let what = if client_cert_alerts.contains(&alert.as_str()) {
+            let cert = match &cfg.cert {
+                Some(p) => format!("the client certificate VLLM_NIXL_ETCD_CERT={}", p.display()),
+                None => "no client certificate (VLLM_NIXL_ETCD_CERT and VLLM_NIXL_ETCD_KEY are \
+                         unset)"
+                    .to_owned(),
+            };
+            format!(
+                "the server refused the client certificate (TLS alert {alert}); etcd requires \
+                 one signed by its --trusted-ca-file (--client-cert-auth), and this client sent \
+                 {cert}"
+            )
+        } else {
+            format!("the server ended the connection with TLS alert {alert}")
+        };
+        return Error::new(
+            Status::ErrConnection,
+            format!(
+                "ETCD connection failed: TLS with {endpoints}: {what} [{}]",
+                cause(&e)
+            ),
+        );
+    }
+    if tls_eof(&e) {
+        return Error::new(
+            Status::ErrConnection,
+            format!(
+                "ETCD connection failed: TLS with {endpoints}: the server closed the connection \
+                 during the TLS handshake: it does not speak TLS; if etcd serves plaintext, use \
+                 http:// endpoints [{}]",
+                cause(&e)
+            ),
+        );
+    }
     let connection = |cause: String| {
+        // A TLS-only server drops a plaintext client's first bytes.
+        let hint = if !cfg.uses_tls()
+            && ["broken pipe", "connection reset", "connection closed"]
+                .iter()
+                .any(|w| cause.to_ascii_lowercase().contains(w))
+        {
+            "; if etcd serves TLS, use https:// endpoints (and VLLM_NIXL_ETCD_CA_CERT)"
+        } else {
+            ""
+        };
         Error::new(
             Status::ErrConnection,
             format!(
                 "ETCD connection failed: {cause}; check that etcd is running at {endpoints} \
-                 (VLLM_NIXL_ETCD_ENDPOINTS)"
+                 (VLLM_NIXL_ETCD_ENDPOINTS){hint}"
             ),
         )
     };

@@ -40,6 +40,13 @@ pub const NIXL_ETCD_ERR_INTERNAL: nixl_etcd_status = -7;
 pub const NIXL_ETCD_ERR_BAD_RECORD: nixl_etcd_status = -8;
 /// A NIXL call failed, or NIXL could not be loaded (builds with NIXL support).
 pub const NIXL_ETCD_ERR_NIXL: nixl_etcd_status = -9;
+/// etcd refused the user name or password, or the user's roles do not allow
+/// the operation on the key (the message names the user and the key).
+pub const NIXL_ETCD_ERR_PERMISSION: nixl_etcd_status = -10;
+/// Records are signed (`VLLM_NIXL_ETCD_HMAC_KEY_FILE`) and a record in etcd
+/// has no signature or a wrong one: it is never handed out (the message
+/// names the key and the reason).
+pub const NIXL_ETCD_ERR_BAD_SIGNATURE: nixl_etcd_status = -11;
 
 /// An open client. Opaque: only pointers to it are handed out.
 pub struct nixl_etcd_client {
@@ -826,6 +833,8 @@ mod tests {
             (NIXL_ETCD_ERR_INTERNAL, Status::ErrInternal),
             (NIXL_ETCD_ERR_BAD_RECORD, Status::ErrBadRecord),
             (NIXL_ETCD_ERR_NIXL, Status::ErrNixl),
+            (NIXL_ETCD_ERR_PERMISSION, Status::ErrPermission),
+            (NIXL_ETCD_ERR_BAD_SIGNATURE, Status::ErrBadSignature),
         ];
         for (c, s) in pairs {
             assert_eq!(c, s as i32);

@@ -40,14 +40,24 @@ pub(crate) async fn write_attached(
     deletes: &[Delete],
     op: Op,
 ) -> Result<i64> {
+    // A refusal names the key(s) written.
+    let keys = kvs
+        .iter()
+        .map(|(k, _)| k.as_str())
+        .chain(deletes.iter().map(|d| match d {
+            Delete::Key(k) | Delete::Prefix(k) => k.as_str(),
+        }))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let map = |e| etcd_error::map_key(e, op, &inner.cfg, &keys);
     match write_values(inner, st.lease_id, kvs, deletes).await {
         Err(e) if etcd_error::is_lease_not_found(&e) => {
             regrant(inner, st, "etcd no longer knows it").await?;
             write_values(inner, st.lease_id, kvs, deletes)
                 .await
-                .map_err(|e| etcd_error::map(e, op, &inner.cfg))
+                .map_err(map)
         }
-        other => other.map_err(|e| etcd_error::map(e, op, &inner.cfg)),
+        other => other.map_err(map),
     }
 }
 

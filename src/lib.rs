@@ -8,6 +8,7 @@ pub mod blob;
 pub mod cache;
 pub mod client;
 pub mod config;
+pub mod connect;
 pub mod error;
 mod etcd_error;
 pub mod events;
@@ -20,6 +21,8 @@ pub mod nixl;
 pub mod nixl_layout;
 pub mod record;
 mod runtime;
+pub mod secret;
+pub mod sign;
 pub mod tp;
 
 pub use client::{Client, Found};

@@ -377,8 +377,8 @@ fn bad_options_name_the_key() {
         (r#"{"lease_ttl_s":-3}"#, "option \"lease_ttl_s\""),
         (r#"{"endpoints":"nohostport"}"#, "has no port"),
         (
-            r#"{"endpoints":"https://127.0.0.1:2379"}"#,
-            "not fall back to plaintext",
+            r#"{"endpoints":"https://127.0.0.1:2379,http://127.0.0.1:2380"}"#,
+            "mixes https:// and plaintext",
         ),
         (r#"{"namespace":"/a/../b"}"#, "namespace"),
         ("not json", "not valid JSON"),

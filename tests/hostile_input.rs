@@ -841,8 +841,8 @@ fn malformed_option_json_is_invalid_argument_naming_what_is_wrong() {
         ("{\"endpoints\":\":2379\"}".into(), "no valid host"),
         ("{\"endpoints\":\"ftp://h:1\"}".into(), "unsupported scheme"),
         (
-            "{\"endpoints\":\"https://h:1\"}".into(),
-            "not fall back to plaintext",
+            "{\"endpoints\":\"https://h:1,http://h:2\"}".into(),
+            "mixes https:// and plaintext",
         ),
         (with("\"timeout_s\":0"), "option \"timeout_s\""),
         (with("\"timeout_s\":-1"), "option \"timeout_s\""),

@@ -98,6 +98,20 @@ class NixlError(NixlEtcdError):
     STATUS = _ffi.ERR_NIXL
 
 
+class PermissionDenied(NixlEtcdError):
+    """etcd refused the credentials, or the user's roles do not allow the operation on the key
+    (``NIXL_ETCD_ERR_PERMISSION``)."""
+
+    STATUS = _ffi.ERR_PERMISSION
+
+
+class BadSignature(NixlEtcdError):
+    """Records are signed (``VLLM_NIXL_ETCD_HMAC_KEY_FILE``) and a record has no signature, or
+    one that does not verify (``NIXL_ETCD_ERR_BAD_SIGNATURE``)."""
+
+    STATUS = _ffi.ERR_BAD_SIGNATURE
+
+
 ERROR_CLASSES: Dict[int, Type[NixlEtcdError]] = {
     cls.STATUS: cls  # type: ignore[misc]
     for cls in (
@@ -110,6 +124,8 @@ ERROR_CLASSES: Dict[int, Type[NixlEtcdError]] = {
         InternalError,
         BadRecord,
         NixlError,
+        PermissionDenied,
+        BadSignature,
     )
 }
 
@@ -124,6 +140,8 @@ STATUS_NAMES: Dict[int, str] = {
     _ffi.ERR_INTERNAL: "NIXL_ETCD_ERR_INTERNAL",
     _ffi.ERR_BAD_RECORD: "NIXL_ETCD_ERR_BAD_RECORD",
     _ffi.ERR_NIXL: "NIXL_ETCD_ERR_NIXL",
+    _ffi.ERR_PERMISSION: "NIXL_ETCD_ERR_PERMISSION",
+    _ffi.ERR_BAD_SIGNATURE: "NIXL_ETCD_ERR_BAD_SIGNATURE",
 }
 
 

@@ -134,6 +134,8 @@ ALL_CLASSES = [
     (-7, nixl_etcd.InternalError),
     (-8, nixl_etcd.BadRecord),
     (-9, nixl_etcd.NixlError),
+    (-10, nixl_etcd.PermissionDenied),
+    (-11, nixl_etcd.BadSignature),
 ]
 
 
