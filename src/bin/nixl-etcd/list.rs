@@ -110,7 +110,12 @@ pub fn group(rows: Vec<RankRow>) -> Vec<EngineRows> {
         .into_iter()
         .map(|(engine, mut ranks)| {
             ranks.sort_by_key(|r| r.rank);
-            let world_size = ranks.iter().filter_map(|r| r.world_size).max();
+            // As the library decides: rank 0's, else the largest declared.
+            let world_size = ranks
+                .iter()
+                .find(|r| r.rank == 0 && r.error.is_none())
+                .and_then(|r| r.world_size)
+                .or_else(|| ranks.iter().filter_map(|r| r.world_size).max());
             let present: BTreeSet<u32> = ranks
                 .iter()
                 .filter(|r| r.error.is_none())
