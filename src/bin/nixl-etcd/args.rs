@@ -299,7 +299,7 @@ fn parse_rank(v: &str) -> Result<u32, CliError> {
 
 fn parse_seconds(v: &str) -> Result<Duration, CliError> {
     match v.trim().parse::<f64>() {
-        Ok(s) if s >= 0.0 && s <= 86_400.0 => Ok(Duration::from_secs_f64(s)),
+        Ok(s) if (0.0..=86_400.0).contains(&s) => Ok(Duration::from_secs_f64(s)),
         _ => Err(usage_err(format!(
             "--timeout {v:?} is not a timeout; give a number of seconds from 0 to 86400"
         ))),
