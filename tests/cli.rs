@@ -460,6 +460,7 @@ fn health_reports_a_stopped_member_unreachable_and_the_others_with_leader_and_ve
             assert_eq!(m["leader_id"], leader_id.as_str(), "{m}");
             assert_eq!(m["is_leader"], i == leader, "{m}");
             assert!(m["rtt_ms"].as_f64().unwrap() > 0.0, "{m}");
+            assert_eq!(m["quorum"], true, "{m}");
         }
     }
     assert_eq!(v["leader_endpoint"], cluster.member(leader).endpoint());
@@ -478,10 +479,26 @@ fn health_reports_a_stopped_member_unreachable_and_the_others_with_leader_and_ve
     assert!(row(leader).contains("yes (this member)"), "{t}");
     assert!(t.contains("2 of 3 endpoints healthy"), "{t}");
 
+    // One member left: it answers, but a linearizable read through it
+    // cannot reach a quorum (even while it still calls itself leader).
+    let last = (down + 1) % 3;
+    cluster.member_mut((down + 2) % 3).stop();
+    let out = run(&eps, &ns, &["health", "--json"]);
+    assert_eq!(
+        out.status.code(),
+        Some(EXIT_DEGRADED),
+        "{}",
+        text(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["healthy"], 0, "{v}");
+    let m = &v["endpoints"][last];
+    assert_eq!(m["reachable"], true, "{m}");
+    assert_eq!(m["quorum"], false, "{m}");
+    assert_eq!(m["healthy"], false, "{m}");
+
     // Every member down: unreachable.
-    for i in 0..3 {
-        cluster.member_mut(i).stop();
-    }
+    cluster.member_mut(last).stop();
     let out = run(&eps, &ns, &["health"]);
     assert_eq!(out.status.code(), Some(EXIT_UNREACHABLE));
 }

@@ -23,7 +23,8 @@ Commands:
                                 block until rank N (or every rank of the
                                 engine's world size, the default) is registered
   health                        every endpoint: reachable, leader, version,
-                                round-trip time
+                                round-trip time, and whether a linearizable
+                                read through it succeeds (a quorum)
 
 Options (anywhere on the line; the environment applies as for the library:
 VLLM_NIXL_ETCD_ENDPOINTS, VLLM_NIXL_ETCD_NAMESPACE, VLLM_NIXL_ETCD_TIMEOUT,
@@ -44,7 +45,7 @@ Exit status:
   3  not found (get)
   4  timed out (wait, or an etcd call past VLLM_NIXL_ETCD_TIMEOUT)
   5  etcd unreachable
-  6  health: some endpoints unreachable or without a leader
+  6  health: some endpoints unreachable, or without a leader or quorum
 ";
 
 /// What to wait for.

@@ -23,11 +23,19 @@ pub struct Member {
     pub rtt: Option<Duration>,
     pub errors: Vec<String>,
     pub error: Option<String>,
+    /// A linearizable read through this member succeeded (it reaches a
+    /// quorum); `false` with the cause in `quorum_error` otherwise.
+    pub quorum: bool,
+    pub quorum_error: Option<String>,
 }
+
+/// Longest wait for the linearizable read: without a quorum etcd holds it
+/// until its own request timeout.
+const QUORUM_READ_LIMIT: Duration = Duration::from_secs(5);
 
 impl Member {
     fn healthy(&self) -> bool {
-        self.reachable && self.leader_id != 0 && self.errors.is_empty()
+        self.reachable && self.leader_id != 0 && self.errors.is_empty() && self.quorum
     }
 }
 
@@ -45,10 +53,26 @@ async fn probe(endpoint: String, timeout: Duration) -> Member {
         maint.status().await.map_err(|e| etcd_cause(&e))?;
         let started = Instant::now();
         let status = maint.status().await.map_err(|e| etcd_cause(&e))?;
-        Ok::<_, String>((status, started.elapsed()))
+        let rtt = started.elapsed();
+        // As `etcdctl endpoint health`: a linearizable read of key "health"
+        // (its absence is fine), which needs a leader with a quorum; a
+        // member may still call itself leader just after losing it.
+        let mut kv = client.kv_client();
+        let read = tokio::time::timeout(QUORUM_READ_LIMIT.min(timeout), kv.get("health", None));
+        let quorum = match read.await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(etcd_cause(&e)),
+            Err(_) => Err(format!(
+                "no answer to a linearizable read within {:.1} s",
+                QUORUM_READ_LIMIT.min(timeout).as_secs_f64()
+            )),
+        };
+        Ok::<_, String>((status, rtt, quorum))
     };
-    match tokio::time::timeout(timeout, run).await {
-        Ok(Ok((s, rtt))) => {
+    match tokio::time::timeout(timeout + QUORUM_READ_LIMIT, run).await {
+        Ok(Ok((s, rtt, quorum))) => {
+            m.quorum = quorum.is_ok();
+            m.quorum_error = quorum.err();
             m.reachable = true;
             m.member_id = s.header().map(|h| h.member_id()).unwrap_or(0);
             m.leader_id = s.leader();
@@ -104,7 +128,8 @@ pub fn run(cfg: &Config, as_json: bool) -> Result<(String, i32), CliError> {
     } else {
         EXIT_DEGRADED
     };
-    let leader = members.iter().find(|m| m.reachable && m.leader_id != 0);
+    // The leader as members with a quorum see it.
+    let leader = members.iter().find(|m| m.healthy());
     let leader_endpoint = leader.and_then(|l| {
         members
             .iter()
@@ -127,8 +152,9 @@ pub fn run(cfg: &Config, as_json: bool) -> Result<(String, i32), CliError> {
                     "raft_term": m.reachable.then_some(m.raft_term),
                     "raft_index": m.reachable.then_some(m.raft_index),
                     "rtt_ms": m.rtt.map(|d| d.as_secs_f64() * 1e3),
+                    "quorum": m.quorum,
                     "errors": m.errors,
-                    "error": m.error,
+                    "error": m.error.clone().or_else(|| m.quorum_error.clone()),
                 })
             })
             .collect();
@@ -152,6 +178,7 @@ pub fn run(cfg: &Config, as_json: bool) -> Result<(String, i32), CliError> {
                     "-".into(),
                     "-".into(),
                     "-".into(),
+                    "-".into(),
                     m.error.clone().unwrap_or_default(),
                 ];
             }
@@ -170,7 +197,13 @@ pub fn run(cfg: &Config, as_json: bool) -> Result<(String, i32), CliError> {
                     .map(|d| format!("{:.2} ms", d.as_secs_f64() * 1e3))
                     .unwrap_or_default(),
                 fmt::size(m.db_size.max(0) as u64),
-                m.errors.join("; "),
+                if m.quorum { "yes" } else { "no" }.into(),
+                m.errors
+                    .iter()
+                    .cloned()
+                    .chain(m.quorum_error.clone())
+                    .collect::<Vec<_>>()
+                    .join("; "),
             ]
         })
         .collect();
@@ -183,6 +216,7 @@ pub fn run(cfg: &Config, as_json: bool) -> Result<(String, i32), CliError> {
             "VERSION",
             "RTT",
             "DB SIZE",
+            "QUORUM",
             "ERROR",
         ],
         &rows,
@@ -194,7 +228,7 @@ pub fn run(cfg: &Config, as_json: bool) -> Result<(String, i32), CliError> {
         match (leader, &leader_endpoint) {
             (Some(l), Some(ep)) => format!("{:x} at {ep}", l.leader_id),
             (Some(l), None) => format!("{:x}", l.leader_id),
-            (None, _) => "none known".into(),
+            (None, _) => "none with a quorum".into(),
         }
     ));
     Ok((out, code))
