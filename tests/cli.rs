@@ -175,6 +175,17 @@ fn list_shows_engines_ranks_and_whether_each_engine_is_complete() {
     let out = ok(&ep, &ns, &["list", "nothing"]);
     assert!(out.contains("engine nothing has no ranks"), "{out}");
 
+    // A value that is not a record is listed as unreadable, not fatal.
+    etcdctl_ok(&etcd, &["put", &format!("{ns}/broken/rank_0"), "{oops"]);
+    let out = ok(&ep, &ns, &["list", "broken"]);
+    assert!(out.contains("broken  0     unreadable: not JSON"), "{out}");
+    let v = json_of(&ep, &ns, &["list", "broken", "--json"]);
+    assert!(v["engines"][0]["ranks"][0]["error"]
+        .as_str()
+        .unwrap()
+        .starts_with("not JSON"));
+    etcdctl_ok(&etcd, &["del", &format!("{ns}/broken/rank_0")]);
+
     // A closed client's records are gone.
     b.close().unwrap();
     let v = json_of(&ep, &ns, &["list", "--json"]);

@@ -112,23 +112,27 @@ impl Etcd {
             if id == 0 || out.contains_key(&id) {
                 continue;
             }
-            let resp = self
+            let ttl = self
                 .retry("the lease time-to-live", || {
                     let mut leases = self.client.lease_client();
                     async move {
-                        leases
+                        match leases
                             .time_to_live(id, Some(LeaseTimeToLiveOptions::new()))
                             .await
+                        {
+                            // -1: expired or revoked.
+                            Ok(r) => Ok((r.ttl() >= 0).then_some(r.ttl())),
+                            // Some versions answer a lease that is gone so.
+                            Err(etcd_client::Error::GRpcStatus(s))
+                                if s.code() == tonic::Code::NotFound =>
+                            {
+                                Ok(None)
+                            }
+                            Err(e) => Err(e),
+                        }
                     }
                 })
-                .await;
-            let ttl = match resp {
-                Ok(r) if r.ttl() >= 0 => Some(r.ttl()),
-                Ok(_) => None,
-                // etcd answers NotFound for a lease that is gone.
-                Err(e) if e.code == crate::fail::EXIT_FAILURE => None,
-                Err(e) => return Err(e),
-            };
+                .await?;
             out.insert(id, ttl);
         }
         Ok(out)
