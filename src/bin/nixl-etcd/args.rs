@@ -1,0 +1,380 @@
+//! Command-line parsing: global options anywhere on the line, then one
+//! command with its own arguments.
+
+use std::time::Duration;
+
+use crate::fail::{CliError, EXIT_USAGE};
+
+pub const USAGE: &str = "\
+usage: nixl-etcd [OPTIONS] COMMAND [ARGS]
+
+Inspect the NIXL agent metadata that engines publish in etcd.
+
+Commands:
+  list [ENGINE]                 engines and ranks: host, incarnation, age, lease
+                                time left, metadata size, world size, complete
+  list --nixl                   agents in NIXL's own key layout (marks keys
+                                without a lease, which outlive a crash)
+  get ENGINE RANK [--raw FILE]  one record; --raw writes the metadata to FILE
+                                byte for byte ('-' for stdout)
+  watch [ENGINE]                live ADDED/UPDATED/REPLACED/REMOVED events, one
+                                line each, until SIGINT or SIGTERM
+  wait ENGINE [--rank N | --all] [--timeout S]
+                                block until rank N (or every rank of the
+                                engine's world size, the default) is registered
+  health                        every endpoint: reachable, leader, version,
+                                round-trip time, and whether a linearizable
+                                read through it succeeds (a quorum)
+
+Options (anywhere on the line; the environment applies as for the library:
+VLLM_NIXL_ETCD_ENDPOINTS, VLLM_NIXL_ETCD_NAMESPACE, VLLM_NIXL_ETCD_TIMEOUT,
+NIXL_ETCD_NAMESPACE, ...):
+  --endpoints URLS      comma-separated etcd endpoints (option \"endpoints\")
+  --namespace NS        namespace of the rank records (option \"namespace\")
+  --nixl-namespace NS   namespace of NIXL's layout (option \"nixl_namespace\")
+  --options JSON        a JSON object of the library's options
+  --json                machine-readable output (one JSON document, or one
+                        JSON object per line for watch)
+  -h, --help            this text
+  -V, --version         the version
+
+Exit status:
+  0  success (wait: found; health: every endpoint healthy)
+  1  any other failure (an unreadable record, an I/O error)
+  2  bad command line, option or environment value
+  3  not found (get)
+  4  timed out (wait, or an etcd call past VLLM_NIXL_ETCD_TIMEOUT)
+  5  etcd unreachable
+  6  health: some endpoints unreachable, or without a leader or quorum
+";
+
+/// What to wait for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WaitFor {
+    Rank(u32),
+    All,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command {
+    List {
+        engine: Option<String>,
+        nixl: bool,
+    },
+    Get {
+        engine: String,
+        rank: u32,
+        raw: Option<String>,
+    },
+    Watch {
+        engine: Option<String>,
+    },
+    Wait {
+        engine: String,
+        what: WaitFor,
+        timeout: Option<Duration>,
+    },
+    Health,
+    Help,
+    Version,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Args {
+    pub json: bool,
+    /// The library's options as one JSON object (`--options` merged with
+    /// the flags that override single keys), or `None` for the environment
+    /// alone.
+    pub options: Option<String>,
+    pub command: Command,
+}
+
+fn usage_err(msg: impl Into<String>) -> CliError {
+    CliError::new(
+        EXIT_USAGE,
+        format!("{}; run nixl-etcd --help for usage", msg.into()),
+    )
+}
+
+/// Splits `--name=value` and takes the value of `--name value`.
+struct Words {
+    items: Vec<String>,
+    pos: usize,
+}
+
+impl Words {
+    fn next(&mut self) -> Option<String> {
+        let w = self.items.get(self.pos).cloned();
+        self.pos += 1;
+        w
+    }
+    fn value(&mut self, flag: &str, inline: Option<String>) -> Result<String, CliError> {
+        match inline {
+            Some(v) => Ok(v),
+            None => self
+                .next()
+                .ok_or_else(|| usage_err(format!("{flag} needs a value"))),
+        }
+    }
+}
+
+pub fn parse(argv: Vec<String>) -> Result<Args, CliError> {
+    let mut words = Words {
+        items: argv,
+        pos: 0,
+    };
+    let mut json = false;
+    let mut base_options: Option<serde_json::Map<String, serde_json::Value>> = None;
+    let mut overrides = serde_json::Map::new();
+    let mut positional: Vec<String> = Vec::new();
+    let mut nixl = false;
+    let mut all = false;
+    let mut rank: Option<u32> = None;
+    let mut raw: Option<String> = None;
+    let mut timeout: Option<Duration> = None;
+    let mut help = false;
+    let mut version = false;
+    let mut only_positional = false;
+    while let Some(word) = words.next() {
+        if only_positional || !word.starts_with('-') || word == "-" {
+            positional.push(word);
+            continue;
+        }
+        if word == "--" {
+            only_positional = true;
+            continue;
+        }
+        let (flag, inline) = match word.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f.to_owned(), Some(v.to_owned())),
+            _ => (word.clone(), None),
+        };
+        match flag.as_str() {
+            "-h" | "--help" => help = true,
+            "-V" | "--version" => version = true,
+            "--json" => json = true,
+            "--nixl" => nixl = true,
+            "--all" => all = true,
+            "--endpoints" => {
+                let v = words.value(&flag, inline)?;
+                overrides.insert("endpoints".into(), v.into());
+            }
+            "--namespace" => {
+                let v = words.value(&flag, inline)?;
+                overrides.insert("namespace".into(), v.into());
+            }
+            "--nixl-namespace" => {
+                let v = words.value(&flag, inline)?;
+                overrides.insert("nixl_namespace".into(), v.into());
+            }
+            "--options" => {
+                let v = words.value(&flag, inline)?;
+                match serde_json::from_str::<serde_json::Value>(&v) {
+                    Ok(serde_json::Value::Object(m)) => base_options = Some(m),
+                    Ok(_) => {
+                        return Err(usage_err(
+                            "--options must be a JSON object such as \
+                             {\"endpoints\":\"http://host:2379\"}",
+                        ))
+                    }
+                    Err(e) => return Err(usage_err(format!("--options is not valid JSON: {e}"))),
+                }
+            }
+            "--rank" => {
+                let v = words.value(&flag, inline)?;
+                rank = Some(parse_rank(&v)?);
+            }
+            "--raw" => raw = Some(words.value(&flag, inline)?),
+            "--timeout" => {
+                let v = words.value(&flag, inline)?;
+                timeout = Some(parse_seconds(&v)?);
+            }
+            _ => return Err(usage_err(format!("unknown option {flag}"))),
+        }
+    }
+    let options = if base_options.is_none() && overrides.is_empty() {
+        None
+    } else {
+        let mut m = base_options.unwrap_or_default();
+        m.extend(overrides);
+        Some(serde_json::Value::Object(m).to_string())
+    };
+    let done = |command| {
+        Ok(Args {
+            json,
+            options: options.clone(),
+            command,
+        })
+    };
+    if help {
+        return done(Command::Help);
+    }
+    if version {
+        return done(Command::Version);
+    }
+    let mut pos = positional.into_iter();
+    let Some(name) = pos.next() else {
+        return Err(usage_err("no command given"));
+    };
+    let rest: Vec<String> = pos.collect();
+    let refuse = |what: &str, allowed: bool| {
+        if allowed {
+            Ok(())
+        } else {
+            Err(usage_err(format!("{what} does not apply to {name}")))
+        }
+    };
+    refuse("--nixl", !nixl || name == "list")?;
+    refuse("--all", !all || name == "wait")?;
+    refuse("--rank", rank.is_none() || name == "wait")?;
+    refuse("--timeout", timeout.is_none() || name == "wait")?;
+    refuse("--raw", raw.is_none() || name == "get")?;
+    let max_args = |n: usize| {
+        if rest.len() > n {
+            Err(usage_err(format!(
+                "{name} takes at most {n} argument(s), got {:?}",
+                rest
+            )))
+        } else {
+            Ok(())
+        }
+    };
+    let command = match name.as_str() {
+        "list" => {
+            max_args(1)?;
+            if nixl && !rest.is_empty() {
+                return Err(usage_err("list --nixl takes no ENGINE"));
+            }
+            Command::List {
+                engine: rest.first().cloned(),
+                nixl,
+            }
+        }
+        "get" => {
+            if rest.len() != 2 {
+                return Err(usage_err("get needs ENGINE and RANK"));
+            }
+            Command::Get {
+                engine: rest[0].clone(),
+                rank: parse_rank(&rest[1])?,
+                raw,
+            }
+        }
+        "watch" => {
+            max_args(1)?;
+            Command::Watch {
+                engine: rest.first().cloned(),
+            }
+        }
+        "wait" => {
+            if rest.len() != 1 {
+                return Err(usage_err("wait needs ENGINE"));
+            }
+            if all && rank.is_some() {
+                return Err(usage_err("give --rank N or --all, not both"));
+            }
+            Command::Wait {
+                engine: rest[0].clone(),
+                what: rank.map(WaitFor::Rank).unwrap_or(WaitFor::All),
+                timeout,
+            }
+        }
+        "health" => {
+            max_args(0)?;
+            Command::Health
+        }
+        "help" => Command::Help,
+        other => return Err(usage_err(format!("unknown command {other:?}"))),
+    };
+    done(command)
+}
+
+fn parse_rank(v: &str) -> Result<u32, CliError> {
+    if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(usage_err(format!(
+            "rank {v:?} is not a rank; give a whole number from 0"
+        )));
+    }
+    v.parse::<u32>()
+        .map_err(|_| usage_err(format!("rank {v} is out of range")))
+}
+
+fn parse_seconds(v: &str) -> Result<Duration, CliError> {
+    match v.trim().parse::<f64>() {
+        Ok(s) if (0.0..=86_400.0).contains(&s) => Ok(Duration::from_secs_f64(s)),
+        _ => Err(usage_err(format!(
+            "--timeout {v:?} is not a timeout; give a number of seconds from 0 to 86400"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(line: &str) -> Result<Args, CliError> {
+        parse(line.split_whitespace().map(str::to_owned).collect())
+    }
+
+    #[test]
+    fn commands_and_global_options_anywhere() {
+        let a = p("list --json e1 --endpoints=http://h:1").unwrap();
+        assert!(a.json);
+        assert_eq!(
+            a.command,
+            Command::List {
+                engine: Some("e1".into()),
+                nixl: false
+            }
+        );
+        let o: serde_json::Value = serde_json::from_str(a.options.as_deref().unwrap()).unwrap();
+        assert_eq!(o["endpoints"], "http://h:1");
+        let a = p("wait e --rank 3 --timeout 1.5").unwrap();
+        assert_eq!(
+            a.command,
+            Command::Wait {
+                engine: "e".into(),
+                what: WaitFor::Rank(3),
+                timeout: Some(Duration::from_millis(1500))
+            }
+        );
+        assert_eq!(p("get e 2").unwrap().options, None);
+    }
+
+    #[test]
+    fn flags_override_options_key_by_key() {
+        let a = parse(vec![
+            "--options".into(),
+            r#"{"endpoints":"http://a:1","timeout_s":2}"#.into(),
+            "--endpoints".into(),
+            "http://b:2".into(),
+            "health".into(),
+        ])
+        .unwrap();
+        let o: serde_json::Value = serde_json::from_str(a.options.as_deref().unwrap()).unwrap();
+        assert_eq!(o["endpoints"], "http://b:2");
+        assert_eq!(o["timeout_s"], 2);
+    }
+
+    #[test]
+    fn bad_lines_are_usage_errors() {
+        for bad in [
+            "",
+            "frobnicate",
+            "get e",
+            "get e x",
+            "get e -1",
+            "wait",
+            "wait e --rank 1 --all",
+            "list --raw f",
+            "list --nixl e",
+            "health extra",
+            "wait e --timeout -2",
+            "list --bogus",
+            "list --endpoints",
+        ] {
+            let e = p(bad).unwrap_err();
+            assert_eq!(e.code, EXIT_USAGE, "{bad:?}");
+            assert!(e.message.contains("--help"), "{}", e.message);
+        }
+    }
+}
