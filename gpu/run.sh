@@ -1,0 +1,159 @@
+#!/usr/bin/env bash
+# The GPU run, in one go on a machine with an NVIDIA GPU: unpacks what
+# gpu/pack.sh packed (bundle.tar.xz beside this script), starts a private etcd,
+# and for each UCX setting runs a prefill and a decode process of
+# examples/gpu_kv.rs on GPU 0; they find each other only through etcd (this
+# library) and move 1 GiB of KV blocks VRAM->VRAM with a NIXL READ (UCX).
+# The fastest setting is run again with 64 KiB, 32 MiB and 1 GiB blocks.
+#
+# Writes $OUT/gpu-result.md (a summary, also printed) and $OUT/gpu-log.txt
+# (machine probe, every process's output). OUT defaults to ./gpu-out.
+#
+#   bash run.sh            environment: GPU_KV_BUNDLE (tarball), GPU_KV_WORK (scratch dir)
+set -u
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+OUT="${OUT:-$PWD/gpu-out}"
+mkdir -p "$OUT"
+W="${GPU_KV_WORK:-/tmp/gpu_kv}"
+rm -rf "$W" && mkdir -p "$W"
+RES="$OUT/gpu-result.md"
+LOG="$OUT/gpu-log.txt"
+: >"$LOG"
+start=$SECONDS
+say() { echo "$*" | tee -a "$LOG"; }
+
+tar -xJf "${GPU_KV_BUNDLE:-$here/bundle.tar.xz}" -C "$W" || { say "run.sh: cannot unpack the bundle"; exit 1; }
+BIN="$W/bin/gpu_kv"
+NIXL_LIBS="$W/nixl/.nixl_cu13.mesonpy.libs"
+export NIXL_CAPI_LIB="$NIXL_LIBS/libnixl_capi.so" NIXL_PLUGIN_DIR="$NIXL_LIBS/plugins"
+
+# CUDA's user-space libraries: libcuda from the driver; NVRTC (the check
+# kernel) and libcudart (UCX's CUDA memory hooks) from the toolkit or from a
+# Python package.
+libdirs=""
+for lib in libnvrtc.so.13 libcudart.so.13; do
+  p="$(ldconfig -p | awk -v n="$lib" '$1 == n { print $NF; exit }')"
+  if [ -z "$p" ]; then
+    p="$(find /usr/local/cuda/lib64 /usr/local/cuda*/lib64 /usr/local/cuda*/targets /usr/lib /opt \
+          -name "$lib*" -not -path '*stubs*' 2>/dev/null | head -n 1)"
+  fi
+  [ -n "$p" ] && libdirs="$libdirs:$(dirname "$p")"
+done
+export LD_LIBRARY_PATH="${libdirs#:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+
+{
+  echo "== probe"
+  date -u
+  uname -r
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  nvidia-smi | grep -i 'CUDA Version' | sed 's/  */ /g'
+  command -v nvcc >/dev/null && nvcc --version | tail -n 1
+  python3 --version
+  ldconfig -p | grep -E 'libcuda\.so\.1|libnvidia-ml\.so\.1|libnvrtc|libcudart' | head
+  echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+  du -sh "$W/bin" "$W/nixl"
+} >>"$LOG" 2>&1
+
+# etcd, private, on loopback.
+EP=http://127.0.0.1:23790
+"$W/bin/etcd" --name gpu --data-dir "$W/etcd" \
+  --listen-client-urls "$EP" --advertise-client-urls "$EP" \
+  --listen-peer-urls http://127.0.0.1:23800 --initial-advertise-peer-urls http://127.0.0.1:23800 \
+  --initial-cluster gpu=http://127.0.0.1:23800 >"$W/etcd.log" 2>&1 &
+etcd_pid=$!
+trap 'kill $etcd_pid 2>/dev/null' EXIT
+for _ in $(seq 100); do
+  python3 -c "import urllib.request,sys; sys.exit(0 if b'true' in urllib.request.urlopen('$EP/health', timeout=1).read() else 1)" \
+    2>/dev/null && break
+  sleep 0.1
+done
+say "etcd $("$W/bin/etcd" --version | head -n 1) up after $((SECONDS - start)) s on $EP"
+export VLLM_NIXL_USE_ETCD=1 VLLM_NIXL_ETCD_ENDPOINTS="$EP" VLLM_NIXL_ETCD_NAMESPACE=/gpu-kv
+
+rows=""
+best_name="" best_env="" best_gbps=0
+# run_case NAME "ENV=VALUE ..." "prefill options"
+run_case() {
+  local name="$1" envs="$2" opts="$3" eng="gpu-kv-$1" pp rc prc r status
+  if [ $((SECONDS - start)) -gt 420 ]; then
+    rows="$rows| $name | \`${envs:-UCX defaults}\` | skipped (time) | | | | | | |"$'\n'
+    return
+  fi
+  # shellcheck disable=SC2086
+  env $envs "$BIN" prefill "$eng" $opts --timeout-s 90 >"$W/$name.prefill" 2>&1 &
+  pp=$!
+  for _ in $(seq 600); do
+    grep -q '^prefill: ready' "$W/$name.prefill" && break
+    kill -0 "$pp" 2>/dev/null || break
+    sleep 0.1
+  done
+  if grep -q '^prefill: ready' "$W/$name.prefill"; then
+    # shellcheck disable=SC2086
+    env $envs UCX_PROTO_INFO=y timeout 100 "$BIN" decode "$eng" --timeout-s 60 >"$W/$name.decode" 2>&1
+    rc=$?
+  else
+    echo "decode not started: the prefill did not get ready" >"$W/$name.decode"
+    rc=125
+  fi
+  for _ in $(seq 200); do kill -0 "$pp" 2>/dev/null || break; sleep 0.1; done
+  kill "$pp" 2>/dev/null
+  wait "$pp"
+  prc=$?
+  {
+    echo "== case $name (${envs:-UCX defaults}; $opts): decode exit $rc, prefill exit $prc"
+    echo "-- prefill"; cat "$W/$name.prefill"
+    echo "-- decode"; cat "$W/$name.decode"
+  } >>"$LOG"
+  r="$(grep '^RESULT' "$W/$name.decode" | tail -n 1)"
+  get() { sed -n "s/.* $1=\([^ ]*\).*/\1/p" <<<" $r"; }
+  if [ "$rc" -eq 0 ] && [ -n "$r" ]; then
+    status="moved, verified"
+    rows="$rows| $name | \`${envs:-UCX defaults}\` | $status | $(get blocks) x $(get block_bytes) B | $(get first_gbps) | $(get median_gbps) | $(get best_gbps) | $(get handshake_ms) | $(get verified_bytes) |"$'\n'
+    if [ "$(awk -v a="$(get median_gbps)" -v b="$best_gbps" 'BEGIN { print (a > b) }')" = 1 ] && [ "$opts" = "" ]; then
+      best_gbps="$(get median_gbps)" best_name="$name" best_env="$envs"
+    fi
+  else
+    status="failed (decode $rc, prefill $prc): $(grep -hE 'gpu_kv|rror' "$W/$name.decode" "$W/$name.prefill" | tail -n 1 | cut -c1-160 | tr '|' '/')"
+    rows="$rows| $name | \`${envs:-UCX defaults}\` | $status | | | | | | |"$'\n'
+  fi
+  say "case $name: $status $(sed 's/^RESULT //' <<<"$r")"
+}
+
+# UCX's defaults: its cuda_ipc transport turns GET (a READ) off on a GPU with
+# no NVLink ("cuda-ipc get zcopy disabled as no nvlinks detected"), so READs
+# fall back to tcp through the host. UCX_CUDA_IPC_ENABLE_GET_ZCOPY=y turns it
+# back on. (UCX_TLS without tcp, e.g. cuda_ipc,cuda_copy,sm,self, fails:
+# NIXL's endpoints need peer failure handling, which shared memory lacks.)
+run_case default "" ""
+run_case ipc-get "UCX_CUDA_IPC_ENABLE_GET_ZCOPY=y" ""
+run_case ipc-get-tcp "UCX_CUDA_IPC_ENABLE_GET_ZCOPY=y UCX_TLS=cuda_ipc,cuda_copy,tcp" ""
+# The same 1 GiB in other block sizes (one NIXL descriptor per block).
+if [ -n "$best_name" ]; then
+  run_case "$best_name-64k" "$best_env" "--blocks 16384 --block-kib 64"
+  run_case "$best_name-32m" "$best_env" "--blocks 32 --block-kib 32768"
+  run_case "$best_name-1g" "$best_env" "--blocks 1 --block-kib 1048576"
+fi
+
+{
+  echo "# GPU KV transfer through NIXL, metadata through nixl-etcd"
+  echo
+  echo "- date (UTC): $(date -u '+%Y-%m-%d %H:%M')"
+  echo "- GPU: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null) ($(nvidia-smi 2>/dev/null | grep -o 'CUDA Version: [0-9.]*'))"
+  echo "- NIXL: nixl-cu13 1.5.1 wheel libraries, UCX backend; etcd $("$W/bin/etcd" --version | head -n 1 | awk '{print $3}') on loopback"
+  echo "- two processes on GPU 0 (prefill, decode), each its own CUDA context and NIXL agent; metadata and KV layout only through etcd"
+  echo
+  echo "| case | UCX settings | result | blocks | first READ GB/s | median GB/s | best GB/s | handshake ms | bytes verified |"
+  echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+  printf '%s' "$rows"
+  echo
+  if [ -n "$best_name" ]; then
+    grep -h '^decode: ' "$W/$best_name.decode" | sed 's/^/    /'
+  fi
+  echo
+  echo "Handshake: from decode starting to wait on etcd for the prefill's rank 0 to the remote agent loaded into NIXL (prefill already published)."
+  echo "GB/s: bytes / wall time of one NIXL READ request (post to completion), one descriptor per block; median over the repeats."
+  echo "Total run time $((SECONDS - start)) s."
+} >"$RES"
+cat "$RES"
+cat "$RES" >>"$LOG"
+[ -n "$best_name" ]
