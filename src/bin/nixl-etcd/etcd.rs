@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::time::Duration;
 
-use etcd_client::{ConnectOptions, GetOptions, KeyValue, LeaseTimeToLiveOptions};
+use etcd_client::{GetOptions, KeyValue, LeaseTimeToLiveOptions};
 use nixl_etcd::Config;
 
 use crate::fail::{etcd_error, is_transient, timed_out, CliError};
@@ -34,7 +34,7 @@ impl Etcd {
 
     /// Connects to every endpoint of `cfg` (requests are balanced over them).
     pub async fn connect(cfg: &Config) -> Result<Etcd, CliError> {
-        let client = connect_to(&cfg.endpoints, cfg.timeout).await?;
+        let client = connect_to(cfg, &cfg.endpoints, cfg.timeout).await?;
         Ok(Etcd {
             client,
             cfg: cfg.clone(),
@@ -139,13 +139,17 @@ impl Etcd {
     }
 }
 
-/// A client for exactly `endpoints`, connected within `timeout`.
+/// A client for exactly `endpoints`, connected within `timeout`, with the
+/// TLS and credentials of `cfg` (as the library connects).
 pub async fn connect_to(
+    cfg: &Config,
     endpoints: &[String],
     timeout: Duration,
 ) -> Result<etcd_client::Client, CliError> {
     let joined = endpoints.join(",");
-    let opts = ConnectOptions::new()
+    let opts = nixl_etcd::connect::ConnectOptions::from_config(cfg)
+        .and_then(|o| o.etcd_options())
+        .map_err(|e| CliError::new(crate::fail::EXIT_USAGE, e.message))?
         .with_connect_timeout(timeout)
         .with_timeout(timeout);
     match tokio::time::timeout(timeout, etcd_client::Client::connect(endpoints, Some(opts))).await {

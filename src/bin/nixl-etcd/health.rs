@@ -39,13 +39,13 @@ impl Member {
     }
 }
 
-async fn probe(endpoint: String, timeout: Duration) -> Member {
+async fn probe(cfg: Config, endpoint: String, timeout: Duration) -> Member {
     let mut m = Member {
         endpoint: endpoint.clone(),
         ..Member::default()
     };
     let run = async {
-        let client = connect_to(std::slice::from_ref(&endpoint), timeout)
+        let client = connect_to(&cfg, std::slice::from_ref(&endpoint), timeout)
             .await
             .map_err(|e| e.message)?;
         let mut maint = client.maintenance_client();
@@ -101,8 +101,8 @@ pub fn probe_all(cfg: &Config) -> Result<Vec<Member>, CliError> {
         let mut set = tokio::task::JoinSet::new();
         for (i, ep) in cfg.endpoints.iter().enumerate() {
             let ep = ep.clone();
-            let timeout = cfg.timeout;
-            set.spawn(async move { (i, probe(ep, timeout).await) });
+            let (cfg, timeout) = (cfg.clone(), cfg.timeout);
+            set.spawn(async move { (i, probe(cfg, ep, timeout).await) });
         }
         let mut out: Vec<(usize, Member)> = Vec::new();
         while let Some(r) = set.join_next().await {
