@@ -413,13 +413,15 @@ impl Cache {
     /// The cached slot of (`engine`, `rank`), if an informer covering the
     /// engine exists and holds it. Runs on any thread, without the runtime.
     pub fn cached(&self, cfg: &Config, engine: &str, rank: u32) -> Option<Slot> {
+        self.covering(cfg, engine)?.get(&(engine.to_owned(), rank))
+    }
+
+    /// The informer that covers `engine`, if one was started.
+    pub fn covering(&self, cfg: &Config, engine: &str) -> Option<Arc<Informer>> {
         let all = self.informers.lock().unwrap_or_else(|e| e.into_inner());
-        let inf = all
-            .get(&keys::engine_prefix(&cfg.namespace, engine))
-            .or_else(|| all.get(&format!("{}/", cfg.namespace)))?
-            .clone();
-        drop(all);
-        inf.get(&(engine.to_owned(), rank))
+        all.get(&keys::engine_prefix(&cfg.namespace, engine))
+            .or_else(|| all.get(&format!("{}/", cfg.namespace)))
+            .cloned()
     }
 
     /// Applies this client's own write to every informer that covers `key`,

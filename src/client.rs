@@ -354,27 +354,22 @@ impl Client {
         let found = self.call(Op::Lookup, cfg.timeout, async move {
             // A cache hit costs no round trip. A miss asks etcd: the cache may
             // lag a registration that another client just made.
-            let informer = inner.informer(Some(&id));
-            let wanted = (id.clone(), rank);
-            if let Some(hit) = informer.get(&wanted) {
+            let listed = inner
+                .cache
+                .covering(&inner.cfg, &id)
+                .filter(|informer| informer.listed());
+            if let Some(hit) = listed.as_ref().and_then(|i| i.get(&(id.clone(), rank))) {
                 return hit;
             }
-            if !informer.listed() {
-                // First interest in this engine: the informer's first list
-                // is this lookup's read.
-                return wait_for(&informer, || match informer.listed() {
-                    true => Some(
-                        informer
-                            .get(&wanted)
-                            .unwrap_or_else(|| Err(not_found(&inner.cfg, &id, rank, &key))),
-                    ),
-                    false => informer.list_error().map(Err),
-                })
-                .await;
-            }
-            get_record(&inner, &key)
+            let found = get_record(&inner, &key)
                 .await?
-                .ok_or_else(|| not_found(&inner.cfg, &id, rank, &key))
+                .ok_or_else(|| not_found(&inner.cfg, &id, rank, &key));
+            // First interest in this engine: follow it from now on (its list
+            // runs after this read, not in its way).
+            if listed.is_none() {
+                inner.informer(Some(&id));
+            }
+            found
         })?;
         log_handshake(started);
         Ok(found)
