@@ -28,6 +28,7 @@ use std::time::Instant;
 
 use etcd_client::{GetOptions, PutOptions};
 use nixl_etcd::blob;
+use nixl_etcd::ffi::{nixl_etcd_buffer, nixl_etcd_buffer_free, nixl_etcd_lookup, NIXL_ETCD_OK};
 
 const MIB: usize = 1 << 20;
 const SIZES: [usize; 2] = [8 * MIB, 64 * MIB];
@@ -181,13 +182,26 @@ fn measure(etcd: &common::EtcdServer, floor: &Floor, size: usize, n: usize) -> R
         let ours = start.elapsed().as_secs_f64();
         let theirs = floor.register(&format!("{floor_prefix}{i}/"), &data)?;
         let reader = capi::open(&opts).map_err(|f| format!("open: {f:?}"))?;
+        // The C call alone (its copy into the returned buffer included);
+        // the bytes are checked after the clock stops.
+        let engine = c"big";
+        let mut buf = nixl_etcd_buffer {
+            data: std::ptr::null_mut(),
+            len: 0,
+        };
         let start = Instant::now();
-        let got = reader
-            .lookup("big", 0)
-            .map_err(|f| format!("lookup: {f:?}"))?;
+        // SAFETY: an open handle, a NUL-terminated id, a writable buffer.
+        let rc = unsafe { nixl_etcd_lookup(reader.0, engine.as_ptr(), 0, &mut buf) };
         let ours_lookup = start.elapsed().as_secs_f64();
+        if rc != NIXL_ETCD_OK {
+            return Err(format!("lookup: status {rc}: {}", capi::last_error()));
+        }
+        // SAFETY: the library filled `buf` with `len` bytes.
+        let same = unsafe { std::slice::from_raw_parts(buf.data, buf.len) } == data.as_slice();
+        // SAFETY: a buffer the library filled, freed once.
+        unsafe { nixl_etcd_buffer_free(&mut buf) };
         reader.close().map_err(|f| format!("close: {f:?}"))?;
-        if got != data {
+        if !same {
             return Err("lookup returned other bytes".into());
         }
         let theirs_lookup = floor.lookup(&format!("{floor_prefix}{i}/"), size)?;

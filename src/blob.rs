@@ -225,22 +225,20 @@ async fn fetch_at(
         if let Some(rev) = revision {
             opts = opts.with_revision(rev);
         }
-        let resp = etcd_error::retry_transient(cfg, || {
+        let mut resp = etcd_error::retry_transient(cfg, || {
             requests.fetch_add(1, Ordering::Relaxed);
             let mut kv = kv.clone();
             let (from, opts) = (from.clone(), opts.clone());
             async move { kv.get(from, Some(opts)).await }
         })
         .await?;
-        out.extend(
-            resp.kvs()
-                .iter()
-                .map(|kv| (kv.key().to_vec(), kv.value().to_vec())),
-        );
+        let more = resp.more();
+        // Taken, not copied: a chunk is up to a request's size.
+        out.extend(resp.take_kvs().into_iter().map(|kv| kv.into_key_value()));
         // More chunks than the record names: stop reading, assemble refuses.
-        match resp.kvs().last() {
-            Some(last) if resp.more() && out.len() <= blob.chunks as usize => {
-                from = last.key().to_vec();
+        match out.last() {
+            Some((last, _)) if more && out.len() <= blob.chunks as usize => {
+                from = last.clone();
                 from.push(0);
             }
             _ => return Ok(out),

@@ -25,7 +25,7 @@ use crate::sign::Signer;
 pub struct Entry {
     /// The record without its base64 copy of the metadata.
     pub record: Arc<Record>,
-    pub metadata: Arc<[u8]>,
+    pub metadata: Arc<Vec<u8>>,
     /// etcd's mod_revision of the key.
     pub revision: i64,
 }
@@ -50,7 +50,7 @@ impl Entry {
         let entry = verified.and_then(|value| Record::from_json(key, &value, engine, rank));
         let entry = entry.map(|(record, md)| Entry {
             record: Arc::new(record),
-            metadata: md.into(),
+            metadata: Arc::new(md),
             revision: kv.mod_revision(),
         });
         Some(((engine.to_owned(), rank), entry))
@@ -87,7 +87,7 @@ pub(crate) async fn complete(
     }
     let assembled = blob::assemble(&key, &prefix, blob, rec.metadata_len, &chunks);
     Ok(Some(assembled.map(|md| Entry {
-        metadata: md.into(),
+        metadata: Arc::new(md),
         ..entry
     })))
 }
@@ -303,7 +303,7 @@ fn event(kind: EventKind, e: &Entry) -> Event {
         incarnation: e.record.incarnation.clone(),
         host: e.record.host.clone(),
         metadata: if kind == EventKind::Removed {
-            Arc::from(Vec::new())
+            Arc::new(Vec::new())
         } else {
             e.metadata.clone()
         },

@@ -265,7 +265,7 @@ impl Client {
         record.metadata = String::new();
         let entry = Entry {
             record: Arc::new(record),
-            metadata: Arc::from(metadata),
+            metadata: Arc::new(metadata.to_vec()),
             revision: 0,
         };
         let inner = self.inner.clone();

@@ -30,7 +30,7 @@ pub struct Event {
     pub incarnation: String,
     pub host: String,
     /// Empty for `Removed`.
-    pub metadata: Arc<[u8]>,
+    pub metadata: Arc<Vec<u8>>,
     /// etcd revision of the change.
     pub revision: i64,
 }

@@ -72,7 +72,9 @@ pub fn run(
             "metadata_len": md.len(),
         });
         if raw.is_none() {
-            v["metadata_base64"] = base64::engine::general_purpose::STANDARD.encode(md).into();
+            v["metadata_base64"] = base64::engine::general_purpose::STANDARD
+                .encode(md.as_slice())
+                .into();
         } else {
             v["metadata_file"] = raw.into();
         }
