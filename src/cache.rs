@@ -559,7 +559,7 @@ async fn list_prefix(
                 page /= 2;
                 continue;
             }
-            other => other.map_err(|e| etcd_error::map(e, Op::Lookup, cfg))?,
+            other => other.map_err(|e| etcd_error::map_key(e, Op::Lookup, cfg, prefix))?,
         };
         if revision == 0 {
             revision = resp.header().map(|h| h.revision()).unwrap_or(0);

@@ -788,7 +788,7 @@ async fn get_record(inner: &Inner, key: &str) -> Result<Option<Found>> {
         async move { kv.get(key, None).await }
     })
     .await
-    .map_err(|e| etcd_error::map(e, Op::Lookup, &inner.cfg))?;
+    .map_err(|e| etcd_error::map_key(e, Op::Lookup, &inner.cfg, key))?;
     let Some(kv) = resp.kvs().first() else {
         return Ok(None);
     };

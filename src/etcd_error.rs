@@ -283,6 +283,7 @@ fn permission(e: &EtcdError, op: Op, cfg: &Config, key: Option<&str>) -> Option<
         None => "no user (VLLM_NIXL_ETCD_USERNAME is unset)".to_owned(),
     };
     let what = match key {
+        Some(k) if k.ends_with('/') => format!("keys under {k}"),
         Some(k) => format!("key {k}"),
         None => format!("keys under {}/", cfg.namespace),
     };

@@ -28,5 +28,7 @@ pub mod tp;
 pub use client::{Client, Found};
 pub use config::Config;
 pub use error::{Error, Result, Status};
+/// The cause of an etcd-client error in one line (gRPC message and sources).
+pub use etcd_error::cause as etcd_cause;
 pub use events::{Event, EventKind};
 pub use record::Record;

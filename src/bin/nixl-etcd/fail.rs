@@ -50,23 +50,7 @@ impl From<Error> for CliError {
 /// The cause of an etcd-client error in one line: the gRPC message and the
 /// chain of sources under it ("tcp connect error: Connection refused").
 pub fn etcd_cause(e: &etcd_client::Error) -> String {
-    let mut out = match e {
-        etcd_client::Error::GRpcStatus(s) => s.message().to_owned(),
-        other => other.to_string(),
-    };
-    let mut src = match e {
-        etcd_client::Error::GRpcStatus(s) => std::error::Error::source(s),
-        other => std::error::Error::source(other),
-    };
-    while let Some(s) = src {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        src = s.source();
-    }
-    out.replace('\n', " ")
+    nixl_etcd::etcd_cause(e).replace('\n', " ")
 }
 
 /// Whether another attempt may succeed (a member down, no leader for now).
