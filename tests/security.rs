@@ -296,7 +296,9 @@ fn auth_etcd(users: &[(&str, &str, &str)], extra_args: &[&str]) -> EtcdServer {
                 &role,
                 "--prefix=true",
                 "readwrite",
-                &format!("{ns}/"),
+                // The namespace without its '/': the records and, beside
+                // them, the chunks of large metadata (`{ns}.blobs/`).
+                ns,
             ],
         );
         etcdctl_ok(&etcd, &["user", "add", &format!("{user}:{pw}")]);
@@ -344,6 +346,11 @@ fn a_role_works_inside_its_namespace_and_nobody_else_can_read_or_overwrite_it() 
         ],
     );
     assert!(out.contains("\"engine_id\":\"prefill_engine\""), "{out}");
+    // Metadata over one request goes in chunks beside the namespace, which
+    // the role covers too.
+    let big = capi::blob(3, 2 << 20);
+    alice.register("prefill_engine", 1, &big).unwrap();
+    assert_eq!(alice.lookup("prefill_engine", 1).unwrap(), big);
 
     // bob, granted only ns_b, aims at ns_a.
     let bob = capi::open(&opts(&etcd.endpoint(), &ns_a, &creds("bob", "bob-pw-91c")))
@@ -364,6 +371,8 @@ fn a_role_works_inside_its_namespace_and_nobody_else_can_read_or_overwrite_it() 
             && f.message.contains("user \"bob\""),
         "{f:?}"
     );
+    let f = bob.lookup("prefill_engine", 1).unwrap_err();
+    assert_eq!(f.status, NIXL_ETCD_ERR_PERMISSION, "{f:?}");
     bob.close().unwrap();
     // Nothing of alice's changed.
     assert_eq!(alice.lookup("prefill_engine", 0).unwrap(), b"alice-md");
