@@ -173,6 +173,12 @@ fn chunked_metadata_is_covered_by_the_signed_checksum() {
     );
     let first = chunks.lines().find(|l| !l.trim().is_empty()).unwrap();
     etcdctl_ok(&etcd, &["put", first, "tampered"]);
+    // Readers read a record's chunks as of the record's revision, so the
+    // forger also writes the signed record again, unchanged (it still
+    // verifies), to make the tampered chunk current for it.
+    let record_key = format!("{ns}/e/rank_0");
+    let record = value_of(&etcd, &record_key);
+    etcdctl_ok(&etcd, &["put", &record_key, &record]);
     let reader = open(&etcd.options_json(&ns, &extra)).unwrap();
     let f = reader.lookup("e", 0).unwrap_err();
     assert_eq!(f.status, NIXL_ETCD_ERR_BAD_RECORD, "{f:?}");
