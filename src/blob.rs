@@ -124,7 +124,9 @@ pub fn assemble(
             blob.chunks
         )));
     }
-    let mut out = Vec::with_capacity(metadata_len);
+    // Sized by what arrived, not by what the record claims.
+    let total: usize = chunks.iter().map(|(_, v)| v.len()).sum();
+    let mut out = Vec::with_capacity(total.min(metadata_len));
     for (i, (key, value)) in chunks.iter().enumerate() {
         let want = format!("{prefix}{i:06}");
         if key.as_slice() != want.as_bytes() {
@@ -217,7 +219,8 @@ async fn fetch_at(
     );
     let end = crate::cache::prefix_end(prefix);
     let mut from = prefix.as_bytes().to_vec();
-    let mut out: Chunks = Vec::with_capacity(blob.chunks as usize);
+    // The count comes from a record in etcd: grow as chunks arrive.
+    let mut out: Chunks = Vec::with_capacity((blob.chunks as usize).min(1024));
     loop {
         let mut opts = GetOptions::new()
             .with_range(end.clone())

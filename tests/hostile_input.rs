@@ -873,6 +873,18 @@ fn malformed_option_json_is_invalid_argument_naming_what_is_wrong() {
             with("\"max_request_bytes\":-1"),
             "option \"max_request_bytes\"",
         ),
+        (
+            with("\"max_metadata_bytes\":-1"),
+            "option \"max_metadata_bytes\"",
+        ),
+        (
+            with("\"max_metadata_bytes\":1073741825"),
+            "option \"max_metadata_bytes\"",
+        ),
+        (
+            with("\"max_metadata_bytes\":\"64MiB\""),
+            "option \"max_metadata_bytes\"",
+        ),
         (with("\"world_size\":0"), "option \"world_size\""),
         (with("\"world_size\":65537"), "option \"world_size\""),
         (with("\"world_size\":4294967296"), "option \"world_size\""),

@@ -344,3 +344,81 @@ fn chunked_metadata_survives_the_loss_of_the_lease() {
     }));
     writer.close().unwrap();
 }
+
+#[test]
+fn forged_chunk_references_are_bad_records_never_a_crash() {
+    let etcd = EtcdServer::start();
+    let ns = unique_namespace("forged");
+    let reader = client(&etcd, &ns, "");
+    let zeros = "0".repeat(64);
+    let record = |rank: u32, len: u64, blob: &str| {
+        format!(
+            r#"{{"format":1,"engine_id":"e","rank":{rank},"host":"h","pid":1,"incarnation":"i","registered_at_ms":1,"metadata_len":{len},"metadata":"","blob":{blob}}}"#
+        )
+    };
+    let cases = [
+        // A billion one-byte chunks claimed, none there.
+        (
+            record(
+                0,
+                1 << 30,
+                &format!(
+                    r#"{{"generation":"g0","chunks":1073741824,"chunk_size":1,"sha256":"{zeros}"}}"#
+                ),
+            ),
+            "number 0, the record says 1073741824",
+        ),
+        // One chunk claimed 1 GiB long; a tiny one is there.
+        (
+            record(
+                1,
+                1 << 30,
+                &format!(
+                    r#"{{"generation":"g1","chunks":1,"chunk_size":1073741824,"sha256":"{zeros}"}}"#
+                ),
+            ),
+            "hold 3 bytes",
+        ),
+        // Over the 1 GiB bound, a generation that escapes its folder, sizes
+        // that do not add up.
+        (
+            record(
+                2,
+                (1 << 30) + 1,
+                &format!(
+                    r#"{{"generation":"g2","chunks":2,"chunk_size":1073741824,"sha256":"{zeros}"}}"#
+                ),
+            ),
+            "cannot hold",
+        ),
+        (
+            record(
+                3,
+                10,
+                &format!(
+                    r#"{{"generation":"../x","chunks":1,"chunk_size":10,"sha256":"{zeros}"}}"#
+                ),
+            ),
+            "not a plain id",
+        ),
+        (
+            record(
+                4,
+                10,
+                &format!(r#"{{"generation":"g4","chunks":5,"chunk_size":10,"sha256":"{zeros}"}}"#),
+            ),
+            "cannot hold",
+        ),
+    ];
+    etcdctl_ok(
+        &etcd,
+        &["put", &format!("{ns}.blobs/e/rank_1/g1/000000"), "abc"],
+    );
+    for (rank, (value, want)) in cases.iter().enumerate() {
+        etcdctl_ok(&etcd, &["put", &format!("{ns}/e/rank_{rank}"), value]);
+        let f = reader.lookup("e", rank as u32).unwrap_err();
+        assert_eq!(f.status, NIXL_ETCD_ERR_BAD_RECORD, "rank {rank}: {f:?}");
+        assert!(f.message.contains(want), "rank {rank}: {}", f.message);
+    }
+    reader.close().unwrap();
+}
