@@ -66,7 +66,7 @@ fn json_value() -> impl Strategy<Value = Value> {
 /// A valid record of ("e", 3), with some fields replaced by arbitrary
 /// values, some removed, and maybe an extra one.
 fn near_record() -> impl Strategy<Value = Vec<u8>> {
-    const FIELDS: [&str; 10] = [
+    const FIELDS: [&str; 11] = [
         "format",
         "engine_id",
         "rank",
@@ -77,6 +77,7 @@ fn near_record() -> impl Strategy<Value = Vec<u8>> {
         "world_size",
         "metadata_len",
         "metadata",
+        "blob",
     ];
     (
         prop::collection::vec((0..FIELDS.len(), json_value()), 0..4),
@@ -108,7 +109,15 @@ fn check_decode(value: &[u8]) -> Result<(), TestCaseError> {
             // the length it declares.
             prop_assert_eq!(rec.engine_id.as_str(), "e");
             prop_assert_eq!(rec.rank, 3);
-            prop_assert_eq!(rec.metadata_len, md.len());
+            match &rec.blob {
+                // Chunked: the chunks are read later; the claim is bounded.
+                Some(b) => {
+                    prop_assert!(md.is_empty());
+                    prop_assert!(rec.metadata_len <= nixl_etcd::blob::MAX_METADATA_BYTES_LIMIT);
+                    prop_assert_eq!(b.chunks as usize, rec.metadata_len.div_ceil(b.chunk_size));
+                }
+                None => prop_assert_eq!(rec.metadata_len, md.len()),
+            }
             prop_assert_eq!(rec.format, nixl_etcd::record::FORMAT_VERSION);
         }
         Err(e) => {
@@ -135,6 +144,41 @@ proptest! {
     #[test]
     fn record_decoder_takes_near_miss_records(value in near_record()) {
         check_decode(&value)?;
+    }
+
+    #[test]
+    fn chunk_assembly_takes_arbitrary_chunks_and_claims(
+        chunks in prop::collection::vec((0u32..6, prop::collection::vec(any::<u8>(), 0..64)), 0..8),
+        claimed_chunks in 0u32..8,
+        chunk_size in 0usize..80,
+        metadata_len in 0usize..600,
+        honest in any::<bool>(),
+    ) {
+        let prefix = "/ns.blobs/e/rank_3/g/";
+        let read: Vec<(Vec<u8>, Vec<u8>)> = chunks
+            .iter()
+            .map(|(i, v)| (format!("{prefix}{i:06}").into_bytes(), v.clone()))
+            .collect();
+        let joined: Vec<u8> = read.iter().flat_map(|(_, v)| v.clone()).collect();
+        let blob = nixl_etcd::blob::BlobRef {
+            generation: "g".into(),
+            chunks: claimed_chunks,
+            chunk_size,
+            sha256: if honest { nixl_etcd::blob::sha256_hex(&joined) } else { "0".repeat(64) },
+        };
+        match nixl_etcd::blob::assemble(KEY, prefix, &blob, metadata_len, &read) {
+            // Accepted only when everything the record claims holds.
+            Ok(md) => {
+                prop_assert_eq!(&md, &joined);
+                prop_assert_eq!(md.len(), metadata_len);
+                prop_assert_eq!(read.len(), claimed_chunks as usize);
+                prop_assert!(honest);
+            }
+            Err(e) => {
+                prop_assert_eq!(e.status, Status::ErrBadRecord);
+                prop_assert!(e.message.contains(KEY), "{}", e.message);
+            }
+        }
     }
 
     #[test]
