@@ -41,6 +41,14 @@ where
     F: Future<Output = Result<T>> + Send + 'static,
 {
     let handle = handle()?;
+    if tokio::runtime::Handle::try_current().is_err() {
+        // Outside any runtime (a C caller's thread): drive the future right
+        // here, with no hand-off to a worker thread and back. A panic in it
+        // is caught like one in a task.
+        let run = std::panic::AssertUnwindSafe(|| handle.block_on(fut));
+        return std::panic::catch_unwind(run)
+            .unwrap_or_else(|_| Err(Error::internal("a nixl-etcd call panicked; this is a bug")));
+    }
     let (tx, rx) = std::sync::mpsc::sync_channel(1);
     handle.spawn(async move {
         let _ = tx.send(fut.await);
