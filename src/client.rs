@@ -354,22 +354,28 @@ impl Client {
         let found = self.call(Op::Lookup, cfg.timeout, async move {
             // A cache hit costs no round trip. A miss asks etcd: the cache may
             // lag a registration that another client just made.
-            let listed = inner
-                .cache
-                .covering(&inner.cfg, &id)
-                .filter(|informer| informer.listed());
-            if let Some(hit) = listed.as_ref().and_then(|i| i.get(&(id.clone(), rank))) {
+            let informer = inner.informer(Some(&id));
+            let wanted = (id.clone(), rank);
+            if let Some(hit) = informer.get(&wanted) {
                 return hit;
             }
-            let found = get_record(&inner, &key)
-                .await?
-                .ok_or_else(|| not_found(&inner.cfg, &id, rank, &key));
-            // First interest in this engine: follow it from now on (its list
-            // runs after this read, not in its way).
-            if listed.is_none() {
-                inner.informer(Some(&id));
+            if !informer.listed() {
+                // First interest in this engine: the informer's first list
+                // is this lookup's read, so once it returns the engine is in
+                // the cache and served through an etcd outage.
+                return wait_for(&informer, || match informer.listed() {
+                    true => Some(
+                        informer
+                            .get(&wanted)
+                            .unwrap_or_else(|| Err(not_found(&inner.cfg, &id, rank, &key))),
+                    ),
+                    false => informer.list_error().map(Err),
+                })
+                .await;
             }
-            found
+            get_record(&inner, &key)
+                .await?
+                .ok_or_else(|| not_found(&inner.cfg, &id, rank, &key))
         })?;
         log_handshake(started);
         Ok(found)
