@@ -469,15 +469,21 @@ class Client:
         timeout_s: bounds connecting and every call; the default wait timeout.
         lease_ttl_s: the client's lease TTL (integer seconds).
         host: recorded as the rank's host.
-        max_request_bytes: etcd's request size limit (default 1.5 MiB).
+        max_request_bytes: etcd's request size limit (default 1.5 MiB); larger
+            metadata is stored in chunks beside the record.
         world_size: the engine's number of ranks, recorded for ``wait_engine``.
         nixl_namespace: namespace of the ``*_nixl`` calls (verbatim).
-        **options: further keys of the options JSON, passed as they are.
+        **options: further keys of the options JSON, passed as they are:
+            ``max_metadata_bytes`` (default 64 MiB), ``ca_cert``, ``cert``,
+            ``key``, ``username``, ``password``, ``password_file``,
+            ``hmac_key_file``, ``hmac_previous_key_file`` (see the README's
+            Security section).
 
     Raises:
         ConnectionFailed: etcd did not answer within the timeout
             ("ETCD connection failed: ...").
         InvalidArgument: a bad option or environment value.
+        PermissionDenied: etcd refused the credentials.
 
     Use it as a context manager; :meth:`close` revokes the lease, so every
     record the client registered disappears at once.
