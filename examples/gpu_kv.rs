@@ -25,6 +25,10 @@
 //! etcd and the namespace come from the guide's environment
 //! (VLLM_NIXL_ETCD_ENDPOINTS, ...); CUDA and NIXL are loaded at run time.
 
+#[path = "common/mod.rs"]
+mod common;
+use common::layout_engine;
+
 use std::ffi::{CStr, CString};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -34,7 +38,7 @@ use cudarc::driver::{result as cu, sys as cusys, CudaContext, CudaFunction, Laun
 use cudarc::driver::{DriverError, PushKernelArg};
 use cudarc::nvrtc::{result as rtc, sys as rtcsys, Ptx};
 use nixl_etcd::nixl::nixl_sys::{Agent, Backend, MemType, XferOp};
-use nixl_etcd::{Client, Config};
+use nixl_etcd::Client;
 
 const DONE: &[u8] = b"gpu-kv-blocks-read";
 
@@ -131,10 +135,6 @@ fn parse() -> Result<Args, String> {
         }
     }
     Ok(args)
-}
-
-fn layout_engine(engine: &str) -> String {
-    format!("{engine}.kv")
 }
 
 /// Device memory from cuMemAlloc (not a stream-ordered pool: CUDA IPC, which
@@ -675,30 +675,11 @@ fn decode(args: &Args, client: &Client) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
-    let args = match parse() {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("gpu_kv: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let result = Config::load(None)
-        .and_then(Client::open)
-        .map_err(|e| e.to_string())
-        .and_then(|client| {
-            let r = if args.role == "prefill" {
-                prefill(&args, &client)
-            } else {
-                decode(&args, &client)
-            };
-            let _ = client.close();
-            r
-        });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("gpu_kv {}: {e}", args.role);
-            ExitCode::FAILURE
-        }
-    }
+    common::run_role(
+        "gpu_kv",
+        parse(),
+        |a: &Args| a.role.as_str(),
+        prefill,
+        decode,
+    )
 }

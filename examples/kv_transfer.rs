@@ -11,11 +11,15 @@
 //! (ENGINE_ID.kv, rank 0), like vLLM's handshake payload; it exits once the
 //! decode side's notification arrives.
 
+#[path = "common/mod.rs"]
+mod common;
+use common::layout_engine;
+
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use nixl_etcd::nixl::nixl_sys::{Agent, MemType, XferOp};
-use nixl_etcd::{Client, Config};
+use nixl_etcd::Client;
 
 const DONE: &[u8] = b"kv-blocks-read";
 
@@ -59,10 +63,6 @@ fn parse() -> Result<Args, String> {
         }
     }
     Ok(args)
-}
-
-fn layout_engine(engine: &str) -> String {
-    format!("{engine}.kv")
 }
 
 fn prefill(args: &Args, client: &Client) -> Result<(), String> {
@@ -196,30 +196,11 @@ fn decode(args: &Args, client: &Client) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
-    let args = match parse() {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("kv_transfer: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let result = Config::load(None)
-        .and_then(Client::open)
-        .map_err(|e| e.to_string())
-        .and_then(|client| {
-            let r = if args.role == "prefill" {
-                prefill(&args, &client)
-            } else {
-                decode(&args, &client)
-            };
-            let _ = client.close();
-            r
-        });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("kv_transfer {}: {e}", args.role);
-            ExitCode::FAILURE
-        }
-    }
+    common::run_role(
+        "kv_transfer",
+        parse(),
+        |a: &Args| a.role.as_str(),
+        prefill,
+        decode,
+    )
 }

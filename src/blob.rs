@@ -15,9 +15,8 @@
 //! record names, at that record's revision, gets exactly that blob; it checks
 //! the count, the sizes and the checksum before anything is served.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 
-use etcd_client::GetOptions;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -217,36 +216,13 @@ async fn fetch_at(
     let kv = etcd.kv_client().max_decoding_message_size(
         FETCH_BYTES_PER_REQUEST + (FETCH_BYTES_PER_REQUEST >> 2) + (blob.chunk_size << 1),
     );
-    let end = crate::cache::prefix_end(prefix);
-    let mut from = prefix.as_bytes().to_vec();
-    // The count comes from a record in etcd: grow as chunks arrive.
-    let mut out: Chunks = Vec::with_capacity((blob.chunks as usize).min(1024));
-    loop {
-        let mut opts = GetOptions::new()
-            .with_range(end.clone())
-            .with_limit(chunks_per_request(blob.chunk_size));
-        if let Some(rev) = revision {
-            opts = opts.with_revision(rev);
-        }
-        let mut resp = etcd_error::retry_transient(cfg, || {
-            requests.fetch_add(1, Ordering::Relaxed);
-            let mut kv = kv.clone();
-            let (from, opts) = (from.clone(), opts.clone());
-            async move { kv.get(from, Some(opts)).await }
-        })
-        .await?;
-        let more = resp.more();
-        // Taken, not copied: a chunk is up to a request's size.
-        out.extend(resp.take_kvs().into_iter().map(|kv| kv.into_key_value()));
-        // More chunks than the record names: stop reading, assemble refuses.
-        match out.last() {
-            Some((last, _)) if more && out.len() <= blob.chunks as usize => {
-                from = last.clone();
-                from.push(0);
-            }
-            _ => return Ok(out),
-        }
-    }
+    let page = chunks_per_request(blob.chunk_size);
+    // More chunks than the record names: stop reading, assemble refuses.
+    let max = blob.chunks as usize;
+    let (kvs, _) =
+        crate::cache::read_range(&kv, cfg, requests, prefix, page, revision, max).await?;
+    // Taken, not copied: a chunk is up to a request's size.
+    Ok(kvs.into_iter().map(|kv| kv.into_key_value()).collect())
 }
 
 #[cfg(test)]

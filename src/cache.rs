@@ -41,11 +41,13 @@ impl Entry {
     ) -> Option<(RankId, Result<Entry>)> {
         let key = std::str::from_utf8(kv.key()).ok()?;
         let (engine, rank) = keys::parse_rank_key(namespace, key)?;
+        // Only a signed value needs a copy (the record without its signature).
         let verified = match signer {
             Some(s) => s
                 .open(key, kv.value())
+                .map(std::borrow::Cow::Owned)
                 .map_err(|e| Error::bad_signature(key, e)),
-            None => Ok(kv.value().to_vec()),
+            None => Ok(std::borrow::Cow::Borrowed(kv.value())),
         };
         let entry = verified.and_then(|value| Record::from_json(key, &value, engine, rank));
         let entry = entry.map(|(record, md)| Entry {
@@ -520,9 +522,61 @@ pub(crate) fn prefix_end(prefix: &str) -> Vec<u8> {
     vec![0]
 }
 
-/// Lists every rank record under `prefix`, in pages read at one revision (so
-/// the result is one consistent snapshot); returns the records and that
-/// revision.
+/// Reads every key under `prefix` in pages of up to `page` keys, all at one
+/// revision (`revision`, else the first page's), so the result is one
+/// consistent snapshot; stops early once more than `max` keys were read.
+/// Returns the key-values, sorted by key, and the revision read at. A page
+/// too large to receive is asked for again in halves; a member that is down
+/// is skipped (see `retry_transient`).
+pub(crate) async fn read_range(
+    kv: &etcd_client::KvClient,
+    cfg: &Config,
+    requests: &AtomicU64,
+    prefix: &str,
+    mut page: i64,
+    mut revision: Option<i64>,
+    max: usize,
+) -> std::result::Result<(Vec<KeyValue>, i64), etcd_client::Error> {
+    let end = prefix_end(prefix);
+    let mut from = prefix.as_bytes().to_vec();
+    let mut out = Vec::new();
+    loop {
+        let mut opts = GetOptions::new().with_range(end.clone()).with_limit(page);
+        if let Some(rev) = revision {
+            opts = opts.with_revision(rev);
+        }
+        let attempt = || {
+            requests.fetch_add(1, Ordering::Relaxed);
+            let mut kv = kv.clone();
+            let (from, opts) = (from.clone(), opts.clone());
+            async move { kv.get(from, Some(opts)).await }
+        };
+        let mut resp = match etcd_error::retry_transient(cfg, attempt).await {
+            Err(etcd_client::Error::GRpcStatus(s))
+                if s.code() == tonic::Code::OutOfRange
+                    && !s.message().contains("compacted")
+                    && page > 1 =>
+            {
+                page /= 2;
+                continue;
+            }
+            other => other?,
+        };
+        let at = *revision.get_or_insert_with(|| resp.header().map(|h| h.revision()).unwrap_or(0));
+        let more = resp.more();
+        out.extend(resp.take_kvs());
+        match out.last() {
+            Some(last) if more && out.len() <= max => {
+                from = last.key().to_vec();
+                from.push(0);
+            }
+            _ => return Ok((out, at)),
+        }
+    }
+}
+
+/// Lists every rank record under `prefix` as one snapshot (see
+/// [`read_range`]); returns the records and the revision they were read at.
 async fn list_prefix(
     etcd: &etcd_client::Client,
     prefix: &str,
@@ -534,62 +588,28 @@ async fn list_prefix(
     let kv = etcd
         .kv_client()
         .max_decoding_message_size(MAX_RESPONSE_BYTES);
-    let end = prefix_end(prefix);
-    let mut from = prefix.as_bytes().to_vec();
-    let mut revision = 0;
-    let mut page = LIST_PAGE;
+    let (kvs, revision) = read_range(&kv, cfg, requests, prefix, LIST_PAGE, None, usize::MAX)
+        .await
+        .map_err(|e| etcd_error::map_key(e, Op::Lookup, cfg, prefix))?;
     let mut fresh = HashMap::new();
-    loop {
-        let mut opts = GetOptions::new().with_range(end.clone()).with_limit(page);
-        if revision > 0 {
-            opts = opts.with_revision(revision);
-        }
-        // A member that is down is skipped (see `retry_transient`).
-        let attempt = || {
-            requests.fetch_add(1, Ordering::Relaxed);
-            let mut kv = kv.clone();
-            let (from, opts) = (from.clone(), opts.clone());
-            async move { kv.get(from, Some(opts)).await }
-        };
-        let resp = match etcd_error::retry_transient(cfg, attempt).await {
-            // A page too large to receive: ask for half as many records.
-            Err(etcd_client::Error::GRpcStatus(s))
-                if s.code() == tonic::Code::OutOfRange && page > 1 =>
-            {
-                page /= 2;
-                continue;
+    for (id, slot) in kvs
+        .iter()
+        .filter_map(|kv| Entry::decode(namespace, signer, kv))
+    {
+        // Chunks as of the list's revision: there even if replaced since.
+        match complete(etcd, cfg, requests, slot, revision).await? {
+            Some(slot) => {
+                fresh.insert(id, slot);
             }
-            other => other.map_err(|e| etcd_error::map_key(e, Op::Lookup, cfg, prefix))?,
-        };
-        if revision == 0 {
-            revision = resp.header().map(|h| h.revision()).unwrap_or(0);
-        }
-        for (id, slot) in resp
-            .kvs()
-            .iter()
-            .filter_map(|kv| Entry::decode(namespace, signer, kv))
-        {
-            // Chunks as of the list's revision: there even if replaced since.
-            match complete(etcd, cfg, requests, slot, revision).await? {
-                Some(slot) => {
-                    fresh.insert(id, slot);
-                }
-                None => {
-                    return Err(Error::new(
-                        Status::ErrConnection,
-                        "a record's chunks were replaced during the list; listing again",
-                    ))
-                }
+            None => {
+                return Err(Error::new(
+                    Status::ErrConnection,
+                    "a record's chunks were replaced during the list; listing again",
+                ))
             }
-        }
-        match resp.kvs().last() {
-            Some(last) if resp.more() => {
-                from = last.key().to_vec();
-                from.push(0);
-            }
-            _ => return Ok((fresh, revision)),
         }
     }
+    Ok((fresh, revision))
 }
 
 /// Lists the prefix, reconciles, then applies watch events until the watch
