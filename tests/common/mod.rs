@@ -26,7 +26,8 @@ pub const READY_POLL: Duration = Duration::from_millis(50);
 /// How many times a start is retried when etcd cannot bind its ports.
 pub const START_ATTEMPTS: u32 = 5;
 
-fn etcd_bin() -> PathBuf {
+/// The etcd binary: `$NIXL_ETCD_TEST_ETCD_BIN`, else [`DEFAULT_ETCD_BIN`].
+pub fn etcd_bin() -> PathBuf {
     std::env::var_os("NIXL_ETCD_TEST_ETCD_BIN")
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)

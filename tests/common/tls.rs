@@ -135,11 +135,7 @@ impl TlsEtcd {
                 .unwrap();
             let client_url = format!("https://127.0.0.1:{client}");
             let peer_url = format!("http://127.0.0.1:{peer}");
-            let bin = std::env::var_os("NIXL_ETCD_TEST_ETCD_BIN")
-                .filter(|v| !v.is_empty())
-                .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from(crate::common::DEFAULT_ETCD_BIN));
-            let mut cmd = Command::new(bin);
+            let mut cmd = Command::new(crate::common::etcd_bin());
             cmd.arg("--name")
                 .arg("tls")
                 .arg("--data-dir")
