@@ -147,7 +147,7 @@ impl Client {
             etcd,
             cfg,
         });
-        let task = tokio::spawn(lease::keep_alive(inner.clone(), ttl));
+        let task = tokio::spawn(lease::keep_alive(Arc::downgrade(&inner), ttl));
         *inner.keepalive.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
         log::debug!(
             "nixl-etcd client connected to {endpoints}: namespace={} lease={lease_id:x} ttl={ttl}s \
@@ -634,17 +634,34 @@ impl Client {
     }
 
     /// Revokes the lease (everything registered disappears at once) and stops
-    /// background work. Further calls return `CLOSED`. Idempotent.
+    /// background work. Further calls return `CLOSED`. Idempotent. Dropping
+    /// the last clone without calling it does the same (see `Drop for Inner`).
     pub fn close(&self) -> Result<()> {
-        if self.inner.pid != std::process::id() {
-            // A forked child: the lease belongs to the parent; leave it alone.
+        if !self.inner.begin_close() {
             return Ok(());
         }
-        if self.inner.closed_tx.send_replace(true) {
-            return Ok(());
+        let inner = self.inner.clone();
+        runtime::block_on(async move {
+            let lease_id = {
+                let mut st = inner.state.lock().await;
+                st.registrations.clear();
+                st.lease_id
+            };
+            revoke(inner.etcd(), &inner.cfg, lease_id).await
+        })
+    }
+}
+
+impl Inner {
+    /// Marks the client closed and stops its background work (renewal,
+    /// informers, event delivery). False if there is nothing to close: it
+    /// was closed already, or it belongs to the parent of a forked process
+    /// (whose lease is not the child's to revoke).
+    fn begin_close(&self) -> bool {
+        if self.pid != std::process::id() || self.closed_tx.send_replace(true) {
+            return false;
         }
         if let Some(task) = self
-            .inner
             .keepalive
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -652,40 +669,60 @@ impl Client {
         {
             task.abort();
         }
-        self.inner.cache.stop();
-        self.inner.hub.stop();
-        let inner = self.inner.clone();
-        runtime::block_on(async move {
-            let limit = inner.cfg.timeout;
-            let revoke = async {
-                let mut st = inner.state.lock().await;
-                st.registrations.clear();
-                let id = st.lease_id;
-                let revoke = || {
-                    let mut leases = inner.etcd().lease_client();
-                    async move { leases.revoke(id).await }
-                };
-                match etcd_error::retry_transient(&inner.cfg, revoke).await {
-                    // Already gone (expired, or etcd was wiped): nothing is
-                    // attached to it any more.
-                    Err(e) if etcd_error::is_lease_not_found(&e) => Ok(id),
-                    other => other
-                        .map(|_| id)
-                        .map_err(|e| etcd_error::map(e, Op::Close, &inner.cfg)),
-                }
-            };
-            match tokio::time::timeout(limit, revoke).await {
-                Ok(Ok(id)) => {
-                    log::debug!("revoked lease {id:x}; all records of this client are gone");
-                    Ok(())
-                }
-                Ok(Err(e)) => Err(close_failed(&inner.cfg, e)),
-                Err(_) => Err(close_failed(
-                    &inner.cfg,
-                    etcd_error::timed_out(Op::Close, limit, &inner.cfg.endpoints.join(",")),
-                )),
+        self.cache.stop();
+        self.hub.stop();
+        true
+    }
+}
+
+impl Drop for Inner {
+    /// The last clone was dropped without `close`: revoke the lease all the
+    /// same, so the records go now, not when the process exits. On a caller's
+    /// thread this waits for the revoke (bounded by the timeout), as close
+    /// does; inside the runtime it cannot block, so the revoke runs as a task.
+    fn drop(&mut self) {
+        if !self.begin_close() {
+            return;
+        }
+        let lease_id = self.state.get_mut().lease_id;
+        let (etcd, cfg) = (self.etcd.clone(), self.cfg.clone());
+        let revoke = async move {
+            if let Err(e) = revoke(&etcd, &cfg, lease_id).await {
+                log::debug!("revoking the lease of a dropped client: {e}");
             }
-        })
+            Ok(())
+        };
+        if tokio::runtime::Handle::try_current().is_err() {
+            let _ = runtime::block_on(revoke);
+        } else if let Ok(handle) = runtime::handle() {
+            handle.spawn(revoke);
+        }
+    }
+}
+
+/// Revokes `lease_id`, within the configured timeout. A lease etcd no longer
+/// knows (expired, or etcd was wiped) counts as revoked.
+async fn revoke(etcd: &etcd_client::Client, cfg: &Config, lease_id: i64) -> Result<()> {
+    let attempt = etcd_error::retry_transient(cfg, || {
+        let mut leases = etcd.lease_client();
+        async move { leases.revoke(lease_id).await }
+    });
+    let result = match tokio::time::timeout(cfg.timeout, attempt).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) if etcd_error::is_lease_not_found(&e) => Ok(()),
+        Ok(Err(e)) => Err(etcd_error::map(e, Op::Close, cfg)),
+        Err(_) => Err(etcd_error::timed_out(
+            Op::Close,
+            cfg.timeout,
+            &cfg.endpoints.join(","),
+        )),
+    };
+    match result {
+        Ok(()) => {
+            log::debug!("revoked lease {lease_id:x}; all records of this client are gone");
+            Ok(())
+        }
+        Err(e) => Err(close_failed(cfg, e)),
     }
 }
 

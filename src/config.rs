@@ -96,25 +96,29 @@ pub struct Config {
     pub hmac_previous_key_file: Option<PathBuf>,
 }
 
-/// Known option keys, for the error message on an unknown one.
-const OPTION_KEYS: &[&str] = &[
-    "endpoints",
-    "namespace",
-    "timeout_s",
-    "lease_ttl_s",
-    "host",
-    "max_request_bytes",
-    "max_metadata_bytes",
-    "world_size",
-    "nixl_namespace",
-    "ca_cert",
-    "cert",
-    "key",
-    "username",
-    "password",
-    "password_file",
-    "hmac_key_file",
-    "hmac_previous_key_file",
+/// Every key of `nixl_etcd_open`'s options JSON, with the environment
+/// variable it overrides (`None`: an option only). The one list: the unknown
+/// key message, the header's doc of `nixl_etcd_open`, the README's options
+/// table and the Python package's `OPTIONS` are checked against it
+/// (`tests/single_source.rs`).
+pub const OPTIONS: &[(&str, Option<&str>)] = &[
+    ("endpoints", Some(ENV_ENDPOINTS)),
+    ("namespace", Some(ENV_NAMESPACE)),
+    ("timeout_s", Some(ENV_TIMEOUT)),
+    ("lease_ttl_s", Some(ENV_LEASE_TTL)),
+    ("host", Some(ENV_HOST)),
+    ("max_request_bytes", None),
+    ("max_metadata_bytes", None),
+    ("world_size", None),
+    ("nixl_namespace", Some(ENV_NIXL_NAMESPACE)),
+    ("ca_cert", Some(ENV_CA_CERT)),
+    ("cert", Some(ENV_CERT)),
+    ("key", Some(ENV_KEY)),
+    ("username", Some(ENV_USERNAME)),
+    ("password", Some(ENV_PASSWORD)),
+    ("password_file", Some(ENV_PASSWORD_FILE)),
+    ("hmac_key_file", Some(ENV_HMAC_KEY_FILE)),
+    ("hmac_previous_key_file", Some(ENV_HMAC_PREVIOUS_KEY_FILE)),
 ];
 
 impl Config {
@@ -376,7 +380,11 @@ impl Config {
             _ => {
                 return Err(Error::invalid(format!(
                     "unknown option \"{key}\"; known options: {}",
-                    OPTION_KEYS.join(", ")
+                    OPTIONS
+                        .iter()
+                        .map(|(k, _)| *k)
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 )))
             }
         }

@@ -2,91 +2,75 @@
 
 use std::fmt;
 
-/// Result of every C call. The numbers are part of the ABI: never renumber,
-/// only append.
-#[repr(i32)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Status {
-    Ok = 0,
+/// Defines [`Status`] and everything derived from it from one table:
+/// variant = number, C name (after `NIXL_ETCD_`), short text.
+macro_rules! statuses {
+    ($( $(#[$doc:meta])* $name:ident = $num:literal, $c:literal, $text:literal; )*) => {
+        /// Result of every C call. The numbers are part of the ABI: never
+        /// renumber, only append.
+        #[repr(i32)]
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum Status {
+            $( $(#[$doc])* $name = $num, )*
+        }
+
+        impl Status {
+            /// Every status, in ABI order (0, -1, -2, ...).
+            pub const ALL: &'static [Status] = &[$(Status::$name),*];
+
+            /// A short, static description of the status.
+            pub const fn as_str(self) -> &'static str {
+                match self { $(Status::$name => $text,)* }
+            }
+
+            /// The same text NUL-terminated, for C.
+            pub const fn as_cstr(self) -> &'static std::ffi::CStr {
+                let bytes = match self { $(Status::$name => concat!($text, "\0").as_bytes(),)* };
+                match std::ffi::CStr::from_bytes_with_nul(bytes) {
+                    Ok(c) => c,
+                    Err(_) => panic!("a status text holds a NUL"),
+                }
+            }
+
+            /// The name of the C constant, e.g. `NIXL_ETCD_ERR_NOT_FOUND`.
+            pub const fn c_name(self) -> &'static str {
+                match self { $(Status::$name => concat!("NIXL_ETCD_", $c),)* }
+            }
+        }
+    };
+}
+
+statuses! {
+    Ok = 0, "OK", "ok";
     /// A NULL pointer, bad UTF-8, an invalid id, option or environment value.
-    ErrInvalidArgument = -1,
+    ErrInvalidArgument = -1, "ERR_INVALID_ARGUMENT", "invalid argument";
     /// etcd could not be reached.
-    ErrConnection = -2,
+    ErrConnection = -2, "ERR_CONNECTION", "etcd connection failed";
     /// No record for the engine and rank.
-    ErrNotFound = -3,
+    ErrNotFound = -3, "ERR_NOT_FOUND", "not found";
     /// The call did not finish within its timeout.
-    ErrTimeout = -4,
+    ErrTimeout = -4, "ERR_TIMEOUT", "timeout";
     /// The metadata is larger than what can be stored.
-    ErrTooLarge = -5,
+    ErrTooLarge = -5, "ERR_TOO_LARGE", "too large";
     /// The client was closed (or belongs to the parent of a forked process).
-    ErrClosed = -6,
+    ErrClosed = -6, "ERR_CLOSED", "client closed";
     /// A bug: a caught panic or an unexpected state.
-    ErrInternal = -7,
+    ErrInternal = -7, "ERR_INTERNAL", "internal error";
     /// A record in etcd could not be read (bad JSON, unknown format, wrong engine).
-    ErrBadRecord = -8,
+    ErrBadRecord = -8, "ERR_BAD_RECORD", "unreadable record";
     /// A NIXL call failed, or NIXL could not be loaded (feature `nixl`).
-    ErrNixl = -9,
+    ErrNixl = -9, "ERR_NIXL", "NIXL error";
     /// etcd refused the credentials, or the user's roles do not allow the
     /// operation on the key.
-    ErrPermission = -10,
+    ErrPermission = -10, "ERR_PERMISSION", "permission denied";
     /// Records are signed here (`VLLM_NIXL_ETCD_HMAC_KEY_FILE`) and a record
     /// in etcd has no signature, or one that does not verify.
-    ErrBadSignature = -11,
+    ErrBadSignature = -11, "ERR_BAD_SIGNATURE", "bad record signature";
 }
 
 impl Status {
-    /// A short, static description of the status.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Status::Ok => "ok",
-            Status::ErrInvalidArgument => "invalid argument",
-            Status::ErrConnection => "etcd connection failed",
-            Status::ErrNotFound => "not found",
-            Status::ErrTimeout => "timeout",
-            Status::ErrTooLarge => "too large",
-            Status::ErrClosed => "client closed",
-            Status::ErrInternal => "internal error",
-            Status::ErrBadRecord => "unreadable record",
-            Status::ErrNixl => "NIXL error",
-            Status::ErrPermission => "permission denied",
-            Status::ErrBadSignature => "bad record signature",
-        }
-    }
-
-    /// The same text NUL-terminated, for C.
-    pub const fn as_cstr(self) -> &'static std::ffi::CStr {
-        match self {
-            Status::Ok => c"ok",
-            Status::ErrInvalidArgument => c"invalid argument",
-            Status::ErrConnection => c"etcd connection failed",
-            Status::ErrNotFound => c"not found",
-            Status::ErrTimeout => c"timeout",
-            Status::ErrTooLarge => c"too large",
-            Status::ErrClosed => c"client closed",
-            Status::ErrInternal => c"internal error",
-            Status::ErrBadRecord => c"unreadable record",
-            Status::ErrNixl => c"NIXL error",
-            Status::ErrPermission => c"permission denied",
-            Status::ErrBadSignature => c"bad record signature",
-        }
-    }
-
     pub fn from_i32(v: i32) -> Option<Status> {
-        const ALL: [Status; 12] = [
-            Status::Ok,
-            Status::ErrInvalidArgument,
-            Status::ErrConnection,
-            Status::ErrNotFound,
-            Status::ErrTimeout,
-            Status::ErrTooLarge,
-            Status::ErrClosed,
-            Status::ErrInternal,
-            Status::ErrBadRecord,
-            Status::ErrNixl,
-            Status::ErrPermission,
-            Status::ErrBadSignature,
-        ];
-        ALL.into_iter().find(|s| *s as i32 == v)
+        Self::ALL.iter().copied().find(|s| *s as i32 == v)
     }
 }
 

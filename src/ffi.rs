@@ -229,9 +229,12 @@ unsafe fn opt_str_arg<'a>(p: *const c_char, name: &str) -> Result<Option<&'a str
 }
 
 /// Opens a client. `options_json`: NULL or "" to configure from the environment
-/// only, or a JSON object that overrides it key by key (`endpoints`,
-/// `namespace`, `timeout_s`, `lease_ttl_s`, `host`, `max_request_bytes`,
-/// `max_metadata_bytes`, `world_size`, `nixl_namespace`).
+/// only, or a JSON object that overrides it key by key. The option keys are
+/// `endpoints`, `namespace`, `timeout_s`, `lease_ttl_s`, `host`,
+/// `max_request_bytes`, `max_metadata_bytes`, `world_size`, `nixl_namespace`,
+/// `ca_cert`, `cert`, `key`, `username`, `password`, `password_file`,
+/// `hmac_key_file`, `hmac_previous_key_file`. An unknown key or a wrong type
+/// is `NIXL_ETCD_ERR_INVALID_ARGUMENT` naming the key.
 /// Connects and grants the client's lease within the timeout, or fails with
 /// `NIXL_ETCD_ERR_CONNECTION` ("ETCD connection failed: <cause>").
 ///
@@ -631,7 +634,7 @@ pub unsafe extern "C" fn nixl_etcd_unsubscribe(
 }
 
 /// Waits until every rank 0..world_size-1 of `engine_id` is registered, then
-/// stores the engine's world size in `*world_size` (may be NULL). The world
+/// stores the engine's world size in `*world_size` (may be NULL; 0 on failure). The world
 /// size comes from the records (the registrants' open option `world_size`).
 /// `timeout_ms` < 0: `VLLM_NIXL_ETCD_TIMEOUT`. On expiry `TIMEOUT`, with the
 /// missing ranks named in the message.
@@ -646,11 +649,16 @@ pub unsafe extern "C" fn nixl_etcd_wait_engine(
     world_size: *mut u32,
 ) -> nixl_etcd_status {
     guard(|| {
+        // SAFETY: the caller passes NULL or a writable u32.
+        let mut out = unsafe { world_size.as_mut() };
+        if let Some(out) = out.as_deref_mut() {
+            *out = 0;
+        }
         let client = lookup_client(c)?;
         let engine_id = unsafe { str_arg(engine_id, "engine_id") }?;
         let timeout = timeout_arg(timeout_ms);
         let size = client.wait_engine(engine_id, timeout)?;
-        if let Some(out) = unsafe { world_size.as_mut() } {
+        if let Some(out) = out {
             *out = size;
         }
         Ok(())
@@ -820,24 +828,26 @@ pub extern "C" fn nixl_etcd_enabled() -> bool {
 mod tests {
     use super::*;
 
+    /// The C constants are literals (cbindgen reads them); each must be
+    /// its status's number. The header as a whole is checked against
+    /// `Status::ALL` by `tests/single_source.rs`.
     #[test]
     fn c_constants_match_the_status_enum() {
-        let pairs = [
-            (NIXL_ETCD_OK, Status::Ok),
-            (NIXL_ETCD_ERR_INVALID_ARGUMENT, Status::ErrInvalidArgument),
-            (NIXL_ETCD_ERR_CONNECTION, Status::ErrConnection),
-            (NIXL_ETCD_ERR_NOT_FOUND, Status::ErrNotFound),
-            (NIXL_ETCD_ERR_TIMEOUT, Status::ErrTimeout),
-            (NIXL_ETCD_ERR_TOO_LARGE, Status::ErrTooLarge),
-            (NIXL_ETCD_ERR_CLOSED, Status::ErrClosed),
-            (NIXL_ETCD_ERR_INTERNAL, Status::ErrInternal),
-            (NIXL_ETCD_ERR_BAD_RECORD, Status::ErrBadRecord),
-            (NIXL_ETCD_ERR_NIXL, Status::ErrNixl),
-            (NIXL_ETCD_ERR_PERMISSION, Status::ErrPermission),
-            (NIXL_ETCD_ERR_BAD_SIGNATURE, Status::ErrBadSignature),
+        let consts = [
+            NIXL_ETCD_OK,
+            NIXL_ETCD_ERR_INVALID_ARGUMENT,
+            NIXL_ETCD_ERR_CONNECTION,
+            NIXL_ETCD_ERR_NOT_FOUND,
+            NIXL_ETCD_ERR_TIMEOUT,
+            NIXL_ETCD_ERR_TOO_LARGE,
+            NIXL_ETCD_ERR_CLOSED,
+            NIXL_ETCD_ERR_INTERNAL,
+            NIXL_ETCD_ERR_BAD_RECORD,
+            NIXL_ETCD_ERR_NIXL,
+            NIXL_ETCD_ERR_PERMISSION,
+            NIXL_ETCD_ERR_BAD_SIGNATURE,
         ];
-        for (c, s) in pairs {
-            assert_eq!(c, s as i32);
-        }
+        let numbers: Vec<i32> = Status::ALL.iter().map(|s| *s as i32).collect();
+        assert_eq!(consts.to_vec(), numbers);
     }
 }

@@ -1,7 +1,7 @@
 //! The client's lease, kept alive in the background on a schedule driven by
 //! its deadline; re-granted, with everything re-registered, if it is lost.
 
-use std::sync::Arc;
+use std::sync::Weak;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -223,8 +223,9 @@ pub(crate) async fn regrant(inner: &Inner, st: &mut LeaseState, why: &str) -> Re
 
 /// Background task: renews the lease every third of its TTL. On a failed
 /// renewal it retries quickly; once the deadline has passed, or etcd says the
-/// lease is gone, it re-grants and re-registers.
-pub(crate) async fn keep_alive(inner: Arc<Inner>, granted_ttl: i64) {
+/// lease is gone, it re-grants and re-registers. It holds the client weakly:
+/// once the last clone is dropped it stops (the drop revokes the lease).
+pub(crate) async fn keep_alive(client: Weak<Inner>, granted_ttl: i64) {
     let mut ttl = Duration::from_secs(granted_ttl.max(1) as u64);
     let mut last_ok = Instant::now();
     let mut stream = None;
@@ -232,6 +233,9 @@ pub(crate) async fn keep_alive(inner: Arc<Inner>, granted_ttl: i64) {
     let mut next = last_ok + ttl / 3;
     loop {
         tokio::time::sleep_until(next).await;
+        let Some(inner) = client.upgrade() else {
+            return;
+        };
         let lease_id = inner.state.lock().await.lease_id;
         let step = tokio::time::timeout(ttl / 3, renew(&inner, lease_id, &mut stream)).await;
         let now = Instant::now();

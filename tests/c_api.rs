@@ -502,3 +502,106 @@ fn checked_in_header_is_current() {
         "include/nixl_etcd.h is stale: run `NIXL_ETCD_WRITE_HEADER=1 cargo build` and commit it"
     );
 }
+
+/// The header's rule for output parameters: each is cleared on entry and
+/// written only when the call returns OK, so after a failure it holds its
+/// cleared value (NULL, 0, an empty buffer), never a stale or partial one.
+#[test]
+fn every_output_parameter_is_cleared_when_the_call_fails() {
+    let etcd = EtcdServer::start();
+    let ns = unique_namespace("outparams");
+    let h = client(&etcd, &ns, "");
+    let c = h.0;
+    let absent = CString::new("absent_engine").unwrap();
+    let garbage = 0x5a5a_5a5a_usize as *mut u8;
+    let stale_buffer = || nixl_etcd_buffer {
+        data: garbage,
+        len: 77,
+    };
+    let cleared = |b: &nixl_etcd_buffer| b.data.is_null() && b.len == 0;
+    unsafe {
+        let mut out = garbage as *mut nixl_etcd_client;
+        let bad = CString::new("{not json").unwrap();
+        assert_eq!(
+            nixl_etcd_open(bad.as_ptr(), &mut out),
+            NIXL_ETCD_ERR_INVALID_ARGUMENT
+        );
+        assert!(out.is_null());
+
+        let mut buf = stale_buffer();
+        assert_eq!(
+            nixl_etcd_lookup(c, absent.as_ptr(), 0, &mut buf),
+            NIXL_ETCD_ERR_NOT_FOUND
+        );
+        assert!(cleared(&buf));
+
+        let mut buf = stale_buffer();
+        assert_eq!(
+            nixl_etcd_wait(c, absent.as_ptr(), 0, 0, &mut buf),
+            NIXL_ETCD_ERR_TIMEOUT
+        );
+        assert!(cleared(&buf));
+
+        let mut buf = stale_buffer();
+        assert_eq!(
+            nixl_etcd_fetch_nixl(c, absent.as_ptr(), null(), 0, &mut buf),
+            NIXL_ETCD_ERR_TIMEOUT
+        );
+        assert!(cleared(&buf));
+
+        let mut rec: nixl_etcd_record = std::mem::zeroed();
+        rec.engine_id = garbage.cast();
+        rec.rank = 9;
+        rec.world_size = 9;
+        rec.revision = 9;
+        rec.metadata = stale_buffer();
+        assert_eq!(
+            nixl_etcd_lookup_record(c, absent.as_ptr(), 0, &mut rec),
+            NIXL_ETCD_ERR_NOT_FOUND
+        );
+        assert!(rec.engine_id.is_null() && rec.host.is_null() && rec.incarnation.is_null());
+        assert_eq!(
+            (rec.rank, rec.world_size, rec.pid, rec.revision),
+            (0, 0, 0, 0)
+        );
+        assert!(cleared(&rec.metadata));
+
+        let mut id = 99u64;
+        assert_eq!(
+            nixl_etcd_subscribe(c, absent.as_ptr(), None, null_mut(), &mut id),
+            NIXL_ETCD_ERR_INVALID_ARGUMENT
+        );
+        assert_eq!(id, 0);
+
+        let mut world_size = 99u32;
+        assert_eq!(
+            nixl_etcd_wait_engine(c, absent.as_ptr(), 10, &mut world_size),
+            NIXL_ETCD_ERR_TIMEOUT
+        );
+        assert_eq!(world_size, 0);
+        let mut world_size = 99u32;
+        assert_eq!(
+            nixl_etcd_wait_engine(c, null(), 10, &mut world_size),
+            NIXL_ETCD_ERR_INVALID_ARGUMENT
+        );
+        assert_eq!(world_size, 0);
+
+        let mut n = 99usize;
+        assert_eq!(
+            nixl_etcd_target_ranks(3, 0, 2, null_mut(), 0, &mut n),
+            NIXL_ETCD_ERR_INVALID_ARGUMENT
+        );
+        assert_eq!(n, 0);
+
+        #[cfg(feature = "nixl")]
+        {
+            let mut name = garbage.cast::<std::ffi::c_char>();
+            assert_eq!(
+                nixl_etcd_load_remote_agent(c, null_mut(), absent.as_ptr(), 0, 0, &mut name),
+                NIXL_ETCD_ERR_INVALID_ARGUMENT
+            );
+            assert!(name.is_null());
+        }
+    }
+    h.close().unwrap();
+}

@@ -61,6 +61,15 @@ fn the_guides_environment_configures_the_client() {
         other_ns.lookup("prefill_engine", 0).unwrap_err().status,
         NIXL_ETCD_ERR_NOT_FOUND
     );
+    // VLLM_NIXL_ETCD_TIMEOUT is the default wait timeout (timeout_ms < 0).
+    let err = c.wait("absent_engine", 0, -1).unwrap_err();
+    assert_eq!(err.status, NIXL_ETCD_ERR_TIMEOUT);
+    assert!(
+        err.message
+            .starts_with("Timeout waiting for engine absent_engine (rank 0) after 3.0 s"),
+        "{}",
+        err.message
+    );
     for h in [c, d, other_ns] {
         h.close().unwrap();
     }
@@ -83,7 +92,19 @@ fn the_guides_environment_configures_the_client() {
     // VLLM_NIXL_USE_ETCD.
     std::env::remove_var("VLLM_NIXL_USE_ETCD");
     assert!(!nixl_etcd_enabled());
-    for (v, want) in [("1", true), ("true", true), ("0", false), ("false", false)] {
+    for (v, want) in [
+        ("1", true),
+        ("true", true),
+        ("yes", true),
+        ("on", true),
+        (" TRUE ", true),
+        ("0", false),
+        ("false", false),
+        ("no", false),
+        ("off", false),
+        ("", false),
+        ("2", false),
+    ] {
         std::env::set_var("VLLM_NIXL_USE_ETCD", v);
         assert_eq!(nixl_etcd_enabled(), want, "{v}");
     }

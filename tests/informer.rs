@@ -31,32 +31,25 @@ fn cache_hits_are_served_while_etcd_is_stopped_and_catch_up_after() {
         .register("prefill_engine", 0, &blob(1, 8192))
         .unwrap();
     assert_eq!(decode.lookup("prefill_engine", 0).unwrap(), blob(1, 8192));
-    // Once the informer has listed, the record is served from memory.
-    assert!(wait_until(Duration::from_secs(5), || decode
-        .lookup_record("prefill_engine", 0)
-        .is_ok()));
+    // The informer of the engine holds the record once a subscriber to the
+    // engine is handed it (subscriptions replay the informer's cache).
+    let sub = decode.subscribe(Some("prefill_engine")).unwrap();
+    let seen = next(&sub.rx);
+    assert_eq!((seen.kind, seen.rank), (NIXL_ETCD_EVENT_ADDED, 0));
+    assert_eq!(seen.metadata, blob(1, 8192));
+    decode.unsubscribe(sub.id).unwrap();
+    // With etcd frozen, only the cache can answer.
     etcd.pause();
     for _ in 0..20 {
-        let t = Instant::now();
         assert_eq!(decode.lookup("prefill_engine", 0).unwrap(), blob(1, 8192));
         assert_eq!(
             decode.wait("prefill_engine", 0, 100).unwrap(),
             blob(1, 8192)
         );
-        assert!(
-            t.elapsed() < Duration::from_millis(100),
-            "{:?}",
-            t.elapsed()
-        );
     }
-    // A record it never saw is a clean error, not a hang.
-    let t = Instant::now();
+    // A record it never saw is a clean error at the client's timeout, not a hang.
     let err = decode.lookup("prefill_engine", 1).unwrap_err();
-    assert!(
-        err.status == NIXL_ETCD_ERR_TIMEOUT || err.status == NIXL_ETCD_ERR_CONNECTION,
-        "{err:?}"
-    );
-    assert!(t.elapsed() < Duration::from_secs(4));
+    assert_eq!(err.status, NIXL_ETCD_ERR_TIMEOUT, "{err:?}");
     etcd.resume();
     // Catches up: a rank registered after the outage reaches the waiter.
     prefill
@@ -91,7 +84,14 @@ fn a_deleted_or_replaced_record_is_never_served_after_its_event() {
     for i in 0..50u32 {
         prefill.register("prefill_engine", 0, &numbered(i)).unwrap();
         let ev = next(&sub.rx);
-        assert!(ev.kind == NIXL_ETCD_EVENT_ADDED || ev.kind == NIXL_ETCD_EVENT_UPDATED);
+        // The first register, and the first after each unregister, adds the
+        // rank; the others update it (same incarnation).
+        let want = if i % 10 == 0 {
+            NIXL_ETCD_EVENT_ADDED
+        } else {
+            NIXL_ETCD_EVENT_UPDATED
+        };
+        assert_eq!(ev.kind, want, "round {i}");
         assert!(
             ev.metadata == numbered(i),
             "event {i} carries the new value"
@@ -204,8 +204,25 @@ fn subscribers_see_existing_records_all_engines_and_stop_on_unsubscribe() {
         (NIXL_ETCD_EVENT_ADDED, "engine_b", 3)
     );
     decode.unsubscribe(all.id).unwrap();
+    // After unsubscribe, nothing more. A second subscriber on the same
+    // stream is the barrier: events are dispatched one after the other to
+    // every subscriber, so once it has the event after rank 4's, the first
+    // would hold rank 4's had it still been subscribed.
+    let later = decode.subscribe(None).unwrap();
+    let replay: Vec<(String, u32)> = (0..2)
+        .map(|_| next(&later.rx))
+        .map(|e| (e.engine_id, e.rank))
+        .collect();
+    assert_eq!(
+        replay,
+        [("engine_a".to_owned(), 0), ("engine_b".to_owned(), 3)]
+    );
     prefill.register("engine_b", 4, b"b4").unwrap();
-    assert!(all.rx.recv_timeout(Duration::from_millis(500)).is_err());
+    prefill.register("engine_b", 5, b"b5").unwrap();
+    assert_eq!(next(&later.rx).rank, 4);
+    assert_eq!(next(&later.rx).rank, 5);
+    decode.unsubscribe(later.id).unwrap();
+    assert!(all.rx.try_recv().is_err());
     let err = decode.unsubscribe(all.id).unwrap_err();
     assert_eq!(err.status, NIXL_ETCD_ERR_NOT_FOUND);
     // Bad arguments.

@@ -119,3 +119,32 @@ fn a_wiped_etcd_gets_every_registration_back() {
     assert_eq!(registered(&etcd, &ns), 0);
     reader.close().unwrap();
 }
+
+/// Whether etcd still knows `lease` (`etcdctl lease timetolive`).
+fn lease_exists(etcd: &EtcdServer, lease: i64) -> bool {
+    let out = etcdctl_ok(etcd, &["lease", "timetolive", &format!("{lease:x}")]);
+    !out.contains("already expired")
+}
+
+#[test]
+fn dropping_the_last_clone_without_close_revokes_the_lease() {
+    let etcd = EtcdServer::start();
+    let ns = unique_namespace("dropped");
+    // A TTL far longer than the wait below: only a revoke removes the records.
+    let opts = etcd.options_json(&ns, r#""lease_ttl_s":300"#);
+    let client = nixl_etcd::Client::open(nixl_etcd::Config::load(Some(&opts)).unwrap()).unwrap();
+    let clone = client.clone();
+    client.register("prefill_engine", 0, b"rank 0").unwrap();
+    let lease = client.lease_id();
+    assert!(lease_exists(&etcd, lease));
+
+    // One clone dropped: the other still holds the lease and its records.
+    drop(client);
+    clone.register("prefill_engine", 1, b"rank 1").unwrap();
+    assert_eq!(registered(&etcd, &ns), 2);
+
+    // The last clone dropped: the lease is revoked, as close does.
+    drop(clone);
+    assert_eq!(registered(&etcd, &ns), 0);
+    assert!(!lease_exists(&etcd, lease), "lease {lease:x} still exists");
+}

@@ -21,6 +21,7 @@ from .client import (
     Client,
     Event,
     EventKind,
+    OPTIONS,
     Record,
     Subscription,
     build_options,
@@ -56,6 +57,7 @@ def __getattr__(name: str) -> str:
 
 
 __all__ = [
+    "OPTIONS",
     "BadRecord",
     "Client",
     "Closed",

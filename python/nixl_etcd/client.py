@@ -413,6 +413,29 @@ def _close_live_clients() -> None:
             pass
 
 
+#: Every key of the options JSON of ``nixl_etcd_open`` (the library's
+#: ``config::OPTIONS``; ``tests/single_source.rs`` checks they agree).
+OPTIONS = (
+    "endpoints",
+    "namespace",
+    "timeout_s",
+    "lease_ttl_s",
+    "host",
+    "max_request_bytes",
+    "max_metadata_bytes",
+    "world_size",
+    "nixl_namespace",
+    "ca_cert",
+    "cert",
+    "key",
+    "username",
+    "password",
+    "password_file",
+    "hmac_key_file",
+    "hmac_previous_key_file",
+)
+
+
 def build_options(
     *,
     endpoints: Union[str, Sequence[str], None] = None,
@@ -452,6 +475,20 @@ def build_options(
         return json.dumps(opts)
     except (TypeError, ValueError) as e:
         raise InvalidArgument(f"options cannot be written as JSON: {e}") from None
+
+
+#: Options whose values are secrets: never kept, shown or logged.
+_SECRET_OPTIONS = frozenset({"password"})
+
+
+def _redacted(options_json: Optional[str]) -> Optional[str]:
+    """The options JSON with every secret value replaced by "<redacted>"."""
+    if options_json is None:
+        return None
+    opts = json.loads(options_json)
+    for key in _SECRET_OPTIONS & opts.keys():
+        opts[key] = "<redacted>"
+    return json.dumps(opts)
 
 
 class Client:
@@ -506,7 +543,7 @@ class Client:
         self._closed = True
         self._lock = threading.Lock()
         self._subs: Dict[int, Subscription] = {}
-        self.options_json = build_options(
+        options_json = build_options(
             endpoints=endpoints,
             namespace=namespace,
             timeout_s=timeout_s,
@@ -519,7 +556,10 @@ class Client:
         )
         lib = _ffi.lib()
         out = _ffi.c_client_p()
-        arg = self.options_json.encode("utf-8") if self.options_json is not None else None
+        arg = options_json.encode("utf-8") if options_json is not None else None
+        # Only the redacted form is kept: repr and attributes never hold a secret.
+        self.options_json = _redacted(options_json)
+        del options_json
         check(lib.nixl_etcd_open(arg, ctypes.byref(out)))
         self._handle = out.value
         self._closed = False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import resource
 import threading
@@ -398,3 +399,32 @@ def test_fork_child_opens_its_own_client(open_client, etcd, ns):
     os.close(r)
     assert msg == "ok" and os.WEXITSTATUS(status) == 0, msg
     assert parent.lookup(e, 0) == b"parent"  # the parent's lease is untouched
+
+
+def test_secrets_never_shown(private_etcd, ns, caplog, capfd, monkeypatch):
+    """An open client with an etcd password: repr, attributes, exceptions and
+    log lines never contain the password."""
+    secret = "pw-7f3a9c1e-never-shown"
+    private_etcd.ctl("user", "add", f"root:{secret}")
+    private_etcd.ctl("auth", "enable")
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.setenv("RUST_LOG", "debug")
+    seen = []
+    with nixl_etcd.Client(
+        endpoints=private_etcd.endpoint, namespace=ns, timeout_s=5, username="root", password=secret
+    ) as c:
+        e = engine()
+        c.register(e, 0, b"x")
+        seen += [repr(c), str(c), repr(vars(c)), str(c.options_json)]
+        with pytest.raises(nixl_etcd.NotFound) as nf:
+            c.lookup(e, 1)
+        seen += [str(nf.value), repr(nf.value)]
+        assert '"password": "<redacted>"' in c.options_json
+    with pytest.raises(nixl_etcd.PermissionDenied) as bad:
+        nixl_etcd.Client(endpoints=private_etcd.endpoint, namespace=ns, timeout_s=5,
+                         username="root", password=secret + "-wrong")
+    seen += [str(bad.value), repr(bad.value)]
+    seen += [r.getMessage() for r in caplog.records]
+    seen += list(capfd.readouterr())
+    leaked = [s for s in seen if secret in s]
+    assert leaked == []
