@@ -36,13 +36,27 @@ _EXTERNAL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")
 
 
 def tracked_markdown() -> List[Path]:
-    out = subprocess.run(
-        ["git", "ls-files", "-z", "--", "*.md"],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        check=True,
-    ).stdout.decode()
-    return [REPO / p for p in out.split("\0") if p]
+    """`git ls-files '*.md'`; outside a git checkout (a copied tree), every *.md
+    of the tree but build outputs and hidden directories."""
+    try:
+        out = subprocess.run(
+            ["git", "ls-files", "-z", "--", "*.md"],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            check=True,
+        ).stdout.decode()
+        return [REPO / p for p in out.split("\0") if p]
+    except (OSError, subprocess.CalledProcessError):
+        skip = {"target", "build", "dist", "node_modules", "__pycache__"}
+        return sorted(
+            p
+            for p in REPO.rglob("*.md")
+            if not any(
+                part in skip or part.startswith(".") or part.endswith(".egg-info")
+                for part in p.relative_to(REPO).parts[:-1]
+            )
+        )
 
 
 def prose_lines(text: str) -> Iterator[Tuple[int, str]]:
