@@ -210,3 +210,14 @@ def test_every_relative_link_and_anchor_resolves():
 def test_readme_is_at_most_250_lines():
     lines = (REPO / "README.md").read_text(encoding="utf-8").splitlines()
     assert len(lines) <= README_MAX_LINES, f"README.md has {len(lines)} lines"
+
+
+def test_every_function_of_the_header_is_in_the_c_api_reference():
+    header = (REPO / "include" / "nixl_etcd.h").read_text(encoding="utf-8")
+    functions = set(re.findall(r"^(?:[\w ]+?[\s*]+)(nixl_etcd_\w+)\(", header, re.MULTILINE))
+    assert len(functions) >= 20, functions
+    reference = (REPO / "docs" / "c-api.md").read_text(encoding="utf-8")
+    table = reference[reference.index("\n## Functions") :]
+    listed = set(re.findall(r"`(nixl_etcd_\w+)\(", table))
+    assert sorted(functions - listed) == [], "functions of the header missing in docs/c-api.md"
+    assert sorted(listed - functions) == [], "docs/c-api.md lists functions the header lacks"
