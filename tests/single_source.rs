@@ -1,6 +1,7 @@
 //! One source of truth: the statuses (`Status::ALL`) and the open options
-//! (`config::OPTIONS`) are defined once in Rust; the header, the README's
-//! tables and the Python package must say the same. Fails when they drift.
+//! (`config::OPTIONS`) are defined once in Rust; the header, the docs' tables
+//! (docs/c-api.md, docs/configuration.md) and the Python package must say the
+//! same. Fails when they drift.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -65,11 +66,11 @@ fn the_statuses_are_the_same_in_the_header_the_readme_and_python() {
         .collect();
     assert_eq!(header, want, "include/nixl_etcd.h");
 
-    let readme: Vec<(String, i32)> = table_rows(&block(&read("README.md"), "statuses"))
+    let readme: Vec<(String, i32)> = table_rows(&block(&read("docs/c-api.md"), "statuses"))
         .into_iter()
         .map(|c| (c[0].clone(), c[1].parse().unwrap()))
         .collect();
-    assert_eq!(readme, want, "README.md statuses table");
+    assert_eq!(readme, want, "docs/c-api.md statuses table");
 
     let py: Vec<(String, i32)> = read("python/nixl_etcd/_ffi.py")
         .lines()
@@ -107,7 +108,7 @@ fn the_options_are_the_same_in_the_header_the_readme_and_python() {
     assert_eq!(documented, keys, "the header's doc of nixl_etcd_open");
 
     let readme: BTreeMap<String, Option<String>> =
-        table_rows(&block(&read("README.md"), "options"))
+        table_rows(&block(&read("docs/configuration.md"), "options"))
             .into_iter()
             .map(|c| {
                 let env = (c[2] != "none").then(|| c[2].clone());
@@ -118,7 +119,10 @@ fn the_options_are_the_same_in_the_header_the_readme_and_python() {
         .iter()
         .map(|(k, env)| (k.to_string(), env.map(str::to_owned)))
         .collect();
-    assert_eq!(readme, want, "README.md options table (key, env var)");
+    assert_eq!(
+        readme, want,
+        "docs/configuration.md options table (key, env var)"
+    );
 
     let client = read("python/nixl_etcd/client.py");
     let tuple = client

@@ -513,8 +513,8 @@ class Client:
         **options: further keys of the options JSON, passed as they are:
             ``max_metadata_bytes`` (default 64 MiB), ``ca_cert``, ``cert``,
             ``key``, ``username``, ``password``, ``password_file``,
-            ``hmac_key_file``, ``hmac_previous_key_file`` (see the README's
-            Security section).
+            ``hmac_key_file``, ``hmac_previous_key_file`` (see
+            docs/security.md).
 
     Raises:
         ConnectionFailed: etcd did not answer within the timeout
