@@ -98,8 +98,8 @@ pub struct Config {
 
 /// Every key of `nixl_etcd_open`'s options JSON, with the environment
 /// variable it overrides (`None`: an option only). The one list: the unknown
-/// key message, the header's doc of `nixl_etcd_open`, the README's options
-/// table and the Python package's `OPTIONS` are checked against it
+/// key message, the header's doc of `nixl_etcd_open`, the options table of
+/// docs/configuration.md and the Python package's `OPTIONS` are checked against it
 /// (`tests/single_source.rs`).
 pub const OPTIONS: &[(&str, Option<&str>)] = &[
     ("endpoints", Some(ENV_ENDPOINTS)),
