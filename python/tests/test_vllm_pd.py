@@ -15,6 +15,7 @@ shares them and the cases run in order (each states what it leaves behind):
 * ``P1`` / ``D1``: prefill and decode with ``VLLM_NIXL_USE_ETCD=1``.
 * ``P1b``: P1 restarted under the same engine_id, later SIGKILLed.
 * ``P4``: a stock prefill (``VLLM_NIXL_USE_ETCD=0``), ZMQ only.
+* ``P6``: a prefill with the plugin started while etcd is down (last case).
 
 The whole module is skipped, loudly, when the venv is absent.
 """
@@ -196,6 +197,10 @@ def same_as_reference(cluster: Cluster, r: Dict[str, Any]) -> None:
         assert got == pytest.approx(want, abs=1e-2), (r["logprobs"], ref["logprobs"])
 
 
+def prefill_keys(cluster: Cluster) -> List[str]:
+    return cluster.keys(f"{cluster.ns}/prefill_engine/")
+
+
 def count(log: str, needle: str) -> int:
     return log.count(needle)
 
@@ -224,16 +229,19 @@ def test_pd_through_etcd_only(cluster: Cluster) -> None:
 
 
 def test_etcdctl_shows_the_guides_keys_on_a_lease(cluster: Cluster) -> None:
+    """Every engine with the plugin publishes where vLLM starts its side channel
+    (the decode too: push mode and bidirectional transfers reach it there)."""
     keys = cluster.keys()
-    assert keys == [f"{cluster.ns}/prefill_engine/rank_0"]
-    out = json.loads(cluster.etcd.ctl("get", "-w", "json", keys[0]))
-    kv = out["kvs"][0]
-    assert kv.get("lease", 0) != 0
-    lease = format(int(kv["lease"]), "x")
-    ttl = cluster.etcd.ctl("lease", "timetolive", lease).decode()
-    assert "remaining" in ttl and "already expired" not in ttl
-    # The decode registers nothing: it only discovers.
-    assert not [k for k in cluster.all_keys() if "decode_engine" in k]
+    assert keys == [f"{cluster.ns}/decode_engine/rank_0", f"{cluster.ns}/prefill_engine/rank_0"]
+    leases = set()
+    for key in keys:
+        kv = json.loads(cluster.etcd.ctl("get", "-w", "json", key))["kvs"][0]
+        assert int(kv.get("lease", 0)) != 0, kv
+        leases.add(format(int(kv["lease"]), "x"))
+    assert len(leases) == 2  # one client, one lease, per engine
+    for lease in leases:
+        ttl = cluster.etcd.ctl("lease", "timetolive", lease).decode()
+        assert re.search(r"granted with TTL\(3s\), remaining\([0-3]s\)", ttl), ttl
 
 
 def test_request_without_remote_host_and_port(cluster: Cluster) -> None:
@@ -251,8 +259,19 @@ def test_prefill_restarted_under_same_engine_id(cluster: Cluster) -> None:
     p1, d1 = cluster.named["P1"], cluster.named["D1"]  # type: ignore[attr-defined]
     old = json.loads(cluster.etcd.ctl("get", "-w", "json", f"{cluster.ns}/prefill_engine/rank_0"))
     assert p1.close() == 0
-    assert wait_until(lambda: cluster.keys() == [], timeout=30)
-    p1b = cluster.start("P1b", cluster.etcd_env(), engine_id="prefill_engine", role="kv_producer")
+    assert wait_until(lambda: prefill_keys(cluster) == [], timeout=30)
+    # The new incarnation uses the explicit form: no plugin auto-loading
+    # (VLLM_PLUGINS names none), no VLLM_NIXL_USE_ETCD, kv_connector_module_path.
+    env = cluster.etcd_env(VLLM_PLUGINS="")
+    del env["VLLM_NIXL_USE_ETCD"]
+    p1b = cluster.start(
+        "P1b",
+        env,
+        engine_id="prefill_engine",
+        role="kv_producer",
+        connector="EtcdNixlConnector",
+        connector_module_path="nixl_etcd.vllm.connector",
+    )
     cluster.named["P1b"] = p1b  # type: ignore[attr-defined]
     new = json.loads(cluster.etcd.ctl("get", "-w", "json", f"{cluster.ns}/prefill_engine/rank_0"))
     assert new["kvs"][0]["lease"] != old["kvs"][0]["lease"]
@@ -265,6 +284,7 @@ def test_prefill_restarted_under_same_engine_id(cluster: Cluster) -> None:
     log = d1.log_text()
     assert "released NIXL state of remote engine prefill_engine" in log
     assert count(log, "handshake with engine prefill_engine rank(s) 0 through ETCD") == 2
+    assert "Registered NIXL agent with ETCD" in p1b.log_text()
 
 
 def test_prefill_sigkilled_fails_fast_with_guides_error(cluster: Cluster) -> None:
@@ -273,7 +293,7 @@ def test_prefill_sigkilled_fails_fast_with_guides_error(cluster: Cluster) -> Non
     p1b, d1 = cluster.named["P1b"], cluster.named["D1"]  # type: ignore[attr-defined]
     params = prefill(p1b)
     p1b.kill()
-    assert wait_until(lambda: cluster.keys() == [], timeout=30)
+    assert wait_until(lambda: prefill_keys(cluster) == [], timeout=30)
     # The second departure D1 saw (the first was the clean exit above).
     assert wait_until(
         lambda: count(d1.log_text(), "nixl-etcd: remote engine prefill_engine rank 0 left in ETCD")
@@ -305,19 +325,44 @@ def test_use_etcd_0_is_stock(cluster: Cluster) -> None:
     params = prefill(p4)
     r = stock.generate(PROMPT, MAX_TOKENS, decode_params(params))
     same_as_reference(cluster, r)
-    assert cluster.all_keys() == []
+    assert [k for k in cluster.all_keys() if "stock" in k] == []
     for e in (p4, stock):
         assert "ETCD" not in e.log_text()
 
 
-def test_etcd_down_falls_back_to_zmq(cluster: Cluster) -> None:
-    """etcd stopped: the decode handshakes with the (stock) prefill through vLLM's
-    ZMQ side channel, after one WARNING naming the cause; same result."""
+def test_decode_with_plugin_reaches_prefill_without_it(cluster: Cluster) -> None:
+    """Migration: etcd is healthy but the (stock) prefill never registers; the
+    decode waits on etcd and asks the request's side channel at the same time,
+    which answers."""
     p4, d1 = cluster.named["P4"], cluster.named["D1"]  # type: ignore[attr-defined]
     params = prefill(p4)
+    r = d1.generate(PROMPT, MAX_TOKENS, decode_params(params))
+    same_as_reference(cluster, r)
+    log = d1.log_text()
+    assert "nixl-etcd: engine stock_prefill is not registered in ETCD; reached it through vLLM's ZMQ side channel at 127.0.0.1:" in log
+    assert "handshake with engine stock_prefill rank(s) 0 through ZMQ side channel 127.0.0.1:" in log
+    assert "ETCD coordination failed" not in log
+
+
+def test_etcd_down_falls_back_to_zmq(cluster: Cluster) -> None:
+    """etcd stopped: a new prefill with the plugin cannot publish (one WARNING,
+    it serves ZMQ); the decode, whose etcd calls now fail, handshakes with it
+    through vLLM's ZMQ side channel after one WARNING naming the cause; same
+    result."""
+    d1 = cluster.named["D1"]  # type: ignore[attr-defined]
     cluster.etcd.stop()
+    p6 = cluster.start(
+        "P6",
+        cluster.etcd_env(VLLM_NIXL_ETCD_TIMEOUT="3"),
+        engine_id="prefill_zmq",
+        role="kv_producer",
+    )
+    plog = p6.log_text()
+    assert count(plog, "ETCD coordination failed (ETCD connection failed: ") == 1
+    assert "engine prefill_zmq is NOT published in ETCD and is reachable only through vLLM's ZMQ side channel at 127.0.0.1:" in plog
+    params = prefill(p6)
     r = d1.generate(PROMPT, MAX_TOKENS, decode_params(params))
     same_as_reference(cluster, r)
     log = d1.log_text()
     assert count(log, "ETCD coordination failed (") == 1
-    assert "using vLLM's direct ZMQ handshake with engine stock_prefill at 127.0.0.1:" in log
+    assert "using vLLM's direct ZMQ handshake with engine prefill_zmq at 127.0.0.1:" in log

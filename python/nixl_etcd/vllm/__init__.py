@@ -62,8 +62,41 @@ def register() -> None:
             names the vLLM version); vLLM then refuses to start, rather than
             running silently without etcd.
     """
+    _declare_env_vars()
     if not use_etcd_from_env():
         return
     from . import hooks
 
     hooks.install()
+
+
+#: The guide's variables (and the library's), declared to vLLM so that the
+#: processes it starts after loading plugins do not warn "Unknown vLLM
+#: environment variable detected" for them.
+ENV_VARS = (
+    "VLLM_NIXL_USE_ETCD",
+    "VLLM_NIXL_ETCD_ENDPOINTS",
+    "VLLM_NIXL_ETCD_NAMESPACE",
+    "VLLM_NIXL_ETCD_TIMEOUT",
+    "VLLM_NIXL_ETCD_LEASE_TTL",
+    "VLLM_NIXL_ETCD_CA_CERT",
+    "VLLM_NIXL_ETCD_CERT",
+    "VLLM_NIXL_ETCD_KEY",
+    "VLLM_NIXL_ETCD_USERNAME",
+    "VLLM_NIXL_ETCD_PASSWORD",
+    "VLLM_NIXL_ETCD_PASSWORD_FILE",
+    "VLLM_NIXL_ETCD_HMAC_KEY_FILE",
+    "VLLM_NIXL_ETCD_HMAC_PREVIOUS_KEY_FILE",
+)
+
+
+def _declare_env_vars() -> None:
+    try:
+        from vllm import envs
+    except Exception:
+        return
+    table = getattr(envs, "environment_variables", None)
+    if isinstance(table, dict):
+        for name in ENV_VARS:
+            table.setdefault(name, lambda name=name: os.environ.get(name))
+

@@ -320,9 +320,11 @@ def _on_new_request(self: Any, request: Any) -> None:
 class _EtcdUnavailable(Exception):
     """etcd cannot be reached: the caller falls back to vLLM's ZMQ handshake."""
 
-    def __init__(self, cause: BaseException) -> None:
+    def __init__(self, cause: BaseException, recent: bool = False) -> None:
         super().__init__(str(cause))
         self.cause = cause
+        #: etcd failed moments ago and was not tried again (already warned).
+        self.recent = recent
 
 
 class _Reply:
@@ -337,9 +339,11 @@ class _Reply:
 class _Discovery:
     """Per-worker state: the etcd client, subscriptions, what to drop."""
 
-    # After a failed connection, do not try etcd again for this long (every
-    # handshake meanwhile goes straight to ZMQ, without a new WARNING).
-    RETRY_AFTER_S = 30.0
+    # After a failed connection, do not try to connect again for this long
+    # (handshakes meanwhile go straight to ZMQ, without a new WARNING). An open
+    # client is kept through an outage: it serves the engines it knows from its
+    # cache, and its subscriptions resume when etcd is back.
+    RETRY_AFTER_S = 5.0
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -359,7 +363,9 @@ class _Discovery:
                 return self.client
             now = time.monotonic()
             if now < self.down_until:
-                raise _EtcdUnavailable(errors.ConnectionFailed("ETCD connection failed earlier"))
+                raise _EtcdUnavailable(
+                    errors.ConnectionFailed("ETCD connection failed moments ago"), recent=True
+                )
             try:
                 self.client = Client()
             except (errors.ConnectionFailed, errors.Timeout) as e:
@@ -367,14 +373,9 @@ class _Discovery:
                 raise _EtcdUnavailable(e) from e
             return self.client
 
-    def mark_down(self, cause: BaseException) -> None:
+    def mark_down(self) -> None:
         with self.lock:
             self.down_until = time.monotonic() + self.RETRY_AFTER_S
-            client, self.client = self.client, None
-            self.subs.clear()
-        if client is not None:
-            with contextlib.suppress(Exception):
-                client.close()
 
     # Runs on the library's event thread: quick, no blocking calls.
     def on_event(self, ev: Event) -> None:
@@ -639,10 +640,15 @@ def _nixl_handshake(
     try:
         replies, incarnations = _fetch(d, expected_engine_id, targets, remote_tp_size, host, port)
     except _EtcdUnavailable as e:
-        d.mark_down(e.cause)
+        d.mark_down()
         cause = str(e.cause)
         key = cause.split(";")[0]
-        if key not in d.warned:
+        if e.recent:
+            logger.debug(
+                "ETCD unavailable moments ago; vLLM's direct ZMQ handshake with engine %s",
+                expected_engine_id,
+            )
+        elif key not in d.warned:
             d.warned.add(key)
             logger.warning(
                 "ETCD coordination failed (%s); using vLLM's direct ZMQ handshake with "

@@ -108,17 +108,18 @@ def _serve(args: Sequence[str]) -> int:
     # The KV cache, explicitly: vLLM's CPU build otherwise takes a share of the
     # NUMA node's memory minus the process's own size, negative on small nodes.
     p.add_argument("--kv-cache-mib", type=int, default=128)
-    # One process (engine core and worker in this one): quicker to start.
-    p.add_argument("--one-process", action="store_true")
     a = p.parse_args(args)
-    if a.one_process:
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+
     reply = os.fdopen(a.reply_fd, "w", buffering=1)
 
     def send(obj: Dict[str, Any]) -> None:
         reply.write(json.dumps(obj) + "\n")
         reply.flush()
 
+    # Eager everywhere: vLLM's sampler torch.compiles its logprob ops even with
+    # enforce_eager, which costs a minute of C++ compilation per process on a
+    # small CPU machine. Inherited by the engine's own processes.
+    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
     from vllm import LLM, SamplingParams
 
     kwargs: Dict[str, Any] = dict(
@@ -133,8 +134,6 @@ def _serve(args: Sequence[str]) -> int:
         seed=0,
         enable_prefix_caching=False,
     )
-    if a.one_process:
-        kwargs["distributed_executor_backend"] = "uni"
     if a.role != "none":
         ktc: Dict[str, Any] = {
             "kv_connector": a.connector,
@@ -225,7 +224,6 @@ class Engine:
         tp: int = 1,
         connector: str = "NixlConnector",
         connector_module_path: Optional[str] = None,
-        one_process: bool = False,
         startup_timeout: float = 600.0,
     ) -> None:
         self.engine_id = engine_id
@@ -251,8 +249,6 @@ class Engine:
             cmd += ["--engine-id", engine_id]
         if connector_module_path:
             cmd += ["--connector-module-path", connector_module_path]
-        if one_process:
-            cmd.append("--one-process")
         self._log = open(log_path, "ab")
         self.proc = subprocess.Popen(
             cmd,
