@@ -151,14 +151,14 @@ def main() -> int:
 def handshakes(endpoint: str, ns: str, p_port: int, n: int) -> Dict[str, Dict[str, List[float]]]:
     import msgspec
     import zmq
-    from nixl._api import nixl_agent, nixl_agent_config
+    from vllm.distributed.nixl_utils import NixlWrapper, nixl_agent_config
     from vllm.distributed.kv_transfer.kv_connector.v1.nixl.metadata import (
         GET_META_MSG,
         NixlAgentMetadata,
         NixlHandshakePayload,
     )
 
-    agent = nixl_agent("bench-decode", nixl_agent_config(backends=["UCX"]))
+    agent = NixlWrapper("bench-decode", nixl_agent_config(backends=["UCX"]))
     pdec = msgspec.msgpack.Decoder(NixlHandshakePayload)
     mdec = msgspec.msgpack.Decoder(NixlAgentMetadata)
 

@@ -87,8 +87,12 @@ def main() -> int:
         if "NIXL ETCD coordinator" in line or "Registered NIXL agent with ETCD" in line:
             print(f"[prefill log] {line.strip()}")
 
-    section(f"etcdctl get --prefix {NAMESPACE}/ --keys-only")
-    print(ctl("get", "--prefix", f"{NAMESPACE}/", "--keys-only").strip())
+    def keys(prefix: str) -> str:
+        out = ctl("get", "--prefix", prefix, "--keys-only")
+        return "\n".join(k for k in out.splitlines() if k.strip())
+
+    section(f"etcdctl get --prefix {NAMESPACE}/ --keys-only  (every engine publishes its ranks)")
+    print(keys(f"{NAMESPACE}/"))
     kv = json.loads(ctl("get", "-w", "json", f"{NAMESPACE}/prefill_engine/rank_0"))["kvs"][0]
     lease = format(int(kv["lease"]), "x")
     print(f"value: {len(kv['value'])} base64 chars; lease {lease}:")
@@ -126,10 +130,13 @@ def main() -> int:
     section("Prefill exits: its lease is revoked, its keys are gone")
     rc = prefill.close()
     print(f"prefill exited with status {rc}")
-    keys = ctl("get", "--prefix", f"{NAMESPACE}/", "--keys-only").strip()
-    print(f"etcdctl get --prefix {NAMESPACE}/ --keys-only -> {keys or '(no keys)'}")
+    left = keys(f"{NAMESPACE}/prefill_engine/")
+    print(f"etcdctl get --prefix {NAMESPACE}/prefill_engine/ --keys-only -> {left or '(no keys)'}")
+    print(f"etcdctl get --prefix {NAMESPACE}/ --keys-only ->\n{keys(f'{NAMESPACE}/')}")
     decode.close()
-    return 0 if same and not keys else 1
+    print(f"decode exited; etcdctl get --prefix {NAMESPACE}/ --keys-only -> "
+          f"{keys(f'{NAMESPACE}/') or '(no keys)'}")
+    return 0 if same and not left else 1
 
 
 if __name__ == "__main__":
