@@ -231,7 +231,8 @@ def ttfts(named: Dict[str, Engine], n: int) -> Dict[str, List[float]]:
 def render(hs: Dict[str, Dict[str, List[float]]], ttft: Dict[str, List[float]], n: int, m: int) -> str:
     ms = 1e3
     rows = [
-        f"Handshakes: {n} each way, alternating, one process; TTFT: {m} P/D requests each way.",
+        f"Handshakes: {n} each way, alternating, one process; TTFT: {m} P/D requests each way; "
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end.",
         "",
         "| measure | etcd (nixl-etcd plugin) | ZMQ side channel (stock vLLM) | etcd / ZMQ |",
         "|---|---|---|---|",
