@@ -34,7 +34,7 @@ from typing import Any, Dict, Iterator, List, Optional
 
 import pytest
 
-from conftest import ETCDCTL_BIN, PY_DIR, REPO, Etcd, _healthy, free_port, wait_until
+from conftest import REPO, Etcd, free_port, wait_until
 
 from nixl_etcd.vllm.testing import Engine
 
