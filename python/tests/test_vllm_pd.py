@@ -185,7 +185,7 @@ def decode_params(params: Dict[str, Any], **override: Any) -> Dict[str, Any]:
     return out
 
 
-def same_as_reference(cluster: Cluster, r: Dict[str, Any]) -> None:
+def same_as_reference(cluster: Cluster, r: Dict[str, Any], logprob_tol: float = 1e-2) -> None:
     ref = cluster.reference  # type: ignore[attr-defined]
     assert r["ok"], r
     assert r["token_ids"] == ref["token_ids"]
@@ -194,7 +194,7 @@ def same_as_reference(cluster: Cluster, r: Dict[str, Any]) -> None:
     # Same kernels, same KV: the logprobs agree to float rounding of the
     # decode's single-token attention over transferred KV.
     for got, want in zip(r["logprobs"], ref["logprobs"]):
-        assert got == pytest.approx(want, abs=1e-2), (r["logprobs"], ref["logprobs"])
+        assert got == pytest.approx(want, abs=logprob_tol), (r["logprobs"], ref["logprobs"])
 
 
 def prefill_keys(cluster: Cluster) -> List[str]:
@@ -350,7 +350,10 @@ def test_tp2_prefill_to_tp1_decode(cluster: Cluster) -> None:
     params = prefill(p5)
     assert params["tp_size"] == 2
     r = d1.generate(PROMPT, MAX_TOKENS, decode_params(params, remote_port=free_port()))
-    same_as_reference(cluster, r)
+    # Each TP2 rank computes its KV heads from half of the hidden dimension's
+    # products, rounded to bf16 differently than TP1 does: same tokens, logprobs
+    # within 0.05 (seen: 0.016 at the sixth token; a TP1 prefill stays within 0.01).
+    same_as_reference(cluster, r, logprob_tol=5e-2)
     assert "handshake with engine prefill_tp2 rank(s) 0,1 through ETCD" in d1.log_text()
     assert p5.close() == 0
 
