@@ -43,7 +43,8 @@ def main() -> int:
     sys.stdout = sys.stderr
     from nixl._api import nixl_agent, nixl_agent_config
 
-    agent = nixl_agent(name, nixl_agent_config(enable_prog_thread=False))
+    # The progress thread serves the READs peers make of this agent's memory.
+    agent = nixl_agent(name, nixl_agent_config(enable_prog_thread=True))
     buf = pattern(size, seed)
     reg = agent.register_memory([(buf.ctypes.data, size, 0, "")], "DRAM")
     out({"pid": os.getpid(), "addr": buf.ctypes.data, "len": size})
