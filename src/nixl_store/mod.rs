@@ -298,6 +298,20 @@ struct Conn {
     writer: Option<WriterId>,
     /// Counted in its remote writer's open connections.
     attached: bool,
+    /// The peer's pid, being looked up since its PING (before its first write).
+    lookup: Option<tokio::task::JoinHandle<Option<u32>>>,
+}
+
+impl Conn {
+    /// Starts looking up the peer process in the background.
+    fn start_lookup(&mut self) {
+        if self.lookup.is_none() && self.writer.is_none() {
+            let (local, peer, nonce) = (self.local, self.peer, self.nonce);
+            self.lookup = Some(tokio::task::spawn_blocking(move || {
+                peers::loopback_peer_pid(local, peer, nonce)
+            }));
+        }
+    }
 }
 
 async fn serve_connection(s: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
@@ -311,6 +325,7 @@ async fn serve_connection(s: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
         nonce: None,
         writer: None,
         attached: false,
+        lookup: None,
     };
     let mut stop = s.stop.subscribe();
     let (rd, mut wr) = stream.into_split();
@@ -367,6 +382,9 @@ async fn serve_queries(
             Query::Validate(_) => Vec::new(),
             Query::Ping(n) => {
                 conn.nonce = Some(n);
+                if conn.peer.ip().is_loopback() {
+                    conn.start_lookup();
+                }
                 reattach(s, conn).await;
                 n.to_ne_bytes().to_vec()
             }
@@ -440,7 +458,16 @@ async fn check(s: &Shared, keys: &[Vec<u8>]) -> std::result::Result<u8, String> 
         .map(|k| map_key(s, k))
         .collect::<std::result::Result<Vec<_>, _>>()?;
     let mut changes = (s.nixl.changes(), s.verbatim.changes());
-    let deadline = tokio::time::Instant::now() + s.opts.check_wait;
+    let started = tokio::time::Instant::now();
+    let deadline = started + s.opts.check_wait;
+    let show = |r: &str| {
+        log::debug!(
+            "nixl-etcd store: CHECK of {} key(s) ({}) -> {r} after {:.1} ms",
+            keys.len(),
+            String::from_utf8_lossy(keys.first().map(Vec::as_slice).unwrap_or(b"")),
+            started.elapsed().as_secs_f64() * 1000.0
+        )
+    };
     loop {
         changes.0.borrow_and_update();
         changes.1.borrow_and_update();
@@ -452,12 +479,16 @@ async fn check(s: &Shared, keys: &[Vec<u8>]) -> std::result::Result<u8, String> 
             }
         }
         if ready {
+            show("READY");
             return Ok(codec::READY);
         }
         tokio::select! {
             _ = changes.0.changed() => {}
             _ = changes.1.changed() => {}
-            _ = tokio::time::sleep_until(deadline) => return Ok(codec::NOT_READY),
+            _ = tokio::time::sleep_until(deadline) => {
+                show("NOT_READY");
+                return Ok(codec::NOT_READY);
+            }
         }
     }
 }
@@ -466,14 +497,15 @@ async fn check(s: &Shared, keys: &[Vec<u8>]) -> std::result::Result<u8, String> 
 /// its first write.
 async fn writer_of(s: &Arc<Shared>, conn: &mut Conn) -> Result<(WriterId, Arc<Writer>)> {
     if conn.writer.is_none() {
-        let (local, peer, nonce) = (conn.local, conn.peer, conn.nonce);
-        let pid = tokio::task::spawn_blocking(move || peers::loopback_peer_pid(local, peer, nonce))
-            .await
-            .unwrap_or(None);
-        let id = match (pid, nonce) {
+        conn.start_lookup();
+        let pid = match conn.lookup.take() {
+            Some(task) => task.await.unwrap_or(None),
+            None => None,
+        };
+        let id = match (pid, conn.nonce) {
             (Some(pid), _) => WriterId::Pid(pid),
-            (None, Some(n)) => WriterId::Remote(peer.ip(), n),
-            (None, None) => WriterId::Conn(peer),
+            (None, Some(n)) => WriterId::Remote(conn.peer.ip(), n),
+            (None, None) => WriterId::Conn(conn.peer),
         };
         conn.writer = Some(id);
     }
@@ -615,6 +647,7 @@ async fn set(
     value: Vec<u8>,
 ) -> std::result::Result<(), String> {
     let m = map_key(s, key)?;
+    let started = std::time::Instant::now();
     let shown = String::from_utf8_lossy(key).into_owned();
     let refused = |e: Error| {
         format!(
@@ -626,17 +659,29 @@ async fn set(
     let (id, w) = writer_of(s, conn).await.map_err(refused)?;
     match &m {
         Mapped::Broadcast { agent, label, key } => {
-            let (c, a, l, v) = (
-                w.client.clone(),
-                agent.clone(),
-                label.clone(),
-                value.clone(),
-            );
-            tokio::task::spawn_blocking(move || c.publish_nixl(&a, Some(&l), &v))
-                .await
-                .map_err(|_| refused(Error::internal("publish panicked")))?
-                .map_err(refused)?;
+            // What `Client::publish_nixl` writes (the blob and the marker, in
+            // one transaction under the writer's lease), done here without
+            // blocking a thread.
             let marker = nixl_layout::marker_key(&s.cfg.nixl_namespace, agent);
+            let limit = s
+                .cfg
+                .max_request_bytes
+                .saturating_sub(marker.len() + key.len() + 512);
+            if value.len() > limit {
+                return Err(refused(Error::new(
+                    Status::ErrTooLarge,
+                    format!(
+                        "NIXL metadata of {} bytes for agent {agent} (label {label}) is over \
+                         the {limit} bytes that fit in one etcd request with its keys \
+                         (max_request_bytes={}); nothing was written",
+                        value.len(),
+                        s.cfg.max_request_bytes
+                    ),
+                )));
+            }
+            let inner = w.client.inner().clone();
+            let kvs = vec![(key.clone(), value.clone()), (marker.clone(), Vec::new())];
+            put_attached(&inner, kvs).await.map_err(refused)?;
             s.nixl.put_local(key, &value);
             s.nixl.put_local(&marker, b"");
             hold(s, &id, &[key, &marker]).await;
@@ -644,20 +689,23 @@ async fn set(
         Mapped::Verbatim { key } => {
             let inner = w.client.inner().clone();
             let kv = vec![(key.clone(), value.clone())];
-            put_verbatim(&inner, kv).await.map_err(refused)?;
+            put_attached(&inner, kv).await.map_err(refused)?;
             s.verbatim.put_local(key, &value);
             hold(s, &id, &[key]).await;
         }
     }
     log::debug!(
-        "nixl-etcd store: SET {shown} -> {} ({} bytes) by {id}",
+        "nixl-etcd store: SET {shown} -> {} ({} bytes) by {id} in {:.1} ms",
         m.etcd_key(),
-        value.len()
+        value.len(),
+        started.elapsed().as_secs_f64() * 1000.0
     );
     Ok(())
 }
 
-async fn put_verbatim(inner: &Arc<Inner>, kv: Vec<(String, Vec<u8>)>) -> Result<()> {
+/// Writes `kv` under the writer's lease (re-written by the lease machinery
+/// if the lease is ever lost), bounded by the client's timeout.
+async fn put_attached(inner: &Arc<Inner>, kv: Vec<(String, Vec<u8>)>) -> Result<()> {
     let limit = inner.cfg.timeout;
     let inner = inner.clone();
     tokio::time::timeout(limit, async move {
