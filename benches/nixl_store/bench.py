@@ -7,10 +7,11 @@ One run, same machine, same clock per backend, stock NIXL 1.5 agents
 (`nixl._api`, UCX backend) selecting their metadata backend from the
 environment exactly as any NIXL program does:
 
-  store        `nixl-etcd serve` (default --check-wait-ms 200) behind
+  store        `nixl-etcd serve` (default --check-wait-ms) behind
                NIXL_TCPSTORE_ENDPOINT, etcd behind it
   store-cw0    the same with --check-wait-ms 0 (NIXL's 100 ms re-probe only):
                what the brief wait in CHECK buys
+  store-cw200  the same with --check-wait-ms 200
   nixl-etcd    NIXL's own etcd backend (NIXL_ETCD_ENDPOINTS), same etcd
   torch        PyTorch's TCPStore server (torch.distributed.TCPStore, the
                server NIXL's backend was written against): only when torch is
@@ -39,6 +40,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 POLL_S = 0.0002
+# (row, --check-wait-ms): the default first (the ratios are against it).
+STORES = (("store", None), ("store-cw0", 0), ("store-cw200", 200))
 
 
 def free_port() -> int:
@@ -140,7 +143,7 @@ def start_serve(endpoint, check_wait_ms):
     proc = subprocess.Popen(
         [cli, "serve", "--listen", "127.0.0.1:0", "--endpoints", endpoint,
          "--nixl-namespace", f"/bench-store/{uuid.uuid4().hex[:8]}",
-         "--check-wait-ms", str(check_wait_ms)],
+         *([] if check_wait_ms is None else ["--check-wait-ms", str(check_wait_ms)])],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     line = proc.stdout.readline()
     return proc, line.split("NIXL_TCPSTORE_ENDPOINT=")[1].split()[0]
@@ -190,7 +193,7 @@ def main(argv):
         # Backends take turns, `rounds` times, so that a change in the load of
         # this shared machine falls on all of them alike.
         for _ in range(rounds):
-            for label, cw in (("store", 200), ("store-cw0", 0)):
+            for label, cw in STORES:
                 serve, ep = start_serve(endpoint, cw)
                 procs.append(serve)
                 add(results, label, run_child({"NIXL_TCPSTORE_ENDPOINT": ep}, per, delay_ms))

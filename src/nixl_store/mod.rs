@@ -80,7 +80,7 @@ impl Default for StoreOptions {
 }
 
 /// Default of [`StoreOptions::check_wait`], in milliseconds.
-pub const DEFAULT_CHECK_WAIT_MS: u64 = 200;
+pub const DEFAULT_CHECK_WAIT_MS: u64 = 1000;
 
 /// Who wrote a key: the lease its keys are under belongs to this writer.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
