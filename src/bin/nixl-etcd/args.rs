@@ -393,6 +393,28 @@ mod tests {
     }
 
     #[test]
+    fn serve_takes_its_listen_address_and_tunables() {
+        assert_eq!(
+            p("serve").unwrap().command,
+            Command::Serve(ServeArgs {
+                listen: "127.0.0.1:29479".into(),
+                check_wait_ms: None,
+                remote_grace: None
+            })
+        );
+        assert_eq!(
+            p("serve --listen 0.0.0.0:7000 --check-wait-ms 0 --remote-grace 2.5")
+                .unwrap()
+                .command,
+            Command::Serve(ServeArgs {
+                listen: "0.0.0.0:7000".into(),
+                check_wait_ms: Some(0),
+                remote_grace: Some(Duration::from_millis(2500))
+            })
+        );
+    }
+
+    #[test]
     fn flags_override_options_key_by_key() {
         let a = parse(vec![
             "--options".into(),
@@ -423,6 +445,11 @@ mod tests {
             "wait e --timeout -2",
             "list --bogus",
             "list --endpoints",
+            "serve extra",
+            "list --listen 127.0.0.1:1",
+            "serve --check-wait-ms 9999",
+            "serve --check-wait-ms x",
+            "serve --remote-grace -1",
         ] {
             let e = p(bad).unwrap_err();
             assert_eq!(e.code, EXIT_USAGE, "{bad:?}");
