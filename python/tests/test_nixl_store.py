@@ -292,3 +292,69 @@ def test_in_process_store_of_the_python_client(etcd, nixl_ns, fleet):
         api.close()
     # Closing the client stops the store and revokes its writers' leases.
     assert wait_until(lambda: keys(etcd, f"{nixl_ns}/") == [], timeout=10)
+
+
+def _restart_same_ports(server: Etcd) -> None:
+    """Starts a stopped etcd again on its ports, with its data dir."""
+    from conftest import ETCD_BIN, _healthy
+
+    c = f"http://127.0.0.1:{server.client_port}"
+    p = f"http://127.0.0.1:{server.peer_port}"
+    log = open(server.log_path, "ab")
+    server.proc = subprocess.Popen(
+        [ETCD_BIN, "--name", "nixl-etcd-pytest", "--data-dir", str(server.data_dir / "data"),
+         "--listen-client-urls", c, "--advertise-client-urls", c, "--listen-peer-urls", p,
+         "--initial-advertise-peer-urls", p, "--initial-cluster", f"nixl-etcd-pytest={p}",
+         "--log-level", "warn"],
+        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    log.close()
+    assert wait_until(lambda: _healthy(server.client_port), timeout=30)
+
+
+def _store_writes(endpoint: str, etcd: Etcd) -> bool:
+    """One TCPStore SET + CHECK through the store, as NIXL sends them; true
+    when it was written to etcd (a refused write closes the connection)."""
+    import socket
+    import struct
+
+    host, port = endpoint.rsplit(":", 1)
+    key = f"/probe/{uuid.uuid4().hex[:8]}".encode()
+    try:
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(bytes([0]) + struct.pack("=I", 0x3C85F7CE))
+            s.sendall(bytes([1]) + struct.pack("=Q", len(key)) + key + struct.pack("=Q", 1) + b"x")
+            s.sendall(bytes([5]) + struct.pack("=Q", 1) + struct.pack("=Q", len(key)) + key)
+            if s.recv(1) != b"\x00":
+                return False
+    except OSError:
+        return False
+    return keys(etcd, "/nixl-etcd/tcpstore" + key.decode()) != []
+
+
+def test_etcd_restart_reads_from_the_copy_then_recovers(private_etcd, nixl_ns, fleet):
+    etcd = private_etcd
+    store = Serve(etcd, nixl_ns, "--options", json.dumps({"timeout_s": 2}))
+    fleet.append(store)
+    t = names()
+    a = Agent(f"A{t}", store.env, seed=21)
+    fleet.append(a)
+    a.do("publish")
+    assert wait_until(lambda: len(keys(etcd, f"{nixl_ns}/{a.name}/")) == 2, timeout=10)
+    etcd.stop()
+    # etcd is down: a new agent still finds A (answered from the store's copy)
+    # and reads its bytes.
+    b = Agent(f"B{t}", store.env, seed=23)
+    fleet.append(b)
+    assert b.sees(a)
+    assert b.reads(a)["bad"] == 0
+    _restart_same_ports(etcd)
+    # Back: once the store writes again, a publish made now is found, and A's
+    # keys are still there.
+    assert wait_until(lambda: _store_writes(store.endpoint, etcd), timeout=30)
+    c = Agent(f"C{t}", store.env, seed=25)
+    fleet.append(c)
+    c.do("publish")
+    assert b.sees(c)
+    assert b.reads(c)["bad"] == 0
+    assert len(keys(etcd, f"{nixl_ns}/{a.name}/")) == 2
+    assert len(keys(etcd, f"{nixl_ns}/{c.name}/")) == 2
