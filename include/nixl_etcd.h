@@ -486,6 +486,22 @@ const char *nixl_etcd_version(void);
  */
 bool nixl_etcd_enabled(void);
 
+/**
+ * Serves the NIXL TCPStore metadata store in this process, with etcd
+ * behind it through this client's configuration: set
+ * `NIXL_TCPSTORE_ENDPOINT=127.0.0.1:<port>` before creating NIXL agents and
+ * they publish and fetch through etcd. `listen` is `HOST:PORT` (NULL or ""
+ * means "127.0.0.1:0", any free port); the port bound is written to `port`.
+ * Each writing process's keys are under a lease of its own. The store stops,
+ * revoking those leases, when the client is closed.
+ *
+ * # Safety
+ * `listen` is NULL or NUL-terminated; `port` is NULL or writable.
+ */
+nixl_etcd_status nixl_etcd_serve_nixl_store(struct nixl_etcd_client *c,
+                                            const char *listen,
+                                            uint16_t *port);
+
 #ifdef __cplusplus
 }  // extern "C"
 #endif  // __cplusplus

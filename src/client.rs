@@ -987,3 +987,11 @@ impl Inner {
             .informer(engine, &self.cfg, &self.etcd, &self.hub, false)
     }
 }
+
+/// Crate-internal access for the NIXL TCPStore front end (`nixl_store`),
+/// which holds keys under this client's lease with the lease machinery.
+impl Client {
+    pub(crate) fn inner(&self) -> &Arc<Inner> {
+        &self.inner
+    }
+}

@@ -824,6 +824,37 @@ pub extern "C" fn nixl_etcd_enabled() -> bool {
         .unwrap_or(false)
 }
 
+/// Serves the NIXL TCPStore metadata store in this process, with etcd
+/// behind it through this client's configuration: set
+/// `NIXL_TCPSTORE_ENDPOINT=127.0.0.1:<port>` before creating NIXL agents and
+/// they publish and fetch through etcd. `listen` is `HOST:PORT` (NULL or ""
+/// means "127.0.0.1:0", any free port); the port bound is written to `port`.
+/// Each writing process's keys are under a lease of its own. The store stops,
+/// revoking those leases, when the client is closed.
+///
+/// # Safety
+/// `listen` is NULL or NUL-terminated; `port` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn nixl_etcd_serve_nixl_store(
+    c: *mut nixl_etcd_client,
+    listen: *const c_char,
+    port: *mut u16,
+) -> nixl_etcd_status {
+    guard(|| {
+        let port = unsafe { port.as_mut() }.ok_or_else(|| Error::invalid("port is NULL"))?;
+        *port = 0;
+        let client = lookup_client(c)?;
+        let listen = unsafe { opt_str_arg(listen, "listen") }?.unwrap_or("127.0.0.1:0");
+        let store = crate::nixl_store::NixlStore::start(
+            &client,
+            listen,
+            crate::nixl_store::StoreOptions::default(),
+        )?;
+        *port = store.local_addr().port();
+        Ok(())
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

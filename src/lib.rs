@@ -19,6 +19,7 @@ pub mod logging;
 #[cfg(feature = "nixl")]
 pub mod nixl;
 pub mod nixl_layout;
+pub mod nixl_store;
 pub mod record;
 mod runtime;
 pub mod secret;

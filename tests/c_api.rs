@@ -593,6 +593,14 @@ fn every_output_parameter_is_cleared_when_the_call_fails() {
         );
         assert_eq!(n, 0);
 
+        let mut port = 99u16;
+        let bad_listen = CString::new("not an address").unwrap();
+        assert_eq!(
+            nixl_etcd_serve_nixl_store(c, bad_listen.as_ptr(), &mut port),
+            NIXL_ETCD_ERR_INVALID_ARGUMENT
+        );
+        assert_eq!(port, 0);
+
         #[cfg(feature = "nixl")]
         {
             let mut name = garbage.cast::<std::ffi::c_char>();

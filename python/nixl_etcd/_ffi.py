@@ -193,6 +193,12 @@ _SIGNATURES = [
         ],
         False,
     ),
+    (
+        "nixl_etcd_serve_nixl_store",
+        c_status,
+        [c_client_p, ctypes.c_char_p, ctypes.POINTER(ctypes.c_uint16)],
+        True,
+    ),
     ("nixl_etcd_string_free", None, [ctypes.c_void_p], True),
     ("nixl_etcd_buffer_free", None, [_buffer_p], True),
     ("nixl_etcd_last_error", ctypes.c_char_p, [], True),

@@ -25,6 +25,11 @@ Commands:
   health                        every endpoint: reachable, leader, version,
                                 round-trip time, and whether a linearizable
                                 read through it succeeds (a quorum)
+  serve [--listen HOST:PORT] [--check-wait-ms N] [--remote-grace S]
+                                the metadata store behind stock NIXL's
+                                NIXL_TCPSTORE_ENDPOINT, with etcd behind it
+                                (default 127.0.0.1:29479); prints one ready
+                                line, stops on SIGINT or SIGTERM
 
 Options (anywhere on the line; the environment applies as for the library:
 VLLM_NIXL_ETCD_ENDPOINTS, VLLM_NIXL_ETCD_NAMESPACE, VLLM_NIXL_ETCD_TIMEOUT,
@@ -75,8 +80,17 @@ pub enum Command {
         timeout: Option<Duration>,
     },
     Health,
+    Serve(ServeArgs),
     Help,
     Version,
+}
+
+/// `serve`'s arguments.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServeArgs {
+    pub listen: String,
+    pub check_wait_ms: Option<u64>,
+    pub remote_grace: Option<Duration>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -135,6 +149,9 @@ pub fn parse(argv: Vec<String>) -> Result<Args, CliError> {
     let mut help = false;
     let mut version = false;
     let mut only_positional = false;
+    let mut listen: Option<String> = None;
+    let mut check_wait_ms: Option<u64> = None;
+    let mut remote_grace: Option<Duration> = None;
     while let Some(word) = words.next() {
         if only_positional || !word.starts_with('-') || word == "-" {
             positional.push(word);
@@ -184,6 +201,25 @@ pub fn parse(argv: Vec<String>) -> Result<Args, CliError> {
                 rank = Some(parse_rank(&v)?);
             }
             "--raw" => raw = Some(words.value(&flag, inline)?),
+            "--listen" => listen = Some(words.value(&flag, inline)?),
+            "--check-wait-ms" => {
+                let v = words.value(&flag, inline)?;
+                check_wait_ms = Some(v.parse::<u64>().ok().filter(|&n| n <= 4000).ok_or_else(
+                    || {
+                        usage_err(format!(
+                            "--check-wait-ms {v:?}: give milliseconds from 0 to 4000"
+                        ))
+                    },
+                )?);
+            }
+            "--remote-grace" => {
+                let v = words.value(&flag, inline)?;
+                remote_grace = Some(parse_seconds(&v).map_err(|_| {
+                    usage_err(format!(
+                        "--remote-grace {v:?}: give seconds from 0 to 86400"
+                    ))
+                })?);
+            }
             "--timeout" => {
                 let v = words.value(&flag, inline)?;
                 timeout = Some(parse_seconds(&v)?);
@@ -228,6 +264,12 @@ pub fn parse(argv: Vec<String>) -> Result<Args, CliError> {
     refuse("--rank", rank.is_none() || name == "wait")?;
     refuse("--timeout", timeout.is_none() || name == "wait")?;
     refuse("--raw", raw.is_none() || name == "get")?;
+    refuse("--listen", listen.is_none() || name == "serve")?;
+    refuse(
+        "--check-wait-ms",
+        check_wait_ms.is_none() || name == "serve",
+    )?;
+    refuse("--remote-grace", remote_grace.is_none() || name == "serve")?;
     let max_args = |n: usize| {
         if rest.len() > n {
             Err(usage_err(format!(
@@ -281,6 +323,16 @@ pub fn parse(argv: Vec<String>) -> Result<Args, CliError> {
         "health" => {
             max_args(0)?;
             Command::Health
+        }
+        "serve" => {
+            max_args(0)?;
+            Command::Serve(ServeArgs {
+                listen: listen.unwrap_or_else(|| {
+                    format!("127.0.0.1:{}", nixl_etcd::nixl_store::DEFAULT_PORT)
+                }),
+                check_wait_ms,
+                remote_grace,
+            })
         }
         "help" => Command::Help,
         other => return Err(usage_err(format!("unknown command {other:?}"))),
@@ -341,6 +393,28 @@ mod tests {
     }
 
     #[test]
+    fn serve_takes_its_listen_address_and_tunables() {
+        assert_eq!(
+            p("serve").unwrap().command,
+            Command::Serve(ServeArgs {
+                listen: "127.0.0.1:29479".into(),
+                check_wait_ms: None,
+                remote_grace: None
+            })
+        );
+        assert_eq!(
+            p("serve --listen 0.0.0.0:7000 --check-wait-ms 0 --remote-grace 2.5")
+                .unwrap()
+                .command,
+            Command::Serve(ServeArgs {
+                listen: "0.0.0.0:7000".into(),
+                check_wait_ms: Some(0),
+                remote_grace: Some(Duration::from_millis(2500))
+            })
+        );
+    }
+
+    #[test]
     fn flags_override_options_key_by_key() {
         let a = parse(vec![
             "--options".into(),
@@ -371,6 +445,11 @@ mod tests {
             "wait e --timeout -2",
             "list --bogus",
             "list --endpoints",
+            "serve extra",
+            "list --listen 127.0.0.1:1",
+            "serve --check-wait-ms 9999",
+            "serve --check-wait-ms x",
+            "serve --remote-grace -1",
         ] {
             let e = p(bad).unwrap_err();
             assert_eq!(e.code, EXIT_USAGE, "{bad:?}");

@@ -9,6 +9,7 @@ mod fmt;
 mod get;
 mod health;
 mod list;
+mod serve;
 mod wait;
 mod watch;
 
@@ -23,7 +24,8 @@ fn main() {
     let code = match args::parse(argv).and_then(|args| {
         // Before any other thread exists, so that every later thread
         // inherits the mask and `watch` takes SIGINT/SIGTERM on its own.
-        let signals = matches!(args.command, Command::Watch { .. }).then(watch::block_signals);
+        let signals = matches!(args.command, Command::Watch { .. } | Command::Serve(_))
+            .then(watch::block_signals);
         nixl_etcd::logging::init();
         run(args, signals)
     }) {
@@ -90,6 +92,12 @@ fn run(args: args::Args, signals: Option<libc::sigset_t>) -> Result<i32, CliErro
             let (out, code) = health::run(&cfg, json)?;
             print(out.as_bytes())?;
             return Ok(code);
+        }
+        Command::Serve(serve_args) => {
+            let signals = signals.ok_or_else(|| {
+                CliError::new(EXIT_FAILURE, "signals were not blocked before serving")
+            })?;
+            serve::run(&cfg, &serve_args, signals)?;
         }
         Command::Help | Command::Version => unreachable!("handled above"),
     }

@@ -1,0 +1,360 @@
+"""Stock NIXL 1.5.1 agents (the nixl-cu12 wheel, Python API `nixl._api`) on etcd
+with no code change: `nixl-etcd serve` behind NIXL_TCPSTORE_ENDPOINT, and the
+in-process `Client.serve_nixl_store()`.
+
+Each agent is its own process (stock_nixl_agent.py), as in a real fleet: the
+store tells writers apart by process. The `nixl-etcd` binary is the one built
+beside the library (target/release), or $NIXL_ETCD_CLI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import pytest
+
+import nixl_etcd
+from conftest import REPO, Etcd, wait_until
+
+try:
+    import nixl._api  # noqa: F401
+
+    HAVE_NIXL = True
+except Exception:  # pragma: no cover - the wheel is installed by .ci/install
+    HAVE_NIXL = False
+
+pytestmark = pytest.mark.skipif(not HAVE_NIXL, reason="NIXL (pip nixl-cu12) is not installed")
+
+AGENT = Path(__file__).resolve().parent / "stock_nixl_agent.py"
+SIZE = 1 << 20
+
+
+def cli() -> str:
+    env = os.environ.get("NIXL_ETCD_CLI")
+    if env:
+        return env
+    path = REPO / "target" / "release" / "nixl-etcd"
+    if not path.exists():
+        pytest.fail(f"{path} is missing: cargo build --release --all-features")
+    return str(path)
+
+
+class Agent:
+    """A stock NIXL agent in its own process."""
+
+    def __init__(self, name: str, env: Dict[str, str], seed: int = 1) -> None:
+        self.name = name
+        self.seed = seed
+        full = dict(os.environ)
+        for k in ("NIXL_TCPSTORE_ENDPOINT", "NIXL_ETCD_ENDPOINTS", "NIXL_ETCD_NAMESPACE"):
+            full.pop(k, None)
+        full.update(env)
+        full.setdefault("NIXL_LOG_LEVEL", "WARN")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(AGENT), name, str(SIZE), str(seed)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env=full,
+            text=True,
+        )
+        hello = self._line()
+        self.pid, self.addr = hello["pid"], hello["addr"]
+
+    def _line(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise AssertionError(f"agent {self.name} exited ({self.proc.poll()})")
+        return json.loads(line)
+
+    def do(self, *words) -> dict:
+        self.proc.stdin.write(" ".join(str(w) for w in words) + "\n")
+        self.proc.stdin.flush()
+        r = self._line()
+        assert "error" not in r, f"{self.name} {words[0]}: {r['error']}"
+        return r
+
+    def sees(self, other: "Agent | str", label: Optional[str] = None, timeout: float = 20) -> bool:
+        name = other if isinstance(other, str) else other.name
+        self.do("fetch", name, *([label] if label else []))
+        return self.do("check", name, timeout)["ok"]
+
+    def reads(self, other: "Agent") -> dict:
+        return self.do("read", other.name, other.addr, SIZE, other.seed)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+class Serve:
+    """`nixl-etcd serve` on a free port."""
+
+    def __init__(self, etcd: Etcd, nixl_ns: str, *extra: str) -> None:
+        self.proc = subprocess.Popen(
+            [cli(), "serve", "--listen", "127.0.0.1:0", "--endpoints", etcd.endpoint,
+             "--nixl-namespace", nixl_ns, *extra],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+            text=True,
+        )
+        line = self.proc.stdout.readline()
+        assert line.startswith("nixl-etcd serve: ready, NIXL_TCPSTORE_ENDPOINT="), line
+        self.endpoint = line.split("NIXL_TCPSTORE_ENDPOINT=")[1].split()[0]
+
+    @property
+    def env(self) -> Dict[str, str]:
+        return {"NIXL_TCPSTORE_ENDPOINT": self.endpoint}
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def terminate(self) -> str:
+        self.proc.send_signal(signal.SIGTERM)
+        rest, _ = self.proc.communicate(timeout=30)
+        return rest
+
+
+@pytest.fixture
+def nixl_ns() -> str:
+    return f"/pytest-nixl/{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def fleet():
+    """Agents and stores started by a test; stopped after it."""
+    started: List = []
+    yield started
+    for x in reversed(started):
+        x.kill()
+
+
+def names() -> str:
+    return uuid.uuid4().hex[:6]
+
+
+def keys(etcd: Etcd, prefix: str) -> List[str]:
+    out = etcd.ctl("get", "--prefix", prefix, "--keys-only").decode()
+    return [k for k in out.splitlines() if k.strip()]
+
+
+def key_lease(etcd: Etcd, key: str) -> int:
+    doc = json.loads(etcd.ctl("get", key, "-w", "json"))
+    kvs = doc.get("kvs") or []
+    return int(kvs[0].get("lease", 0)) if kvs else -1
+
+
+def test_two_stock_agents_find_each_other_and_move_verified_bytes(etcd, nixl_ns, fleet):
+    store = Serve(etcd, nixl_ns)
+    fleet.append(store)
+    t = names()
+    a = Agent(f"A{t}", store.env, seed=3)
+    b = Agent(f"B{t}", store.env, seed=5)
+    fleet += [a, b]
+    a.do("publish")
+    b.do("publish")
+    assert b.sees(a)
+    assert a.sees(b)
+    # Both in NIXL's etcd layout, each under a lease.
+    for x in (a, b):
+        assert sorted(keys(etcd, f"{nixl_ns}/{x.name}/")) == [
+            f"{nixl_ns}/{x.name}/", f"{nixl_ns}/{x.name}/metadata"]
+        assert key_lease(etcd, f"{nixl_ns}/{x.name}/metadata") > 0
+    assert key_lease(etcd, f"{nixl_ns}/{a.name}/metadata") != key_lease(
+        etcd, f"{nixl_ns}/{b.name}/metadata")
+    r = b.reads(a)
+    assert r == {"ok": True, "state": "DONE", "bad": 0}
+    r = a.reads(b)
+    assert r == {"ok": True, "state": "DONE", "bad": 0}
+
+    # Partial metadata under a label, fetched by a third agent.
+    a.do("publish_partial", "lbl")
+    assert key_lease(etcd, f"{nixl_ns}/{a.name}/lbl") > 0
+    c = Agent(f"C{t}", store.env, seed=7)
+    fleet.append(c)
+    assert c.sees(a, label="lbl")
+    assert c.reads(a)["bad"] == 0
+
+    # Invalidate: every key of A goes at once.
+    a.do("invalidate")
+    assert wait_until(lambda: keys(etcd, f"{nixl_ns}/{a.name}/") == [], timeout=10)
+    assert keys(etcd, f"{nixl_ns}/{b.name}/") != []
+    assert "every lease revoked" in store.terminate()
+    assert keys(etcd, f"{nixl_ns}/") == []
+
+
+def test_a_sigkilled_publisher_loses_its_keys(etcd, nixl_ns, fleet):
+    # A long TTL: only the store's watch on the process can delete the keys.
+    store = Serve(etcd, nixl_ns, "--options", json.dumps({"lease_ttl_s": 600}))
+    fleet.append(store)
+    t = names()
+    a = Agent(f"A{t}", store.env)
+    b = Agent(f"B{t}", store.env)
+    fleet += [a, b]
+    a.do("publish")
+    b.do("publish")
+    assert b.sees(a)
+    assert len(keys(etcd, f"{nixl_ns}/{a.name}/")) == 2
+    a.kill()
+    assert wait_until(lambda: keys(etcd, f"{nixl_ns}/{a.name}/") == [], timeout=30)
+    assert len(keys(etcd, f"{nixl_ns}/{b.name}/")) == 2
+    # A new process under the same name is found again.
+    a2 = Agent(a.name, store.env, seed=9)
+    fleet.append(a2)
+    a2.do("publish")
+    c = Agent(f"C{t}", store.env)
+    fleet.append(c)
+    assert c.sees(a2)
+    assert c.reads(a2)["bad"] == 0
+
+
+def test_a_sigkilled_store_leaves_keys_that_expire_with_the_lease(etcd, nixl_ns, fleet):
+    store = Serve(etcd, nixl_ns, "--options", json.dumps({"lease_ttl_s": 2}))
+    fleet.append(store)
+    a = Agent(f"A{names()}", store.env)
+    fleet.append(a)
+    a.do("publish")
+    assert wait_until(lambda: len(keys(etcd, f"{nixl_ns}/{a.name}/")) == 2, timeout=10)
+    lease = key_lease(etcd, f"{nixl_ns}/{a.name}/metadata")
+    assert "granted with TTL(2s)" in etcd.ctl("lease", "timetolive", format(lease, "x")).decode()
+    store.kill()
+    assert wait_until(lambda: keys(etcd, f"{nixl_ns}/{a.name}/") == [], timeout=30)
+
+
+def test_mixed_fleet_nixl_etcd_backend_store_and_c_api(etcd, nixl_ns, fleet):
+    """One agent on NIXL's own etcd backend, one through the store, one whose
+    metadata goes through this library's C API (Python binding): each finds
+    the others and reads their bytes."""
+    store = Serve(etcd, nixl_ns)
+    fleet.append(store)
+    t = names()
+    e = Agent(f"E{t}", {"NIXL_ETCD_ENDPOINTS": etcd.endpoint, "NIXL_ETCD_NAMESPACE": nixl_ns},
+              seed=11)
+    s = Agent(f"S{t}", store.env, seed=13)
+    c = Agent(f"C{t}", {}, seed=17)
+    fleet += [e, s, c]
+    api = nixl_etcd.Client(endpoints=etcd.endpoint, namespace=f"/pytest-ranks/{t}",
+                           nixl_namespace=nixl_ns, timeout_s=10)
+    try:
+        e.do("publish")
+        s.do("publish")
+        api.publish_nixl(c.name, bytes.fromhex(c.do("metadata")["hex"]))
+        # The store's agent and NIXL's etcd agent find each other and C.
+        assert s.sees(e) and s.sees(c)
+        assert e.sees(s) and e.sees(c)
+        # C loads both through the library.
+        for other in (e, s):
+            blob = api.fetch_nixl(other.name, timeout=10)
+            assert c.do("load", blob.hex())["name"] == other.name
+        for reader, src in ((s, e), (s, c), (e, s), (e, c), (c, e), (c, s)):
+            assert reader.reads(src) == {"ok": True, "state": "DONE", "bad": 0}, (
+                reader.name, src.name)
+    finally:
+        api.close()
+
+
+def test_in_process_store_of_the_python_client(etcd, nixl_ns, fleet):
+    api = nixl_etcd.Client(endpoints=etcd.endpoint, namespace=f"/pytest-ranks/{names()}",
+                           nixl_namespace=nixl_ns, timeout_s=10)
+    try:
+        endpoint = api.serve_nixl_store()
+        assert endpoint.startswith("127.0.0.1:") and int(endpoint.split(":")[1]) > 0
+        env = {"NIXL_TCPSTORE_ENDPOINT": endpoint}
+        t = names()
+        a, b = Agent(f"A{t}", env, seed=2), Agent(f"B{t}", env, seed=4)
+        fleet += [a, b]
+        a.do("publish")
+        assert b.sees(a)
+        assert b.reads(a)["bad"] == 0
+        assert api.fetch_nixl(a.name, timeout=0) != b""
+        with pytest.raises(nixl_etcd.InvalidArgument):
+            api.serve_nixl_store("no port here")
+    finally:
+        api.close()
+    # Closing the client stops the store and revokes its writers' leases.
+    assert wait_until(lambda: keys(etcd, f"{nixl_ns}/") == [], timeout=10)
+
+
+def _restart_same_ports(server: Etcd) -> None:
+    """Starts a stopped etcd again on its ports, with its data dir."""
+    from conftest import ETCD_BIN, _healthy
+
+    c = f"http://127.0.0.1:{server.client_port}"
+    p = f"http://127.0.0.1:{server.peer_port}"
+    log = open(server.log_path, "ab")
+    server.proc = subprocess.Popen(
+        [ETCD_BIN, "--name", "nixl-etcd-pytest", "--data-dir", str(server.data_dir / "data"),
+         "--listen-client-urls", c, "--advertise-client-urls", c, "--listen-peer-urls", p,
+         "--initial-advertise-peer-urls", p, "--initial-cluster", f"nixl-etcd-pytest={p}",
+         "--log-level", "warn"],
+        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    log.close()
+    assert wait_until(lambda: _healthy(server.client_port), timeout=30)
+
+
+def _store_writes(endpoint: str, etcd: Etcd) -> bool:
+    """One TCPStore SET + CHECK through the store, as NIXL sends them; true
+    when it was written to etcd (a refused write closes the connection)."""
+    import socket
+    import struct
+
+    host, port = endpoint.rsplit(":", 1)
+    key = f"/probe/{uuid.uuid4().hex[:8]}".encode()
+    try:
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(bytes([0]) + struct.pack("=I", 0x3C85F7CE))
+            s.sendall(bytes([1]) + struct.pack("=Q", len(key)) + key + struct.pack("=Q", 1) + b"x")
+            s.sendall(bytes([5]) + struct.pack("=Q", 1) + struct.pack("=Q", len(key)) + key)
+            if s.recv(1) != b"\x00":
+                return False
+    except OSError:
+        return False
+    return keys(etcd, "/nixl-etcd/tcpstore" + key.decode()) != []
+
+
+def test_etcd_restart_reads_from_the_copy_then_recovers(private_etcd, nixl_ns, fleet):
+    etcd = private_etcd
+    store = Serve(etcd, nixl_ns, "--options", json.dumps({"timeout_s": 2}))
+    fleet.append(store)
+    t = names()
+    a = Agent(f"A{t}", store.env, seed=21)
+    fleet.append(a)
+    a.do("publish")
+    assert wait_until(lambda: len(keys(etcd, f"{nixl_ns}/{a.name}/")) == 2, timeout=10)
+    etcd.stop()
+    # etcd is down: a new agent still finds A (answered from the store's copy)
+    # and reads its bytes.
+    b = Agent(f"B{t}", store.env, seed=23)
+    fleet.append(b)
+    assert b.sees(a)
+    assert b.reads(a)["bad"] == 0
+    _restart_same_ports(etcd)
+    # Back: once the store writes again, a publish made now is found, and A's
+    # keys are still there.
+    assert wait_until(lambda: _store_writes(store.endpoint, etcd), timeout=30)
+    c = Agent(f"C{t}", store.env, seed=25)
+    fleet.append(c)
+    c.do("publish")
+    assert b.sees(c)
+    assert b.reads(c)["bad"] == 0
+    assert len(keys(etcd, f"{nixl_ns}/{a.name}/")) == 2
+    assert len(keys(etcd, f"{nixl_ns}/{c.name}/")) == 2
