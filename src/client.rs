@@ -518,22 +518,14 @@ impl Client {
                 cfg.namespace
             )));
         }
-        // Room for both keys, the lease and the transaction's framing.
-        let limit = cfg
-            .max_request_bytes
-            .saturating_sub(marker.len() + key.len() + 512);
-        if blob.len() > limit {
-            return Err(Error::new(
-                Status::ErrTooLarge,
-                format!(
-                    "NIXL metadata of {} bytes for agent {agent_name} (label {label}) is over \
-                     the {limit} bytes that fit in one etcd request with its keys \
-                     (max_request_bytes={}); nothing was written",
-                    blob.len(),
-                    cfg.max_request_bytes
-                ),
-            ));
-        }
+        nixl_layout::check_fits(
+            cfg.max_request_bytes,
+            agent_name,
+            label,
+            &key,
+            &marker,
+            blob.len(),
+        )?;
         let kvs = vec![(key.clone(), blob.to_vec()), (marker.clone(), Vec::new())];
         let inner = self.inner.clone();
         self.call(Op::PublishNixl, cfg.timeout, async move {

@@ -7,7 +7,7 @@
 //! empty label, `/nixl/agents//A/`; it is also the prefix of every key of the
 //! agent.
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Status};
 use crate::keys;
 
 /// NIXL's default namespace (when neither the open option `nixl_namespace`
@@ -85,6 +85,31 @@ pub fn resolve_label(label: Option<&str>) -> Result<&str> {
         return bad("it contains a control character");
     }
     Ok(label)
+}
+
+/// `TOO_LARGE` unless a blob of `len` bytes fits in one etcd request of
+/// `max_request_bytes` beside its key and the agent's marker (NIXL's layout
+/// keeps each blob in one key), with room for the lease and the framing.
+pub fn check_fits(
+    max_request_bytes: usize,
+    agent: &str,
+    label: &str,
+    key: &str,
+    marker: &str,
+    len: usize,
+) -> Result<()> {
+    let limit = max_request_bytes.saturating_sub(marker.len() + key.len() + 512);
+    if len > limit {
+        return Err(Error::new(
+            Status::ErrTooLarge,
+            format!(
+                "NIXL metadata of {len} bytes for agent {agent} (label {label}) is over the \
+                 {limit} bytes that fit in one etcd request with its keys \
+                 (max_request_bytes={max_request_bytes}); nothing was written"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Whether deleting everything under `marker` (an agent's prefix) could

@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{build_c_examples, etcdctl_ok, unique_namespace, EtcdServer};
+use common::{build_c_examples, keys_under, unique_namespace, EtcdServer};
 
 fn env_for(etcd: &EtcdServer, ns: &str) -> Vec<(&'static str, String)> {
     vec![
@@ -50,14 +50,6 @@ fn start_prefill(
     // Keep draining stdout so the child never blocks on a full pipe.
     std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
     child
-}
-
-fn keys_under(etcd: &EtcdServer, prefix: &str) -> Vec<String> {
-    etcdctl_ok(etcd, &["get", "--prefix", prefix, "--keys-only"])
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(str::to_owned)
-        .collect()
 }
 
 #[test]

@@ -10,7 +10,7 @@ use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, Output, Stdio};
 use std::thread::JoinHandle;
 
-use common::{build_c_examples, etcdctl_ok, unique_namespace, EtcdServer};
+use common::{build_c_examples, keys_under, unique_namespace, EtcdServer};
 
 fn env_for(etcd: &EtcdServer, ns: &str) -> Vec<(&'static str, String)> {
     vec![
@@ -19,14 +19,6 @@ fn env_for(etcd: &EtcdServer, ns: &str) -> Vec<(&'static str, String)> {
         ("VLLM_NIXL_ETCD_NAMESPACE", ns.into()),
         ("VLLM_NIXL_ETCD_TIMEOUT", "10".into()),
     ]
-}
-
-fn keys_under(etcd: &EtcdServer, prefix: &str) -> Vec<String> {
-    etcdctl_ok(etcd, &["get", "--prefix", prefix, "--keys-only"])
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(str::to_owned)
-        .collect()
 }
 
 /// A running `tp_prefill` that has printed its "holding" line.

@@ -10,7 +10,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{etcdctl_ok, unique_namespace, wait_until, EtcdServer};
+use common::{etcdctl_ok, keys_under, unique_namespace, wait_until, EtcdServer};
 use nixl_etcd::nixl_store::codec::{self, Query};
 use nixl_etcd::nixl_store::{NixlStore, StoreOptions};
 use nixl_etcd::{Client, Config};
@@ -101,14 +101,6 @@ fn etcd_get(etcd: &EtcdServer, key: &str) -> Option<(Vec<u8>, i64)> {
         .decode(kv["value"].as_str().unwrap_or(""))
         .unwrap();
     Some((value, kv["lease"].as_i64().unwrap_or(0)))
-}
-
-fn keys_under(etcd: &EtcdServer, prefix: &str) -> Vec<String> {
-    etcdctl_ok(etcd, &["get", "--prefix", prefix, "--keys-only"])
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(str::to_owned)
-        .collect()
 }
 
 const MD_A: &str = "/nixl/agents/metadata/A/NULL_AGENT";

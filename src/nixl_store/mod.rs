@@ -663,22 +663,15 @@ async fn set(
             // one transaction under the writer's lease), done here without
             // blocking a thread.
             let marker = nixl_layout::marker_key(&s.cfg.nixl_namespace, agent);
-            let limit = s
-                .cfg
-                .max_request_bytes
-                .saturating_sub(marker.len() + key.len() + 512);
-            if value.len() > limit {
-                return Err(refused(Error::new(
-                    Status::ErrTooLarge,
-                    format!(
-                        "NIXL metadata of {} bytes for agent {agent} (label {label}) is over \
-                         the {limit} bytes that fit in one etcd request with its keys \
-                         (max_request_bytes={}); nothing was written",
-                        value.len(),
-                        s.cfg.max_request_bytes
-                    ),
-                )));
-            }
+            nixl_layout::check_fits(
+                s.cfg.max_request_bytes,
+                agent,
+                label,
+                key,
+                &marker,
+                value.len(),
+            )
+            .map_err(refused)?;
             let inner = w.client.inner().clone();
             let kvs = vec![(key.clone(), value.clone()), (marker.clone(), Vec::new())];
             put_attached(&inner, kvs).await.map_err(refused)?;

@@ -922,3 +922,12 @@ impl EtcdCluster {
             .join("\n")
     }
 }
+
+/// The keys under `prefix`, as etcdctl lists them.
+pub fn keys_under(etcd: &EtcdServer, prefix: &str) -> Vec<String> {
+    etcdctl_ok(etcd, &["get", "--prefix", prefix, "--keys-only"])
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(str::to_owned)
+        .collect()
+}
