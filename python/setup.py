@@ -9,6 +9,7 @@ platform-specific. Environment:
   CARGO_TARGET_DIR           honoured by cargo as usual
   NIXL_ETCD_CARGO_FEATURES   cargo features to build with, e.g. "nixl"
   NIXL_ETCD_SOURCE_DIR       the Rust workspace, when python/ is not inside it
+  NIXL_ETCD_SKIP_CARGO=1     ship no library (an editable install skips it too)
 """
 
 import json
@@ -95,6 +96,11 @@ class BuildPyWithCargo(build_py):
     def run(self):
         super().run()
         if self.dry_run:
+            return
+        if os.environ.get("NIXL_ETCD_SKIP_CARGO") == "1" or getattr(self, "editable_mode", False):
+            # An editable install reads the package from python/ and the library
+            # from <repo>/target/release (see nixl_etcd/_ffi.py): nothing to ship.
+            print("nixl-etcd: editable install, cargo build skipped", file=sys.stderr, flush=True)
             return
         built = cargo_build()
         dest = Path(self.build_lib) / "nixl_etcd" / LIB

@@ -1,0 +1,102 @@
+"""nixl-etcd for vLLM: the NixlConnector's handshake through etcd.
+
+Two ways in, both with no change to vLLM's code:
+
+* **The plugin** (automatic). ``pip install nixl-etcd`` registers
+  :func:`register` under vLLM's ``vllm.general_plugins`` entry point group, which
+  vLLM calls in every process it starts. With ``VLLM_NIXL_USE_ETCD`` true
+  (1/true/yes/on) it hooks vLLM's stock ``NixlConnector``; otherwise it does
+  nothing at all (vLLM behaves as stock, nothing is written to etcd).
+* **The explicit connector**, for deployments that do not auto-load plugins
+  (``VLLM_PLUGINS`` set without ``nixl_etcd``)::
+
+      kv_transfer_config={
+          "kv_connector": "EtcdNixlConnector",
+          "kv_connector_module_path": "nixl_etcd.vllm.connector",
+          ...}
+
+  It uses etcd unless ``VLLM_NIXL_USE_ETCD`` is set to a false value.
+
+What the hooks do (vLLM 0.32; see ``hooks.py`` and docs/vllm.md):
+
+* Prefill (the scheduler side, where vLLM gathers every worker's handshake
+  payload and starts its ZMQ side-channel listener): one nixl-etcd client per
+  engine registers each rank's payload, the very bytes vLLM serves over ZMQ, at
+  ``{VLLM_NIXL_ETCD_NAMESPACE}/{engine_id}/rank_{rank}`` under its lease. The
+  ZMQ listener keeps running for peers without etcd.
+* Decode (the worker's handshake with a remote engine): the payloads of exactly
+  the remote ranks vLLM's TP mapping selects come from etcd; vLLM's own code then
+  checks them (compatibility hash, engine id, parallel config) and adds the
+  remote agents. ``remote_host``/``remote_port`` of the request do not matter.
+* etcd unreachable: vLLM's direct ZMQ handshake, with one WARNING.
+* A remote engine restarted under the same engine_id (new incarnation) or gone
+  (lease expired): its NIXL agents are dropped, the next request handshakes
+  again; requests for an engine that left fail at once ("Engine ... not found
+  in ETCD").
+"""
+
+from __future__ import annotations
+
+import os
+
+__all__ = ["register", "SUPPORTED_VLLM", "use_etcd_from_env"]
+
+#: vLLM releases whose NixlConnector the hooks are written for.
+SUPPORTED_VLLM = ("0.32",)
+
+_TRUE = ("1", "true", "yes", "on")
+
+
+def use_etcd_from_env() -> bool:
+    """``VLLM_NIXL_USE_ETCD`` as the library reads it (1/true/yes/on, any case),
+    without loading the library."""
+    return os.environ.get("VLLM_NIXL_USE_ETCD", "").strip().lower() in _TRUE
+
+
+def register() -> None:
+    """vLLM's ``vllm.general_plugins`` entry point: installs the hooks into
+    NixlConnector when ``VLLM_NIXL_USE_ETCD`` is true; else nothing.
+
+    Raises:
+        RuntimeError: the installed vLLM lacks what the hooks need (the message
+            names the vLLM version); vLLM then refuses to start, rather than
+            running silently without etcd.
+    """
+    _declare_env_vars()
+    if not use_etcd_from_env():
+        return
+    from . import hooks
+
+    hooks.install()
+
+
+#: The guide's variables (and the library's), declared to vLLM so that the
+#: processes it starts after loading plugins do not warn "Unknown vLLM
+#: environment variable detected" for them.
+ENV_VARS = (
+    "VLLM_NIXL_USE_ETCD",
+    "VLLM_NIXL_ETCD_ENDPOINTS",
+    "VLLM_NIXL_ETCD_NAMESPACE",
+    "VLLM_NIXL_ETCD_TIMEOUT",
+    "VLLM_NIXL_ETCD_LEASE_TTL",
+    "VLLM_NIXL_ETCD_CA_CERT",
+    "VLLM_NIXL_ETCD_CERT",
+    "VLLM_NIXL_ETCD_KEY",
+    "VLLM_NIXL_ETCD_USERNAME",
+    "VLLM_NIXL_ETCD_PASSWORD",
+    "VLLM_NIXL_ETCD_PASSWORD_FILE",
+    "VLLM_NIXL_ETCD_HMAC_KEY_FILE",
+    "VLLM_NIXL_ETCD_HMAC_PREVIOUS_KEY_FILE",
+)
+
+
+def _declare_env_vars() -> None:
+    try:
+        from vllm import envs
+    except Exception:
+        return
+    table = getattr(envs, "environment_variables", None)
+    if isinstance(table, dict):
+        for name in ENV_VARS:
+            table.setdefault(name, lambda name=name: os.environ.get(name))
+

@@ -1,0 +1,758 @@
+"""The hooks into vLLM 0.32's NixlConnector (``vllm/distributed/kv_transfer/
+kv_connector/v1/nixl/``). Installed once per process by :func:`install`.
+
+Where each hook sits, and why there:
+
+``NixlBaseConnectorScheduler.set_xfer_handshake_metadata`` (prefill, engine-core
+process)
+    vLLM hands it every worker's ``NixlHandshakePayload`` keyed by
+    ``(pp_rank, tp_rank)`` and it starts the ZMQ ROUTER listener. After vLLM's
+    own code ran (the listener stays for peers without etcd), one nixl-etcd
+    :class:`~nixl_etcd.Client` per engine registers each payload, msgpack-encoded
+    exactly as the listener serves it, as rank ``pp_rank * tp + tp_rank`` with
+    the engine's world size, under the client's lease. ``shutdown`` closes the
+    client (the lease is revoked: the keys vanish when the engine exits; after
+    a SIGKILL, when the lease expires).
+
+``NixlBaseConnectorWorker._nixl_handshake`` (decode, worker process)
+    Called on vLLM's handshake thread with the remote engine id, its TP/PP/DCP
+    sizes and the request's side-channel address. The hook fetches from etcd the
+    payloads of exactly the ranks ``transfer_topo.handshake_target_ranks``
+    selects, then runs vLLM's own ``_nixl_handshake`` with those payloads as its
+    transport (``base_worker.zmq_ctx`` is wrapped: on this thread, during this
+    call, the REQ socket is answered from the fetched payloads): vLLM's code
+    decodes them, checks the compatibility hash, the engine id and the parallel
+    config, and adds the remote agents, unchanged.
+
+    etcd unreachable (cannot connect, or etcd itself times out): vLLM's direct
+    ZMQ handshake with the request's host and port, after one WARNING naming the
+    cause. Engine not (yet) in etcd, etcd healthy: wait for it up to
+    ``VLLM_NIXL_ETCD_TIMEOUT`` while also asking the request's side channel (a
+    prefill without nixl-etcd answers there); neither -> "Timeout waiting for
+    engine ...". Engine seen leaving (its keys deleted): "Engine ... not found in
+    ETCD" at once.
+
+``_track_remote_engine_replacement`` (decode)
+    vLLM detects restarts by a new engine id at the same host:port. Engines
+    found through etcd are tracked by engine id instead (their host:port may be
+    absent or stale); restarts are seen through etcd events (next point).
+
+``start_load_kv`` / ``_cleanup_remote_engines`` (decode, main thread)
+    A subscription per remote engine reports REPLACED (same engine_id, new
+    incarnation), UPDATED and REMOVED; before each step's reads and at each
+    step's cleanup, such engines without reads in flight are released with
+    vLLM's ``_cleanup_remote_engine`` so the next request handshakes again.
+
+``NixlBaseConnectorScheduler.on_new_request`` (decode, engine-core process)
+    A request with ``do_remote_prefill`` and ``remote_engine_id`` but no
+    ``remote_host``/``remote_port`` gets placeholders ("" and 0): vLLM 0.32 skips
+    the remote load (and heartbeats) when those keys are absent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import os
+import threading
+import time
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+
+from .. import errors
+from ..client import Client, Event, EventKind
+from . import SUPPORTED_VLLM, use_etcd_from_env
+
+logger = logging.getLogger("vllm.nixl_etcd")
+
+_installed = False
+_install_lock = threading.Lock()
+
+# Set on this thread while vLLM's _nixl_handshake runs on etcd-fetched payloads.
+_tls = threading.local()
+
+# The originals, kept for the stock path and for uninstall-free chaining.
+_orig: Dict[str, Callable[..., Any]] = {}
+
+# Attribute naming the explicit connector's choice on scheduler/worker objects.
+FORCE_ATTR = "_nixl_etcd_use"
+
+_FALSE = ("0", "false", "no", "off")
+
+
+def _vllm_version() -> str:
+    try:
+        import vllm
+
+        return str(getattr(vllm, "__version__", "unknown"))
+    except Exception:  # pragma: no cover - vLLM not importable at all
+        return "unknown"
+
+
+def _unsupported(missing: List[str]) -> RuntimeError:
+    return RuntimeError(
+        f"nixl-etcd: vLLM {_vllm_version()} lacks what the nixl-etcd plugin hooks in its "
+        f"NixlConnector ({', '.join(missing)}); the plugin supports vLLM "
+        f"{', '.join(SUPPORTED_VLLM)}.x. Install a supported vLLM, or unset "
+        "VLLM_NIXL_USE_ETCD to run vLLM's stock ZMQ handshake (see docs/vllm.md)"
+    )
+
+
+def _modules() -> Tuple[Any, Any, Any, Any, Any]:
+    try:
+        from vllm.distributed.kv_transfer.kv_connector.v1.nixl import (
+            base_scheduler,
+            base_worker,
+            metadata,
+            pull_worker,
+            push_worker,
+        )
+    except Exception as e:
+        raise _unsupported([f"vllm.distributed.kv_transfer.kv_connector.v1.nixl ({e})"]) from e
+    return base_scheduler, base_worker, metadata, pull_worker, push_worker
+
+
+_HANDSHAKE_PARAMS = ["self", "host", "port", "remote_tp_size", "expected_engine_id"]
+
+
+def check_supported() -> None:
+    """Raises RuntimeError naming the vLLM version when a hook point is missing."""
+    base_scheduler, base_worker, metadata, pull_worker, push_worker = _modules()
+    S = getattr(base_scheduler, "NixlBaseConnectorScheduler", None)
+    W = getattr(base_worker, "NixlBaseConnectorWorker", None)
+    missing: List[str] = []
+    if S is None:
+        missing.append("NixlBaseConnectorScheduler")
+    if W is None:
+        missing.append("NixlBaseConnectorWorker")
+    for cls, names in (
+        (S, ("set_xfer_handshake_metadata", "shutdown", "on_new_request")),
+        (
+            W,
+            (
+                "_nixl_handshake",
+                "_track_remote_engine_replacement",
+                "_cleanup_remote_engines",
+                "_cleanup_remote_engine",
+            ),
+        ),
+    ):
+        if cls is None:
+            continue
+        for n in names:
+            if not callable(getattr(cls, n, None)):
+                missing.append(f"{cls.__name__}.{n}")
+    if W is not None and callable(getattr(W, "_nixl_handshake", None)):
+        params = list(inspect.signature(W._nixl_handshake).parameters)
+        if params[: len(_HANDSHAKE_PARAMS)] != _HANDSHAKE_PARAMS:
+            missing.append(f"NixlBaseConnectorWorker._nixl_handshake{_HANDSHAKE_PARAMS[1:]}")
+    for mod, n in ((base_worker, "zmq_ctx"), (metadata, "GET_META_MSG")):
+        if not hasattr(mod, n):
+            missing.append(f"{mod.__name__}.{n}")
+    for mod, cls_name in (
+        (pull_worker, "NixlPullConnectorWorker"),
+        (push_worker, "NixlPushConnectorWorker"),
+    ):
+        cls = getattr(mod, cls_name, None)
+        if cls is None or not callable(getattr(cls, "start_load_kv", None)):
+            missing.append(f"{cls_name}.start_load_kv")
+    if missing:
+        raise _unsupported(missing)
+
+
+def install() -> None:
+    """Installs the hooks (idempotent, thread-safe). The hooks act only on
+    connectors for which etcd is on: ``VLLM_NIXL_USE_ETCD`` true, or the explicit
+    ``EtcdNixlConnector`` (unless ``VLLM_NIXL_USE_ETCD`` is set false)."""
+    global _installed
+    with _install_lock:
+        if _installed:
+            return
+        check_supported()
+        base_scheduler, base_worker, metadata, pull_worker, push_worker = _modules()
+        S = base_scheduler.NixlBaseConnectorScheduler
+        W = base_worker.NixlBaseConnectorWorker
+
+        _orig["set_xfer_handshake_metadata"] = S.set_xfer_handshake_metadata
+        _orig["scheduler_shutdown"] = S.shutdown
+        _orig["on_new_request"] = S.on_new_request
+        _orig["_nixl_handshake"] = W._nixl_handshake
+        _orig["_track_remote_engine_replacement"] = W._track_remote_engine_replacement
+        _orig["_cleanup_remote_engines"] = W._cleanup_remote_engines
+        _orig["worker_shutdown"] = W.shutdown
+        _orig["zmq_ctx"] = base_worker.zmq_ctx
+        _orig["GET_META_MSG"] = metadata.GET_META_MSG
+
+        S.set_xfer_handshake_metadata = _set_xfer_handshake_metadata
+        S.shutdown = _scheduler_shutdown
+        S.on_new_request = _on_new_request
+        W._nixl_handshake = _nixl_handshake
+        W._track_remote_engine_replacement = _track_remote_engine_replacement
+        W._cleanup_remote_engines = _cleanup_remote_engines
+        W.shutdown = _worker_shutdown
+        base_worker.zmq_ctx = _zmq_ctx
+        for cls in (pull_worker.NixlPullConnectorWorker, push_worker.NixlPushConnectorWorker):
+            _orig[f"{cls.__name__}.start_load_kv"] = cls.start_load_kv
+            cls.start_load_kv = _make_start_load_kv(cls.start_load_kv)
+        _installed = True
+        logger.info(
+            "nixl-etcd: NixlConnector handshakes go through ETCD (vLLM %s, namespace %s)",
+            _vllm_version(),
+            os.environ.get("VLLM_NIXL_ETCD_NAMESPACE", "/vllm/nixl/agents"),
+        )
+
+
+def installed() -> bool:
+    return _installed
+
+
+def _active(obj: Any) -> bool:
+    """Whether etcd coordination is on for this scheduler/worker object."""
+    forced = getattr(obj, FORCE_ATTR, None)
+    if forced is not None:
+        if os.environ.get("VLLM_NIXL_USE_ETCD", "").strip().lower() in _FALSE and (
+            "VLLM_NIXL_USE_ETCD" in os.environ
+        ):
+            return False
+        return bool(forced)
+    return use_etcd_from_env()
+
+
+def _etcd_timeout_s() -> float:
+    raw = os.environ.get("VLLM_NIXL_ETCD_TIMEOUT")
+    try:
+        value = float(raw) if raw else 10.0
+    except ValueError:
+        value = 10.0
+    return value if value > 0 else 10.0
+
+
+# ---------------------------------------------------------------------------
+# Prefill side: publish.
+
+
+def _rank_of(pp_rank: int, tp_rank: int, tp_size: int) -> int:
+    return pp_rank * tp_size + tp_rank
+
+
+def _set_xfer_handshake_metadata(self: Any, metadata: Dict[Tuple[int, int], Any]) -> None:
+    _orig["set_xfer_handshake_metadata"](self, metadata)  # vLLM's ZMQ listener stays
+    if not _active(self) or not metadata:
+        return
+    import msgspec
+
+    encoder = msgspec.msgpack.Encoder()
+    tp_size = max(1, int(getattr(self, "transfer_tp_size", 1)))
+    ranks = {
+        _rank_of(pp, tp, tp_size): encoder.encode(payload)
+        for (pp, tp), payload in metadata.items()
+    }
+    world = max(ranks) + 1
+    engine_id = self.engine_id
+    old = getattr(self, "_nixl_etcd_client", None)
+    client: Optional[Client] = None
+    try:
+        client = old if old is not None and not old.closed else Client(world_size=world)
+        for rank in sorted(ranks):
+            client.register(engine_id, rank, ranks[rank])
+    except (errors.ConnectionFailed, errors.Timeout) as e:
+        logger.warning(
+            "ETCD coordination failed (%s); engine %s is NOT published in ETCD and is "
+            "reachable only through vLLM's ZMQ side channel at %s:%s. Check "
+            "VLLM_NIXL_ETCD_ENDPOINTS and that etcd is running",
+            e,
+            engine_id,
+            self.side_channel_host,
+            self.side_channel_port,
+        )
+        if client is not None:
+            with contextlib.suppress(Exception):
+                client.close()
+        return
+    self._nixl_etcd_client = client
+    logger.info(
+        "nixl-etcd: engine %s published %d rank(s) in ETCD (world size %d); vLLM's ZMQ "
+        "side channel keeps serving at %s:%s",
+        engine_id,
+        len(ranks),
+        world,
+        self.side_channel_host,
+        self.side_channel_port,
+    )
+
+
+def _scheduler_shutdown(self: Any) -> None:
+    try:
+        _orig["scheduler_shutdown"](self)
+    finally:
+        client = getattr(self, "_nixl_etcd_client", None)
+        self._nixl_etcd_client = None
+        if client is not None:
+            try:
+                client.close()  # revokes the lease: this engine's keys vanish now
+            except Exception as e:
+                logger.warning("nixl-etcd: closing the ETCD client failed: %s", e)
+
+
+# ---------------------------------------------------------------------------
+# Decode side, engine-core process: requests without an address.
+
+
+def _on_new_request(self: Any, request: Any) -> None:
+    params = getattr(request, "kv_transfer_params", None)
+    if (
+        params is not None
+        and params.get("do_remote_prefill")
+        and params.get("remote_engine_id")
+        and _active(self)
+    ):
+        # vLLM 0.32 ignores a remote prefill without these keys; the etcd
+        # handshake does not use them.
+        params.setdefault("remote_host", "")
+        params.setdefault("remote_port", 0)
+    _orig["on_new_request"](self, request)
+
+
+# ---------------------------------------------------------------------------
+# Decode side, worker process: discovery.
+
+
+class _EtcdUnavailable(Exception):
+    """etcd cannot be reached: the caller falls back to vLLM's ZMQ handshake."""
+
+    def __init__(self, cause: BaseException, recent: bool = False) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+        #: etcd failed moments ago and was not tried again (already warned).
+        self.recent = recent
+
+
+class _Reply:
+    __slots__ = ("payload", "remote_perf", "source")
+
+    def __init__(self, payload: bytes, remote_perf: Optional[float], source: str) -> None:
+        self.payload = payload
+        self.remote_perf = remote_perf
+        self.source = source
+
+
+class _Discovery:
+    """Per-worker state: the etcd client, subscriptions, what to drop."""
+
+    # After a failed connection, do not try to connect again for this long
+    # (handshakes meanwhile go straight to ZMQ, without a new WARNING). An open
+    # client is kept through an outage: it serves the engines it knows from its
+    # cache, and its subscriptions resume when etcd is back.
+    RETRY_AFTER_S = 5.0
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.client: Optional[Client] = None
+        self.down_until = 0.0
+        self.warned: Set[str] = set()
+        self.subs: Dict[str, Any] = {}
+        # engine -> {rank: incarnation} of the payloads the agents were added from
+        self.incarnations: Dict[str, Dict[int, str]] = {}
+        self.via_etcd: Set[str] = set()
+        self.stale: Set[str] = set()
+        self.gone: Set[str] = set()
+
+    def get_client(self) -> Client:
+        with self.lock:
+            if self.client is not None and not self.client.closed:
+                return self.client
+            now = time.monotonic()
+            if now < self.down_until:
+                raise _EtcdUnavailable(
+                    errors.ConnectionFailed("ETCD connection failed moments ago"), recent=True
+                )
+            try:
+                self.client = Client()
+            except (errors.ConnectionFailed, errors.Timeout) as e:
+                self.down_until = now + self.RETRY_AFTER_S
+                raise _EtcdUnavailable(e) from e
+            return self.client
+
+    def mark_down(self) -> None:
+        with self.lock:
+            self.down_until = time.monotonic() + self.RETRY_AFTER_S
+
+    # Runs on the library's event thread: quick, no blocking calls.
+    def on_event(self, ev: Event) -> None:
+        with self.lock:
+            known = self.incarnations.get(ev.engine_id)
+            if known is None or ev.rank not in known:
+                return
+            if ev.kind == EventKind.ADDED and ev.incarnation == known[ev.rank]:
+                return  # the record the agents were loaded from
+            self.stale.add(ev.engine_id)
+            if ev.kind == EventKind.REMOVED:
+                self.gone.add(ev.engine_id)
+            else:
+                self.gone.discard(ev.engine_id)
+        logger.info(
+            "nixl-etcd: remote engine %s rank %d %s in ETCD (incarnation %s); its NIXL "
+            "agents are dropped, the next request handshakes again",
+            ev.engine_id,
+            ev.rank,
+            {
+                EventKind.REPLACED: "restarted",
+                EventKind.UPDATED: "re-registered",
+                EventKind.REMOVED: "left",
+                EventKind.ADDED: "reappeared",
+            }.get(ev.kind, f"changed ({ev.kind})"),
+            ev.incarnation,
+        )
+
+    def watch(self, client: Client, engine_id: str, incarnations: Dict[int, str]) -> None:
+        with self.lock:
+            self.incarnations[engine_id] = dict(incarnations)
+            self.gone.discard(engine_id)
+            self.via_etcd.add(engine_id)
+            need = engine_id not in self.subs
+        if need:
+            sub = client.subscribe(engine_id, self.on_event)
+            with self.lock:
+                self.subs[engine_id] = sub
+
+    def close(self) -> None:
+        with self.lock:
+            client, self.client = self.client, None
+            self.subs.clear()
+        if client is not None:
+            with contextlib.suppress(Exception):
+                client.close()
+
+
+def _discovery(worker: Any) -> _Discovery:
+    d = worker.__dict__.get("_nixl_etcd_discovery")
+    if d is None:
+        d = worker.__dict__.setdefault("_nixl_etcd_discovery", _Discovery())
+    return d
+
+
+class _SideChannelProbe:
+    """Asks vLLM's ZMQ side channel of the request for one rank's payload, in a
+    thread, while etcd is waited on (a prefill without nixl-etcd answers only
+    there). Cancellable; never raises."""
+
+    def __init__(self, host: str, port: int, pp_rank: int, tp_rank: int, timeout: float):
+        self.addr = f"{host}:{port}"
+        self.reply: Optional[_Reply] = None
+        self.error: Optional[str] = None
+        self.done = threading.Event()
+        self._cancel = threading.Event()
+        self._args = (host, port, pp_rank, tp_rank, timeout)
+        threading.Thread(target=self._run, name="nixl-etcd-zmq-probe", daemon=True).start()
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def _run(self) -> None:
+        host, port, pp_rank, tp_rank, timeout = self._args
+        try:
+            import msgspec
+            import zmq
+            from vllm.utils.network_utils import make_zmq_path
+
+            ctx = zmq.Context()
+            try:
+                sock = ctx.socket(zmq.REQ)
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.connect(make_zmq_path("tcp", host, port))
+                sock.send(msgspec.msgpack.encode((_orig["GET_META_MSG"], pp_rank, tp_rank)))
+                deadline = time.monotonic() + timeout
+                while not self._cancel.is_set():
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        self.error = f"no answer from {self.addr} within {timeout:.1f} s"
+                        return
+                    if sock.poll(int(min(left, 0.1) * 1000) + 1, zmq.POLLIN):
+                        parts = sock.recv_multipart()
+                        perf = msgspec.msgpack.decode(parts[1]) if len(parts) > 1 else None
+                        self.reply = _Reply(bytes(parts[0]), perf, f"ZMQ side channel {self.addr}")
+                        return
+            finally:
+                ctx.destroy(linger=0)
+        except Exception as e:
+            self.error = f"{type(e).__name__}: {e}"
+        finally:
+            self.done.set()
+
+
+def _fetch(
+    d: _Discovery,
+    engine_id: str,
+    targets: List[Tuple[int, int]],
+    remote_tp_size: int,
+    host: Optional[str],
+    port: Optional[int],
+) -> Tuple[Dict[Tuple[int, int], _Reply], Dict[int, str]]:
+    """The payloads of ``targets`` ((pp_rank, tp_rank) pairs) of ``engine_id``."""
+    client = d.get_client()
+    timeout = _etcd_timeout_s()
+    replies: Dict[Tuple[int, int], _Reply] = {}
+    incarnations: Dict[int, str] = {}
+    for pp, tp in targets:
+        rank = _rank_of(pp, tp, remote_tp_size)
+        try:
+            try:
+                rec = client.lookup_record(engine_id, rank)
+            except errors.NotFound as e:
+                with d.lock:
+                    gone = engine_id in d.gone
+                if gone:
+                    # It was registered, then left (closed, or its lease expired).
+                    raise RuntimeError(str(e)) from e
+                rec = None
+                reply = _wait_or_side_channel(client, engine_id, rank, pp, tp, host, port, timeout)
+                if reply.source != "ETCD":
+                    replies[(pp, tp)] = reply
+                    continue
+                rec = client.lookup_record(engine_id, rank)
+            replies[(pp, tp)] = _Reply(rec.metadata, None, "ETCD")
+            incarnations[rank] = rec.incarnation
+        except (errors.ConnectionFailed, errors.Timeout) as e:
+            # etcd itself does not answer (a missing engine is a RuntimeError).
+            raise _EtcdUnavailable(e) from e
+    return replies, incarnations
+
+
+def _wait_or_side_channel(
+    client: Client,
+    engine_id: str,
+    rank: int,
+    pp: int,
+    tp: int,
+    host: Optional[str],
+    port: Optional[int],
+    timeout: float,
+) -> _Reply:
+    probe = _SideChannelProbe(host, int(port), pp, tp, timeout) if host and port else None
+    result: Dict[str, Any] = {}
+    done = threading.Event()
+
+    def wait_etcd() -> None:
+        try:
+            result["payload"] = client.wait(engine_id, rank, timeout)
+        except BaseException as e:  # reported to the handshake thread
+            result["error"] = e
+        finally:
+            done.set()
+
+    waiter = threading.Thread(target=wait_etcd, name="nixl-etcd-wait", daemon=True)
+    waiter.start()
+    try:
+        while True:
+            if done.wait(0.02 if probe is not None else timeout + 1.0):
+                if "payload" in result:
+                    return _Reply(result["payload"], None, "ETCD")
+                if probe is None or probe.done.is_set() and probe.reply is None:
+                    break
+            if probe is not None and probe.reply is not None:
+                logger.info(
+                    "nixl-etcd: engine %s is not registered in ETCD; reached it through "
+                    "vLLM's ZMQ side channel at %s (a prefill without nixl-etcd?)",
+                    engine_id,
+                    probe.addr,
+                )
+                return probe.reply
+            if done.is_set() and probe is not None and probe.done.is_set():
+                break
+    finally:
+        if probe is not None:
+            probe.cancel()
+    err = result.get("error")
+    if probe is not None and probe.error:
+        logger.debug("nixl-etcd: side channel of engine %s: %s", engine_id, probe.error)
+    if isinstance(err, errors.Timeout):
+        # The guide's message ("Timeout waiting for engine ..."), as RuntimeError.
+        raise RuntimeError(str(err)) from err
+    if isinstance(err, errors.ConnectionFailed):
+        raise err
+    if err is not None:
+        raise RuntimeError(f"nixl-etcd: waiting for engine {engine_id} failed: {err}") from err
+    raise RuntimeError(f"Timeout waiting for engine {engine_id}")  # pragma: no cover
+
+
+class _EtcdReplySocket:
+    """Stands in for vLLM's REQ socket inside its _nixl_handshake: answers each
+    ``(GET_META_MSG, pp_rank, tp_rank)`` with the payload fetched for it."""
+
+    def __init__(self, replies: Dict[Tuple[int, int], _Reply]) -> None:
+        self._replies = replies
+        self._next: Optional[List[bytes]] = None
+
+    def setsockopt(self, *args: Any) -> None:
+        pass
+
+    def send(self, msg: bytes, *args: Any, **kwargs: Any) -> None:
+        import msgspec
+
+        _, pp_rank, tp_rank = msgspec.msgpack.decode(msg)
+        reply = self._replies.get((pp_rank, tp_rank))
+        if reply is None:
+            raise RuntimeError(
+                f"nixl-etcd: vLLM {_vllm_version()} asked for remote rank (pp {pp_rank}, tp "
+                f"{tp_rank}) that the plugin did not fetch ({sorted(self._replies)}); this "
+                "vLLM's handshake is not the one the plugin supports"
+            )
+        # The remote's perf_counter: from the side channel when it answered;
+        # for etcd, ours (CLOCK_MONOTONIC is shared by the processes of one host;
+        # across hosts the offset is taken as 0, see docs/vllm.md).
+        perf = reply.remote_perf if reply.remote_perf is not None else time.perf_counter()
+        self._next = [reply.payload, msgspec.msgpack.encode(perf)]
+
+    def recv_multipart(self, *args: Any, **kwargs: Any) -> List[bytes]:
+        out, self._next = self._next, None
+        if out is None:
+            raise RuntimeError("nixl-etcd: recv without send on the ETCD reply socket")
+        return out
+
+
+def _zmq_ctx(socket_type: Any, addr: str) -> Any:
+    replies = getattr(_tls, "replies", None)
+    if replies is None:
+        return _orig["zmq_ctx"](socket_type, addr)
+    return contextlib.nullcontext(_EtcdReplySocket(replies))
+
+
+def _nixl_handshake(
+    self: Any,
+    host: str,
+    port: int,
+    remote_tp_size: int,
+    expected_engine_id: str,
+    remote_dcp_size: int = 1,
+    remote_pp_size: int = 1,
+    *args: Any,
+    **kwargs: Any,
+) -> Any:
+    orig = _orig["_nixl_handshake"]
+    call = (host, port, remote_tp_size, expected_engine_id, remote_dcp_size, remote_pp_size)
+    if not _active(self):
+        return orig(self, *call, *args, **kwargs)
+    d = _discovery(self)
+    logger.debug("Discovering engine %s through ETCD", expected_engine_id)
+    started = time.perf_counter()
+    ranks = self.transfer_topo.handshake_target_ranks(remote_tp_size, remote_dcp_size)
+    targets = [(pp, r) for pp in range(remote_pp_size) for r in ranks]
+    try:
+        replies, incarnations = _fetch(d, expected_engine_id, targets, remote_tp_size, host, port)
+    except _EtcdUnavailable as e:
+        d.mark_down()
+        cause = str(e.cause)
+        key = cause.split(";")[0]
+        if e.recent:
+            logger.debug(
+                "ETCD unavailable moments ago; vLLM's direct ZMQ handshake with engine %s",
+                expected_engine_id,
+            )
+        elif key not in d.warned:
+            d.warned.add(key)
+            logger.warning(
+                "ETCD coordination failed (%s); using vLLM's direct ZMQ handshake with "
+                "engine %s at %s:%s",
+                cause,
+                expected_engine_id,
+                host,
+                port,
+            )
+        if not host or not port:
+            raise RuntimeError(
+                f"ETCD coordination failed ({cause}) and the request for engine "
+                f"{expected_engine_id} carries no remote_host/remote_port for vLLM's ZMQ "
+                "side channel"
+            ) from e.cause
+        with d.lock:
+            d.via_etcd.discard(expected_engine_id)
+        return orig(self, *call, *args, **kwargs)
+    discovered = time.perf_counter()
+    _tls.replies = replies
+    try:
+        result = orig(self, *call, *args, **kwargs)
+    finally:
+        _tls.replies = None
+    if incarnations:
+        try:
+            d.watch(d.get_client(), expected_engine_id, incarnations)
+        except Exception as e:  # the handshake itself succeeded
+            logger.warning(
+                "nixl-etcd: cannot watch engine %s for restarts (%s); a restart under the "
+                "same engine_id will not be noticed",
+                expected_engine_id,
+                e,
+            )
+    elif expected_engine_id in d.via_etcd:
+        with d.lock:
+            d.via_etcd.discard(expected_engine_id)
+    done = time.perf_counter()
+    sources = sorted({r.source for r in replies.values()})
+    logger.debug("ETCD handshake completed in %.3f seconds", done - started)
+    logger.info(
+        "nixl-etcd: handshake with engine %s rank(s) %s through %s: discovery %.2f ms, "
+        "total %.2f ms",
+        expected_engine_id,
+        ",".join(f"{_rank_of(pp, r, remote_tp_size)}" for pp, r in targets),
+        " + ".join(sources),
+        (discovered - started) * 1e3,
+        (done - started) * 1e3,
+    )
+    return result
+
+
+def _track_remote_engine_replacement(self: Any, engine_id: str, host: str, port: int) -> None:
+    d = self.__dict__.get("_nixl_etcd_discovery")
+    if d is not None and engine_id in d.via_etcd:
+        # Tracked by engine id: restarts come as ETCD events, not as a new
+        # engine at an old address (which may be a placeholder or stale).
+        host, port = f"etcd:{engine_id}", 0
+    _orig["_track_remote_engine_replacement"](self, engine_id, host, port)
+
+
+def _evict_stale(self: Any) -> None:
+    d = self.__dict__.get("_nixl_etcd_discovery")
+    if d is None or not d.stale:
+        return
+    with self._handshake_lock:
+        pending = set(self._handshake_futures)
+    busy = {
+        meta.remote.engine_id
+        for meta in self._recving_metadata.values()
+        if getattr(meta, "remote", None) is not None
+    }
+    with d.lock:
+        ready = [e for e in d.stale if e not in pending and e not in busy]
+        for e in ready:
+            d.stale.discard(e)
+            d.incarnations.pop(e, None)
+    for engine_id in ready:
+        if engine_id in self._remote_agents:
+            self._cleanup_remote_engine(engine_id, log_eviction=False)
+            logger.info(
+                "nixl-etcd: released NIXL state of remote engine %s (restarted or left)",
+                engine_id,
+            )
+
+
+def _make_start_load_kv(orig: Callable[..., Any]) -> Callable[..., Any]:
+    def start_load_kv(self: Any, metadata: Any) -> Any:
+        _evict_stale(self)
+        return orig(self, metadata)
+
+    start_load_kv.__wrapped__ = orig  # type: ignore[attr-defined]
+    return start_load_kv
+
+
+def _cleanup_remote_engines(self: Any) -> None:
+    _orig["_cleanup_remote_engines"](self)
+    _evict_stale(self)
+
+
+def _worker_shutdown(self: Any) -> None:
+    try:
+        _orig["worker_shutdown"](self)
+    finally:
+        d = self.__dict__.get("_nixl_etcd_discovery")
+        if d is not None:
+            d.close()
