@@ -89,10 +89,15 @@ def _healthy(port: int, timeout: float = 0.5) -> bool:
 
 
 class Etcd:
-    """A private etcd: free loopback ports, a temporary data dir, its log kept."""
+    """A private etcd: free loopback ports, a temporary data dir, its log kept.
 
-    def __init__(self) -> None:
-        self.data_dir = Path(tempfile.mkdtemp(prefix="nixl-etcd-pytest-"))
+    ``in_memory``: the data dir on /dev/shm (when there is one), so that etcd's
+    fsyncs never wait behind other disk writers (a busy machine's builds).
+    """
+
+    def __init__(self, in_memory: bool = False) -> None:
+        shm = "/dev/shm" if in_memory and os.access("/dev/shm", os.W_OK) else None
+        self.data_dir = Path(tempfile.mkdtemp(prefix="nixl-etcd-pytest-", dir=shm))
         self.proc: Optional[subprocess.Popen] = None
         self.client_port = 0
         self.peer_port = 0

@@ -356,6 +356,10 @@ class _Discovery:
         self.via_etcd: Set[str] = set()
         self.stale: Set[str] = set()
         self.gone: Set[str] = set()
+        # engine -> ranks whose record was deleted since the agents were loaded
+        self.missing: Dict[str, Set[int]] = {}
+        # engines with a rank replaced by a new incarnation since then
+        self.replaced: Set[str] = set()
 
     def get_client(self) -> Client:
         with self.lock:
@@ -383,24 +387,47 @@ class _Discovery:
             known = self.incarnations.get(ev.engine_id)
             if known is None or ev.rank not in known:
                 return
+            missing = self.missing.setdefault(ev.engine_id, set())
             if ev.kind == EventKind.ADDED and ev.incarnation == known[ev.rank]:
-                return  # the record the agents were loaded from
-            self.stale.add(ev.engine_id)
-            if ev.kind == EventKind.REMOVED:
-                self.gone.add(ev.engine_id)
+                # The record the agents were loaded from is back (its lease was
+                # lost and re-granted, say): nothing to drop for this rank.
+                if ev.rank not in missing:
+                    return
+                missing.discard(ev.rank)
+                if not missing and ev.engine_id not in self.replaced:
+                    self.stale.discard(ev.engine_id)
+                    self.gone.discard(ev.engine_id)
+                kind = "is back"
             else:
-                self.gone.discard(ev.engine_id)
+                self.stale.add(ev.engine_id)
+                if ev.kind == EventKind.REMOVED:
+                    missing.add(ev.rank)
+                    self.gone.add(ev.engine_id)
+                else:
+                    missing.discard(ev.rank)
+                    self.replaced.add(ev.engine_id)
+                    self.gone.discard(ev.engine_id)
+                kind = {
+                    EventKind.REPLACED: "restarted",
+                    EventKind.UPDATED: "re-registered",
+                    EventKind.REMOVED: "left",
+                    EventKind.ADDED: "reappeared",
+                }.get(ev.kind, f"changed ({ev.kind})")
+        if kind == "is back":
+            logger.info(
+                "nixl-etcd: remote engine %s rank %d is back in ETCD (incarnation %s, "
+                "unchanged); its NIXL agents stay",
+                ev.engine_id,
+                ev.rank,
+                ev.incarnation,
+            )
+            return
         logger.info(
             "nixl-etcd: remote engine %s rank %d %s in ETCD (incarnation %s); its NIXL "
             "agents are dropped, the next request handshakes again",
             ev.engine_id,
             ev.rank,
-            {
-                EventKind.REPLACED: "restarted",
-                EventKind.UPDATED: "re-registered",
-                EventKind.REMOVED: "left",
-                EventKind.ADDED: "reappeared",
-            }.get(ev.kind, f"changed ({ev.kind})"),
+            kind,
             ev.incarnation,
         )
 
@@ -408,6 +435,8 @@ class _Discovery:
         with self.lock:
             self.incarnations[engine_id] = dict(incarnations)
             self.gone.discard(engine_id)
+            self.missing.pop(engine_id, None)
+            self.replaced.discard(engine_id)
             self.via_etcd.add(engine_id)
             need = engine_id not in self.subs
         if need:
@@ -726,6 +755,8 @@ def _evict_stale(self: Any) -> None:
         for e in ready:
             d.stale.discard(e)
             d.incarnations.pop(e, None)
+            d.missing.pop(e, None)
+            d.replaced.discard(e)
     for engine_id in ready:
         if engine_id in self._remote_agents:
             self._cleanup_remote_engine(engine_id, log_eviction=False)

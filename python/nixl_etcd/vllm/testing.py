@@ -100,7 +100,9 @@ def _serve(args: Sequence[str]) -> int:
     p.add_argument("--reply-fd", type=int, required=True)
     p.add_argument("--model", required=True)
     p.add_argument("--engine-id")
-    p.add_argument("--role", choices=["kv_producer", "kv_consumer", "none"], default="none")
+    p.add_argument(
+        "--role", choices=["kv_producer", "kv_consumer", "kv_both", "none"], default="none"
+    )
     p.add_argument("--connector", default="NixlConnector")
     p.add_argument("--connector-module-path")
     p.add_argument("--tp", type=int, default=1)
@@ -225,11 +227,15 @@ class Engine:
         connector: str = "NixlConnector",
         connector_module_path: Optional[str] = None,
         startup_timeout: float = 600.0,
+        nice: int = 0,
     ) -> None:
         self.engine_id = engine_id
         self.log_path = log_path
         rfd, wfd = os.pipe()
-        cmd = [
+        # vLLM's CPU engines keep threads busy while idle (the worker's queue
+        # poll, NIXL's progress thread): ``nice`` leaves etcd and the driver
+        # their share of a small machine.
+        cmd = (["nice", "-n", str(nice)] if nice else []) + [
             python,
             "-m",
             "nixl_etcd.vllm.testing",
