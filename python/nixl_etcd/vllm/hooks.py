@@ -14,6 +14,11 @@ process)
     client (the lease is revoked: the keys vanish when the engine exits; after
     a SIGKILL, when the lease expires).
 
+``EngineCore.shutdown`` (engine-core process)
+    vLLM stops its workers before its scheduler, and may kill a worker that
+    does not exit (the scheduler's shutdown never runs then): the publishing
+    client is closed first, so the engine's keys vanish as its shutdown starts.
+
 ``NixlBaseConnectorWorker._nixl_handshake`` (decode, worker process)
     Called on vLLM's handshake thread with the remote engine id, its TP/PP/DCP
     sizes and the request's side-channel address. The hook fetches from etcd the
@@ -156,8 +161,19 @@ def check_supported() -> None:
         cls = getattr(mod, cls_name, None)
         if cls is None or not callable(getattr(cls, "start_load_kv", None)):
             missing.append(f"{cls_name}.start_load_kv")
+    core = _engine_core_class()
+    if core is None or not callable(getattr(core, "shutdown", None)):
+        missing.append("vllm.v1.engine.core.EngineCore.shutdown")
     if missing:
         raise _unsupported(missing)
+
+
+def _engine_core_class() -> Any:
+    try:
+        from vllm.v1.engine.core import EngineCore
+    except Exception:
+        return None
+    return EngineCore
 
 
 def install() -> None:
@@ -175,6 +191,9 @@ def install() -> None:
 
         _orig["set_xfer_handshake_metadata"] = S.set_xfer_handshake_metadata
         _orig["scheduler_shutdown"] = S.shutdown
+        core = _engine_core_class()
+        _orig["engine_core_shutdown"] = core.shutdown
+        core.shutdown = _engine_core_shutdown
         _orig["on_new_request"] = S.on_new_request
         _orig["_nixl_handshake"] = W._nixl_handshake
         _orig["_track_remote_engine_replacement"] = W._track_remote_engine_replacement
@@ -270,6 +289,8 @@ def _set_xfer_handshake_metadata(self: Any, metadata: Dict[Tuple[int, int], Any]
                 client.close()
         return
     self._nixl_etcd_client = client
+    with _publishers_lock:
+        _publishers.add(client)
     logger.info(
         "nixl-etcd: engine %s published %d rank(s) in ETCD (world size %d); vLLM's ZMQ "
         "side channel keeps serving at %s:%s",
@@ -281,17 +302,41 @@ def _set_xfer_handshake_metadata(self: Any, metadata: Dict[Tuple[int, int], Any]
     )
 
 
+# The publishing clients of this process (one per engine core).
+_publishers: Set[Client] = set()
+_publishers_lock = threading.Lock()
+
+
+def _close_publisher(client: Optional[Client]) -> None:
+    if client is None:
+        return
+    with _publishers_lock:
+        _publishers.discard(client)
+    try:
+        client.close()  # revokes the lease: this engine's keys vanish now
+    except Exception as e:
+        logger.warning("nixl-etcd: closing the ETCD client failed: %s", e)
+
+
+def _engine_core_shutdown(self: Any) -> None:
+    # vLLM shuts the executor down before the scheduler, and waits for its
+    # workers, which it may kill after a few seconds (the scheduler's shutdown
+    # never runs then): withdraw this engine from etcd first, so that peers stop
+    # being sent to it at once instead of within the lease TTL.
+    with _publishers_lock:
+        clients = list(_publishers)
+    for client in clients:
+        _close_publisher(client)
+    _orig["engine_core_shutdown"](self)
+
+
 def _scheduler_shutdown(self: Any) -> None:
     try:
         _orig["scheduler_shutdown"](self)
     finally:
         client = getattr(self, "_nixl_etcd_client", None)
         self._nixl_etcd_client = None
-        if client is not None:
-            try:
-                client.close()  # revokes the lease: this engine's keys vanish now
-            except Exception as e:
-                logger.warning("nixl-etcd: closing the ETCD client failed: %s", e)
+        _close_publisher(client)
 
 
 # ---------------------------------------------------------------------------
