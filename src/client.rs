@@ -653,14 +653,14 @@ impl Inner {
         if self.pid != std::process::id() || self.closed_tx.send_replace(true) {
             return false;
         }
-        if let Some(task) = self
-            .keepalive
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-        {
-            task.abort();
-        }
+        // Not aborted: a re-grant in flight finishes (the lease it granted
+        // is the one close then revokes); the task stops at its next step.
+        drop(
+            self.keepalive
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take(),
+        );
         self.cache.stop();
         self.hub.stop();
         true

@@ -224,7 +224,9 @@ pub(crate) async fn regrant(inner: &Inner, st: &mut LeaseState, why: &str) -> Re
 /// Background task: renews the lease every third of its TTL. On a failed
 /// renewal it retries quickly; once the deadline has passed, or etcd says the
 /// lease is gone, it re-grants and re-registers. It holds the client weakly:
-/// once the last clone is dropped it stops (the drop revokes the lease).
+/// once the last clone is dropped it stops (the drop revokes the lease). A
+/// close is seen under the state lock, so a re-grant is never cut half-way
+/// (which would leave a lease nobody revokes, holding the keys for its TTL).
 pub(crate) async fn keep_alive(client: Weak<Inner>, granted_ttl: i64) {
     let mut ttl = Duration::from_secs(granted_ttl.max(1) as u64);
     let mut last_ok = Instant::now();
@@ -236,6 +238,9 @@ pub(crate) async fn keep_alive(client: Weak<Inner>, granted_ttl: i64) {
         let Some(inner) = client.upgrade() else {
             return;
         };
+        if *inner.closed_tx.borrow() {
+            return;
+        }
         let lease_id = inner.state.lock().await.lease_id;
         let step = tokio::time::timeout(ttl / 3, renew(&inner, lease_id, &mut stream)).await;
         let now = Instant::now();
@@ -253,6 +258,9 @@ pub(crate) async fn keep_alive(client: Weak<Inner>, granted_ttl: i64) {
             Ok(Ok(None)) => {
                 stream = None;
                 let mut st = inner.state.lock().await;
+                if *inner.closed_tx.borrow() {
+                    return;
+                }
                 if st.lease_id == lease_id {
                     if let Err(e) = regrant(&inner, &mut st, "etcd no longer knows it").await {
                         log::warn!("could not re-grant the ETCD lease: {e}; retrying");
@@ -287,6 +295,9 @@ pub(crate) async fn keep_alive(client: Weak<Inner>, granted_ttl: i64) {
             // Past the deadline: etcd has expired the lease, or will before it
             // hears from us. Re-grant as soon as etcd answers.
             let mut st = inner.state.lock().await;
+            if *inner.closed_tx.borrow() {
+                return;
+            }
             if st.lease_id == lease_id {
                 match regrant(&inner, &mut st, "not renewed before its TTL ran out").await {
                     Ok(()) => {

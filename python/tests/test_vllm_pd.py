@@ -62,9 +62,11 @@ if not VPY.is_file():
 
 PROMPT = "The future of AI is bright because prefill and decode engines share"
 MAX_TOKENS = 8
-# The guide's default TTL: a SIGKILLed engine's keys vanish within it. Shorter
-# TTLs get lost on this 2-core machine, where busy engines starve etcd.
-LEASE_TTL_S = 10
+# A SIGKILLed engine's keys vanish within the TTL. Twice the guide's default:
+# this 2-core machine stalls as a whole for 5-20 s at times while engines
+# start (every process at once, etcd too, seen with a nice-0 heartbeat), and
+# a stall longer than the TTL loses every lease on the machine.
+LEASE_TTL_S = 20
 
 
 def _lib_env() -> Dict[str, str]:
@@ -249,8 +251,11 @@ def test_pd_through_etcd_only(cluster: Cluster) -> None:
 def test_etcdctl_shows_the_guides_keys_on_a_lease(cluster: Cluster) -> None:
     """Every engine with the plugin publishes where vLLM starts its side channel
     (the decode too: push mode and bidirectional transfers reach it there)."""
-    keys = cluster.keys()
-    assert keys == [f"{cluster.ns}/decode_engine/rank_0", f"{cluster.ns}/prefill_engine/rank_0"]
+    want = [f"{cluster.ns}/decode_engine/rank_0", f"{cluster.ns}/prefill_engine/rank_0"]
+    # Waited for, not read once: after a machine-wide stall longer than the
+    # TTL an engine's lease is lost, and its keys are back once it re-grants.
+    assert wait_until(lambda: cluster.keys() == want, timeout=3 * LEASE_TTL_S), cluster.keys()
+    keys = want
     leases = set()
     for key in keys:
         kv = json.loads(cluster.etcd.ctl("get", "-w", "json", key))["kvs"][0]
@@ -259,7 +264,8 @@ def test_etcdctl_shows_the_guides_keys_on_a_lease(cluster: Cluster) -> None:
     assert len(leases) == 2  # one client, one lease, per engine
     for lease in leases:
         ttl = cluster.etcd.ctl("lease", "timetolive", lease).decode()
-        assert re.search(rf"granted with TTL\({LEASE_TTL_S}s\), remaining\(([0-9]|10)s\)", ttl), ttl
+        m = re.search(rf"granted with TTL\({LEASE_TTL_S}s\), remaining\(([0-9]+)s\)", ttl)
+        assert m and 0 <= int(m.group(1)) <= LEASE_TTL_S, ttl
 
 
 def test_request_without_remote_host_and_port(cluster: Cluster) -> None:
@@ -325,10 +331,8 @@ def test_tp2_prefill_to_tp1_decode(cluster: Cluster) -> None:
         role="kv_producer",
         tp=2,
     )
-    assert cluster.keys(f"{cluster.ns}/prefill_tp2/") == [
-        f"{cluster.ns}/prefill_tp2/rank_0",
-        f"{cluster.ns}/prefill_tp2/rank_1",
-    ]
+    tp2 = [f"{cluster.ns}/prefill_tp2/rank_0", f"{cluster.ns}/prefill_tp2/rank_1"]
+    assert wait_until(lambda: cluster.keys(f"{cluster.ns}/prefill_tp2/") == tp2, timeout=3 * LEASE_TTL_S)
     params = prefill(p5)
     assert params["tp_size"] == 2
     r = d1.generate(PROMPT, MAX_TOKENS, decode_params(params, remote_port=free_port()))

@@ -381,6 +381,14 @@ class _Reply:
         self.source = source
 
 
+_EVENT_WORDS = {
+    EventKind.REPLACED: "restarted",
+    EventKind.UPDATED: "re-registered",
+    EventKind.REMOVED: "left",
+    EventKind.ADDED: "reappeared",
+}
+
+
 class _Discovery:
     """Per-worker state: the etcd client, subscriptions, what to drop."""
 
@@ -430,6 +438,22 @@ class _Discovery:
     def on_event(self, ev: Event) -> None:
         with self.lock:
             known = self.incarnations.get(ev.engine_id)
+            unloaded = known is None or ev.rank not in known
+        if unloaded:
+            # Released earlier (or never loaded): nothing to drop, but the
+            # operator still learns that the engine left or came back.
+            if ev.kind != EventKind.UPDATED:
+                logger.info(
+                    "nixl-etcd: remote engine %s rank %d %s in ETCD (incarnation %s); no NIXL "
+                    "agents of it are loaded, the next request handshakes with it",
+                    ev.engine_id,
+                    ev.rank,
+                    _EVENT_WORDS.get(ev.kind, f"changed ({ev.kind})"),
+                    ev.incarnation,
+                )
+            return
+        with self.lock:
+            known = self.incarnations.get(ev.engine_id)
             if known is None or ev.rank not in known:
                 return
             missing = self.missing.setdefault(ev.engine_id, set())
@@ -452,12 +476,7 @@ class _Discovery:
                     missing.discard(ev.rank)
                     self.replaced.add(ev.engine_id)
                     self.gone.discard(ev.engine_id)
-                kind = {
-                    EventKind.REPLACED: "restarted",
-                    EventKind.UPDATED: "re-registered",
-                    EventKind.REMOVED: "left",
-                    EventKind.ADDED: "reappeared",
-                }.get(ev.kind, f"changed ({ev.kind})")
+                kind = _EVENT_WORDS.get(ev.kind, f"changed ({ev.kind})")
         if kind == "is back":
             logger.info(
                 "nixl-etcd: remote engine %s rank %d is back in ETCD (incarnation %s, "
@@ -784,10 +803,17 @@ def _track_remote_engine_replacement(self: Any, engine_id: str, host: str, port:
     _orig["_track_remote_engine_replacement"](self, engine_id, host, port)
 
 
-def _evict_stale(self: Any) -> None:
+def _evict_stale(self: Any, wanted: Optional[Set[str]] = None) -> None:
+    """Releases the NIXL state of stale remote engines that no transfer uses.
+
+    A restarted engine (a new incarnation) is released at once. One that only
+    left is released when a request needs it (``wanted``): until then its
+    record may come back unchanged (a lease lost and re-granted while the
+    engine lives), and its agents stay."""
     d = self.__dict__.get("_nixl_etcd_discovery")
     if d is None or not d.stale:
         return
+    wanted = wanted or set()
     with self._handshake_lock:
         pending = set(self._handshake_futures)
     busy = {
@@ -796,7 +822,11 @@ def _evict_stale(self: Any) -> None:
         if getattr(meta, "remote", None) is not None
     }
     with d.lock:
-        ready = [e for e in d.stale if e not in pending and e not in busy]
+        ready = [
+            e
+            for e in d.stale
+            if e not in pending and e not in busy and (e in d.replaced or e in wanted)
+        ]
         for e in ready:
             d.stale.discard(e)
             d.incarnations.pop(e, None)
@@ -813,7 +843,11 @@ def _evict_stale(self: Any) -> None:
 
 def _make_start_load_kv(orig: Callable[..., Any]) -> Callable[..., Any]:
     def start_load_kv(self: Any, metadata: Any) -> Any:
-        _evict_stale(self)
+        reqs = getattr(metadata, "reqs_to_recv", None) or {}
+        _evict_stale(
+            self,
+            {m.remote.engine_id for m in reqs.values() if getattr(m, "remote", None) is not None},
+        )
         return orig(self, metadata)
 
     start_load_kv.__wrapped__ = orig  # type: ignore[attr-defined]
