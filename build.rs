@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 
 fn main() {
+    soname();
     println!("cargo:rerun-if-changed=src/ffi.rs");
     println!("cargo:rerun-if-changed=src/error.rs");
     println!("cargo:rerun-if-changed=cbindgen.toml");
@@ -21,5 +22,16 @@ fn main() {
     bindings.write_to_file(&out);
     if std::env::var_os("NIXL_ETCD_WRITE_HEADER").is_some() {
         bindings.write_to_file(crate_dir.join("include/nixl_etcd.h"));
+    }
+}
+
+/// The shared library names itself `libnixl_etcd.so.<major>` (its SONAME),
+/// so programs linked against it record that name and keep working across
+/// compatible upgrades; `make install` installs `libnixl_etcd.so.<version>`
+/// with the symlinks `libnixl_etcd.so.<major>` and `libnixl_etcd.so`.
+fn soname() {
+    if std::env::var("CARGO_CFG_TARGET_OS").as_deref() == Ok("linux") {
+        let major = std::env::var("CARGO_PKG_VERSION_MAJOR").unwrap();
+        println!("cargo:rustc-cdylib-link-arg=-Wl,-soname,libnixl_etcd.so.{major}");
     }
 }

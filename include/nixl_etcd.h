@@ -102,6 +102,21 @@ typedef struct nixl_etcd_event {
  */
 typedef void (*nixl_etcd_event_callback)(void *user_data, const struct nixl_etcd_event *event);
 
+/**
+ * Level of a log line (`nixl_etcd_log_callback`'s `level`).
+ */
+typedef int32_t nixl_etcd_log_level;
+
+/**
+ * Receives one log line: its level, its target (the library's module
+ * that logged it, e.g. "nixl_etcd::client") and its message (the text
+ * without the level prefix). Both strings are valid only during the call.
+ */
+typedef void (*nixl_etcd_log_callback)(void *user_data,
+                                       nixl_etcd_log_level level,
+                                       const char *target,
+                                       const char *message);
+
 #define NIXL_ETCD_OK 0
 
 /**
@@ -182,6 +197,31 @@ typedef void (*nixl_etcd_event_callback)(void *user_data, const struct nixl_etcd
  * The rank is gone (unregistered, closed, or its lease expired).
  */
 #define NIXL_ETCD_EVENT_REMOVED 4
+
+/**
+ * Something failed.
+ */
+#define NIXL_ETCD_LOG_ERROR 1
+
+/**
+ * Something is wrong but the library carries on (e.g. etcd unreachable).
+ */
+#define NIXL_ETCD_LOG_WARNING 2
+
+/**
+ * Registrations and other milestones (the default level).
+ */
+#define NIXL_ETCD_LOG_INFO 3
+
+/**
+ * Every lookup and write (`VLLM_LOGGING_LEVEL=DEBUG`).
+ */
+#define NIXL_ETCD_LOG_DEBUG 4
+
+/**
+ * Finer than DEBUG (`RUST_LOG=nixl_etcd=trace`).
+ */
+#define NIXL_ETCD_LOG_TRACE 5
 
 #ifdef __cplusplus
 extern "C" {
@@ -464,6 +504,24 @@ void nixl_etcd_string_free(char *s);
  * `buf` is NULL or points to a buffer filled by this library (or zeroed).
  */
 void nixl_etcd_buffer_free(struct nixl_etcd_buffer *buf);
+
+/**
+ * Sends the library's log lines to `callback(user_data, level, target,
+ * message)` instead of stderr; NULL restores stderr. The level filter stays
+ * the same (`VLLM_LOGGING_LEVEL`, else `RUST_LOG`, else INFO). The callback
+ * runs on whatever thread logs, possibly on several threads at once, and
+ * must not block for long; a line logged by a library call made from inside
+ * the callback goes to stderr. Once this returns, the previous callback is
+ * not running (except on this thread, when called from inside it) and is
+ * never called again. In a Rust host that installed its own `log` logger,
+ * lines keep going to that logger and the callback is not called.
+ *
+ * # Safety
+ * `callback` is NULL or a function that may be called from any thread;
+ * `user_data` stays valid, and usable from any thread, until this is called
+ * again and returns.
+ */
+nixl_etcd_status nixl_etcd_set_log_callback(nixl_etcd_log_callback callback, void *user_data);
 
 /**
  * The message of this thread's last failed call ("" if none). Valid until the
