@@ -1,4 +1,4 @@
-//! Generates the C header from `src/ffi.rs` into OUT_DIR. The checked-in copy
+//! Generates the C header from `src/ffi/` into OUT_DIR. The checked-in copy
 //! `include/nixl_etcd.h` is refreshed with NIXL_ETCD_WRITE_HEADER=1; a test
 //! fails when it is stale.
 
@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 fn main() {
     soname();
-    println!("cargo:rerun-if-changed=src/ffi.rs");
+    println!("cargo:rerun-if-changed=src/ffi");
     println!("cargo:rerun-if-changed=src/error.rs");
     println!("cargo:rerun-if-changed=cbindgen.toml");
     println!("cargo:rerun-if-env-changed=NIXL_ETCD_WRITE_HEADER");
@@ -16,7 +16,7 @@ fn main() {
         .expect("cbindgen.toml is readable");
     let bindings = cbindgen::Builder::new()
         .with_config(config)
-        .with_src(crate_dir.join("src/ffi.rs"))
+        .with_src(crate_dir.join("src/ffi/mod.rs"))
         .generate()
         .expect("cbindgen generates the header");
     bindings.write_to_file(&out);

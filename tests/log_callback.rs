@@ -20,6 +20,9 @@ use nixl_etcd::ffi::*;
 type Line = (&'static str, i32, String, String);
 static LINES: Mutex<Vec<Line>> = Mutex::new(Vec::new());
 
+/// The module that logs registrations.
+const WRITE: &str = "nixl_etcd::client::write";
+
 static TAG_A: &str = "A";
 static TAG_B: &str = "B";
 
@@ -103,17 +106,12 @@ fn log_lines_reach_the_callback_exactly_and_not_stderr() {
     let warning = "NIXL_ETCD_ENDPOINTS is set: NIXL's built-in etcd exchange is active in this \
                    process too and writes lease-less keys for every NIXL agent it creates; unset \
                    it and set VLLM_NIXL_ETCD_ENDPOINTS instead";
-    let expect = |level: i32, message: &str| {
-        (
-            TAG_A,
-            level,
-            "nixl_etcd::client".to_owned(),
-            message.to_owned(),
-        )
+    let expect = |level: i32, target: &str, message: &str| {
+        (TAG_A, level, target.to_owned(), message.to_owned())
     };
     assert_eq!(
         lines[0],
-        expect(NIXL_ETCD_LOG_WARNING, warning),
+        expect(NIXL_ETCD_LOG_WARNING, "nixl_etcd::client", warning),
         "{lines:#?}"
     );
     let mut rest = lines[1..].to_vec();
@@ -123,9 +121,10 @@ fn log_lines_reach_the_callback_exactly_and_not_stderr() {
             [
                 expect(
                     NIXL_ETCD_LOG_INFO,
+                    WRITE,
                     &format!("Initialized NIXL ETCD coordinator: engine_id=engine{i}"),
                 ),
-                expect(NIXL_ETCD_LOG_INFO, "Registered NIXL agent with ETCD"),
+                expect(NIXL_ETCD_LOG_INFO, WRITE, "Registered NIXL agent with ETCD"),
             ]
         })
         .collect();
@@ -181,7 +180,7 @@ fn log_lines_reach_the_callback_exactly_and_not_stderr() {
         == (
             l.0,
             NIXL_ETCD_LOG_INFO,
-            "nixl_etcd::client".to_owned(),
+            WRITE.to_owned(),
             "Registered NIXL agent with ETCD".to_owned()
         )));
 

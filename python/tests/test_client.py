@@ -39,8 +39,8 @@ def test_log_lines_reach_python_logging_not_stderr(open_client, caplog, capfd):
         nixl_etcd.log_to_stderr()
     got = [(r.name, r.levelno, r.getMessage()) for r in caplog.records]
     assert got == [
-        ("nixl_etcd.client", logging.INFO, f"Initialized NIXL ETCD coordinator: engine_id={e}"),
-        ("nixl_etcd.client", logging.INFO, "Registered NIXL agent with ETCD"),
+        ("nixl_etcd.client.write", logging.INFO, f"Initialized NIXL ETCD coordinator: engine_id={e}"),
+        ("nixl_etcd.client.write", logging.INFO, "Registered NIXL agent with ETCD"),
     ]
     assert capfd.readouterr().err == ""
     # Back on stderr, in the guide's format.
