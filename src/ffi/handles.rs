@@ -20,7 +20,7 @@ pub struct nixl_etcd_client {
 
 type Table = Option<HashMap<usize, Arc<Client>>>;
 
-/// The open handles. Also taken across `fork` (see `runtime::guard_fork`).
+/// The open handles. Also held across `fork` (see [`table`]).
 static CLIENTS: Mutex<Table> = Mutex::new(None);
 static NEXT_HANDLE: AtomicU64 = AtomicU64::new(1);
 
