@@ -194,7 +194,7 @@ impl Config {
             lease_ttl_s,
             host,
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
-            max_metadata_bytes: crate::blob::DEFAULT_MAX_METADATA_BYTES,
+            max_metadata_bytes: crate::limits::DEFAULT_MAX_METADATA_BYTES,
             world_size: None,
             nixl_namespace,
             ca_cert: path(ENV_CA_CERT),
@@ -322,7 +322,7 @@ impl Config {
                 self.max_request_bytes = n as usize;
             }
             "max_metadata_bytes" => {
-                let max = crate::blob::MAX_METADATA_BYTES_LIMIT as u64;
+                let max = crate::limits::MAX_METADATA_BYTES_LIMIT as u64;
                 let n = v.as_u64().filter(|n| *n <= max).ok_or_else(|| {
                     Error::invalid(format!(
                         "{what} must be an integer number of bytes from 0 to {max}, got {v}"
