@@ -35,7 +35,7 @@ SONAME := libnixl_etcd.so.$(SOMAJOR)
 REALNAME := libnixl_etcd.so.$(VERSION)
 # What the static library needs from the system, as
 # `cargo rustc --release --lib --crate-type staticlib -- --print native-static-libs`
-# reports it (tests/install.rs links a program with it).
+# reports it (tests/integration/install.rs links a program with it).
 LIBS_PRIVATE ?= -lgcc_s -lutil -lrt -lpthread -lm -ldl -lc
 PC_CFLAGS := -I$${includedir}$(if $(filter nixl,$(FEATURES)), -DNIXL_ETCD_WITH_NIXL)
 

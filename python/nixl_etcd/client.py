@@ -466,7 +466,7 @@ def _close_live_clients() -> None:
 
 
 #: Every key of the options JSON of ``nixl_etcd_open`` (the library's
-#: ``config::OPTIONS``; ``tests/single_source.rs`` checks they agree).
+#: ``config::OPTIONS``; ``tests/integration/single_source.rs`` checks they agree).
 OPTIONS = (
     "endpoints",
     "namespace",

@@ -114,7 +114,7 @@ mod tests {
 
     /// The C constants are literals (cbindgen reads them); each must be
     /// its status's number. The header as a whole is checked against
-    /// `Status::ALL` by `tests/single_source.rs`.
+    /// `Status::ALL` by `tests/integration/single_source.rs`.
     #[test]
     fn c_constants_match_the_status_enum() {
         let consts = [

@@ -3,13 +3,11 @@
 //! program with `pkg-config --cflags --libs nixl_etcd`, and run them and the
 //! installed `nixl-etcd` against a private etcd.
 
-mod common;
-
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use common::{repo_root, target_dir, unique_namespace, EtcdServer};
+use crate::common::{repo_root, target_dir, unique_namespace, EtcdServer};
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
