@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use crate::common::{repo_root, target_dir, unique_namespace, EtcdServer};
+use crate::common::{self, repo_root, target_dir, unique_namespace, EtcdServer};
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
