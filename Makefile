@@ -27,9 +27,15 @@ BIN ?= $(BUILD_DIR)/nixl-etcd
 INSTALL ?= install
 
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
+# The shared library is installed as libnixl_etcd.so.$(VERSION), with the
+# symlinks libnixl_etcd.so.$(SOMAJOR) (its SONAME, what programs linked
+# against it load; set by build.rs) and libnixl_etcd.so (what -lnixl_etcd finds).
+SOMAJOR := $(firstword $(subst ., ,$(VERSION)))
+SONAME := libnixl_etcd.so.$(SOMAJOR)
+REALNAME := libnixl_etcd.so.$(VERSION)
 # What the static library needs from the system, as
 # `cargo rustc --release --lib --crate-type staticlib -- --print native-static-libs`
-# reports it (tests/install.rs links a program with it).
+# reports it (tests/integration/install.rs links a program with it).
 LIBS_PRIVATE ?= -lgcc_s -lutil -lrt -lpthread -lm -ldl -lc
 PC_CFLAGS := -I$${includedir}$(if $(filter nixl,$(FEATURES)), -DNIXL_ETCD_WITH_NIXL)
 
@@ -46,7 +52,9 @@ install: build
 install-only:
 	$(INSTALL) -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(LIBDIR) $(DESTDIR)$(INCLUDEDIR) \
 		$(DESTDIR)$(PKGCONFIGDIR)
-	$(INSTALL) -m 0755 $(BUILD_DIR)/libnixl_etcd.so $(DESTDIR)$(LIBDIR)/libnixl_etcd.so
+	$(INSTALL) -m 0755 $(BUILD_DIR)/libnixl_etcd.so $(DESTDIR)$(LIBDIR)/$(REALNAME)
+	ln -sfn $(REALNAME) $(DESTDIR)$(LIBDIR)/$(SONAME)
+	ln -sfn $(SONAME) $(DESTDIR)$(LIBDIR)/libnixl_etcd.so
 	$(INSTALL) -m 0644 $(BUILD_DIR)/libnixl_etcd.a $(DESTDIR)$(LIBDIR)/libnixl_etcd.a
 	$(INSTALL) -m 0644 include/nixl_etcd.h $(DESTDIR)$(INCLUDEDIR)/nixl_etcd.h
 	$(INSTALL) -m 0644 c_examples/nixl_etcd.hpp $(DESTDIR)$(INCLUDEDIR)/nixl_etcd.hpp
@@ -67,6 +75,7 @@ install-only:
 	chmod 0644 $(DESTDIR)$(PKGCONFIGDIR)/nixl_etcd.pc
 
 uninstall:
-	rm -f $(DESTDIR)$(LIBDIR)/libnixl_etcd.so $(DESTDIR)$(LIBDIR)/libnixl_etcd.a \
+	rm -f $(DESTDIR)$(LIBDIR)/libnixl_etcd.so $(DESTDIR)$(LIBDIR)/$(SONAME) \
+		$(DESTDIR)$(LIBDIR)/$(REALNAME) $(DESTDIR)$(LIBDIR)/libnixl_etcd.a \
 		$(DESTDIR)$(INCLUDEDIR)/nixl_etcd.h $(DESTDIR)$(INCLUDEDIR)/nixl_etcd.hpp \
 		$(DESTDIR)$(BINDIR)/nixl-etcd $(DESTDIR)$(PKGCONFIGDIR)/nixl_etcd.pc

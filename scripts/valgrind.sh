@@ -159,8 +159,17 @@ tests() {
     local files="${VALGRIND_TESTS:-c_api concurrency env_config fork informer lease hostile_input fuzz_decoders c_examples stress}"
     cargo test --release --no-run --quiet 2>/dev/null || cargo test --release --no-run
     local f bin
+    local -a filter
     for f in $files; do
-        bin="$(ls -t target/release/deps/"$f"-* 2>/dev/null | grep -v '\.d$' | head -1 || true)"
+        # A file of tests/integration/ is a module of the `integration`
+        # binary (its tests: `FILE::`); the others are binaries of their own.
+        filter=()
+        if [[ -f "tests/integration/$f.rs" ]]; then
+            bin="$(ls -t target/release/deps/integration-* 2>/dev/null | grep -v '\.d$' | head -1 || true)"
+            filter=("$f::")
+        else
+            bin="$(ls -t target/release/deps/"$f"-* 2>/dev/null | grep -v '\.d$' | head -1 || true)"
+        fi
         if [[ -z "$bin" ]]; then
             echo "  $f: no test binary found" >&2
             failed=$((failed + 1))
@@ -172,7 +181,7 @@ tests() {
         # time bounds.
         local forks=0
         [[ " fork stress " == *" $f "* ]] && forks=1
-        FORKS=$forks PROPTEST_CASES=200 NIXL_ETCD_UNDER_VALGRIND=1 run "test-$f" "$bin" --test-threads=1
+        FORKS=$forks PROPTEST_CASES=200 NIXL_ETCD_UNDER_VALGRIND=1 run "test-$f" "$bin" "${filter[@]}" --test-threads=1
     done
 }
 

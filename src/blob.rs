@@ -15,19 +15,12 @@
 //! record names, at that record's revision, gets exactly that blob; it checks
 //! the count, the sizes and the checksum before anything is served.
 
-use std::sync::atomic::AtomicU64;
-
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::config::Config;
 use crate::error::{Error, Result, Status};
-use crate::etcd_error::{self, Op};
+pub use crate::limits::{DEFAULT_MAX_METADATA_BYTES, MAX_METADATA_BYTES_LIMIT};
 
-/// Largest metadata accepted by default (option `max_metadata_bytes`).
-pub const DEFAULT_MAX_METADATA_BYTES: usize = 64 << 20;
-/// Upper bound for `max_metadata_bytes`: the cache holds every blob in memory.
-pub const MAX_METADATA_BYTES_LIMIT: usize = 1 << 30;
 /// Room kept in each chunk request for the key, the lease and gRPC framing.
 const CHUNK_OVERHEAD: usize = 1024;
 /// Chunks read per request when fetching: bounds one response's size.
@@ -169,61 +162,17 @@ pub fn too_large(what: &str, len: usize, max: usize) -> Error {
 }
 
 /// How many chunks to read per request.
-fn chunks_per_request(chunk_size: usize) -> i64 {
+pub fn chunks_per_request(chunk_size: usize) -> i64 {
     (FETCH_BYTES_PER_REQUEST / chunk_size.max(1)).max(1) as i64
+}
+
+/// Largest response a chunk read accepts: a page of chunks and slack.
+pub fn max_chunk_response(chunk_size: usize) -> usize {
+    FETCH_BYTES_PER_REQUEST + (FETCH_BYTES_PER_REQUEST >> 2) + (chunk_size << 1)
 }
 
 /// Chunk key-values read from etcd, sorted by key.
 pub type Chunks = Vec<(Vec<u8>, Vec<u8>)>;
-
-/// Reads every chunk under `prefix` as of `revision` (the revision of the
-/// record naming them, so they are all there even if a newer registration
-/// has since replaced them). If etcd compacted that revision away, reads the
-/// latest instead and says so (`false`): the chunks may then be gone, the
-/// record superseded.
-pub(crate) async fn fetch(
-    etcd: &etcd_client::Client,
-    cfg: &Config,
-    requests: &AtomicU64,
-    prefix: &str,
-    blob: &BlobRef,
-    revision: i64,
-) -> Result<(Chunks, bool)> {
-    match fetch_at(etcd, cfg, requests, prefix, blob, Some(revision)).await {
-        Err(e) if etcd_error::is_compacted(&e) => {
-            log::debug!("revision {revision} of {prefix} was compacted; reading the latest");
-            let chunks = fetch_at(etcd, cfg, requests, prefix, blob, None).await;
-            Ok((
-                chunks.map_err(|e| etcd_error::map(e, Op::Lookup, cfg))?,
-                false,
-            ))
-        }
-        other => Ok((
-            other.map_err(|e| etcd_error::map(e, Op::Lookup, cfg))?,
-            true,
-        )),
-    }
-}
-
-async fn fetch_at(
-    etcd: &etcd_client::Client,
-    cfg: &Config,
-    requests: &AtomicU64,
-    prefix: &str,
-    blob: &BlobRef,
-    revision: Option<i64>,
-) -> std::result::Result<Chunks, etcd_client::Error> {
-    let kv = etcd.kv_client().max_decoding_message_size(
-        FETCH_BYTES_PER_REQUEST + (FETCH_BYTES_PER_REQUEST >> 2) + (blob.chunk_size << 1),
-    );
-    let page = chunks_per_request(blob.chunk_size);
-    // More chunks than the record names: stop reading, assemble refuses.
-    let max = blob.chunks as usize;
-    let (kvs, _) =
-        crate::cache::read_range(&kv, cfg, requests, prefix, page, revision, max).await?;
-    // Taken, not copied: a chunk is up to a request's size.
-    Ok(kvs.into_iter().map(|kv| kv.into_key_value()).collect())
-}
 
 #[cfg(test)]
 mod tests {

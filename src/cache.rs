@@ -4,20 +4,20 @@
 //! unreachable the last known records keep being served.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use etcd_client::{EventType, GetOptions, KeyValue, WatchOptions};
+use etcd_client::{EventType, KeyValue, WatchOptions};
 use tokio::sync::watch;
 
 use crate::blob;
-use crate::config::Config;
 use crate::error::{Error, Result, Status};
 use crate::etcd_error::{self, Op};
 use crate::events::{Event, EventKind, Hub};
 use crate::keys;
 use crate::record::Record;
+use crate::session::{self, Conn};
 use crate::sign::Signer;
 
 /// A decoded record, shared by the cache and every reader.
@@ -65,13 +65,7 @@ impl Entry {
 /// registration replaced them (only when that revision was compacted); the
 /// newer record follows. `Err`: etcd could not be read; a slot holding an
 /// error: the chunks do not match the record.
-pub(crate) async fn complete(
-    etcd: &etcd_client::Client,
-    cfg: &Config,
-    requests: &AtomicU64,
-    slot: Slot,
-    revision: i64,
-) -> Result<Option<Slot>> {
+pub(crate) async fn complete(conn: &Conn, slot: Slot, revision: i64) -> Result<Option<Slot>> {
     let entry = match slot {
         Ok(e) if e.record.blob.is_some() => e,
         other => return Ok(Some(other)),
@@ -80,10 +74,10 @@ pub(crate) async fn complete(
     let Some(blob) = rec.blob.as_ref() else {
         return Ok(Some(Ok(entry)));
     };
-    let ns = &cfg.namespace;
+    let ns = &conn.cfg().namespace;
     let key = keys::rank_key(ns, &rec.engine_id, rec.rank);
     let prefix = blob::generation_prefix(ns, &rec.engine_id, rec.rank, &blob.generation);
-    let (chunks, pinned) = blob::fetch(etcd, cfg, requests, &prefix, blob, revision).await?;
+    let (chunks, pinned) = session::fetch_chunks(conn, &prefix, blob, revision).await?;
     if !pinned && chunks.is_empty() && blob.chunks > 0 {
         return Ok(None);
     }
@@ -339,29 +333,23 @@ pub(crate) struct Cache {
     informers: Mutex<HashMap<String, Arc<Informer>>>,
     /// Verifies every record read, when records are signed.
     signer: Option<Arc<Signer>>,
-    /// The client's request counter.
-    requests: Arc<AtomicU64>,
+    /// The client's connection (what the informers read and watch with).
+    conn: Conn,
 }
 
 impl Cache {
-    pub fn new(requests: Arc<AtomicU64>, signer: Option<Arc<Signer>>) -> Cache {
+    pub fn new(conn: Conn, signer: Option<Arc<Signer>>) -> Cache {
         Cache {
             informers: Mutex::new(HashMap::new()),
             signer,
-            requests,
+            conn,
         }
     }
 
     /// The informer that covers `engine` (`None`: the whole namespace):
     /// an existing namespace-wide one, else the engine's own, started now.
-    pub fn informer(
-        &self,
-        engine: Option<&str>,
-        cfg: &Config,
-        etcd: &etcd_client::Client,
-        hub: &Arc<Hub>,
-        exact: bool,
-    ) -> Arc<Informer> {
+    pub fn informer(&self, engine: Option<&str>, hub: &Arc<Hub>, exact: bool) -> Arc<Informer> {
+        let cfg = self.conn.cfg();
         let ns_prefix = format!("{}/", cfg.namespace);
         let prefix = match engine {
             Some(e) => keys::engine_prefix(&cfg.namespace, e),
@@ -401,10 +389,8 @@ impl Cache {
         });
         let task = tokio::spawn(run(
             inf.clone(),
-            etcd.clone(),
-            cfg.clone(),
+            self.conn.clone(),
             hub.clone(),
-            self.requests.clone(),
             self.signer.clone(),
         ));
         *inf.task.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
@@ -414,12 +400,13 @@ impl Cache {
 
     /// The cached slot of (`engine`, `rank`), if an informer covering the
     /// engine exists and holds it. Runs on any thread, without the runtime.
-    pub fn cached(&self, cfg: &Config, engine: &str, rank: u32) -> Option<Slot> {
-        self.covering(cfg, engine)?.get(&(engine.to_owned(), rank))
+    pub fn cached(&self, engine: &str, rank: u32) -> Option<Slot> {
+        self.covering(engine)?.get(&(engine.to_owned(), rank))
     }
 
     /// The informer that covers `engine`, if one was started.
-    pub fn covering(&self, cfg: &Config, engine: &str) -> Option<Arc<Informer>> {
+    pub fn covering(&self, engine: &str) -> Option<Arc<Informer>> {
+        let cfg = self.conn.cfg();
         let all = self.informers.lock().unwrap_or_else(|e| e.into_inner());
         all.get(&keys::engine_prefix(&cfg.namespace, engine))
             .or_else(|| all.get(&format!("{}/", cfg.namespace)))
@@ -462,28 +449,12 @@ impl Cache {
 }
 
 /// The informer's life: list, watch, and on any break re-list.
-async fn run(
-    inf: Arc<Informer>,
-    etcd: etcd_client::Client,
-    cfg: Config,
-    hub: Arc<Hub>,
-    requests: Arc<AtomicU64>,
-    signer: Option<Arc<Signer>>,
-) {
+async fn run(inf: Arc<Informer>, conn: Conn, hub: Arc<Hub>, signer: Option<Arc<Signer>>) {
+    let cfg = conn.cfg();
     let mut stale = false;
     let mut backoff = Duration::from_millis(100);
     loop {
-        match list_then_watch(
-            &inf,
-            &etcd,
-            &cfg,
-            &requests,
-            signer.as_deref(),
-            &hub,
-            &mut stale,
-        )
-        .await
-        {
+        match list_then_watch(&inf, &conn, signer.as_deref(), &hub, &mut stale).await {
             Ok(()) => backoff = Duration::from_millis(100),
             Err(e) => {
                 if inf.listed() && !stale {
@@ -510,85 +481,20 @@ const LIST_PAGE: i64 = 1024;
 /// be larger). A page over it is fetched again in halves.
 const MAX_RESPONSE_BYTES: usize = 256 << 20;
 
-/// The key just past every key starting with `prefix`.
-pub(crate) fn prefix_end(prefix: &str) -> Vec<u8> {
-    let mut end = prefix.as_bytes().to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return end;
-        }
-    }
-    vec![0]
-}
-
-/// Reads every key under `prefix` in pages of up to `page` keys, all at one
-/// revision (`revision`, else the first page's), so the result is one
-/// consistent snapshot; stops early once more than `max` keys were read.
-/// Returns the key-values, sorted by key, and the revision read at. A page
-/// too large to receive is asked for again in halves; a member that is down
-/// is skipped (see `retry_transient`).
-pub(crate) async fn read_range(
-    kv: &etcd_client::KvClient,
-    cfg: &Config,
-    requests: &AtomicU64,
-    prefix: &str,
-    mut page: i64,
-    mut revision: Option<i64>,
-    max: usize,
-) -> std::result::Result<(Vec<KeyValue>, i64), etcd_client::Error> {
-    let end = prefix_end(prefix);
-    let mut from = prefix.as_bytes().to_vec();
-    let mut out = Vec::new();
-    loop {
-        let mut opts = GetOptions::new().with_range(end.clone()).with_limit(page);
-        if let Some(rev) = revision {
-            opts = opts.with_revision(rev);
-        }
-        let attempt = || {
-            requests.fetch_add(1, Ordering::Relaxed);
-            let mut kv = kv.clone();
-            let (from, opts) = (from.clone(), opts.clone());
-            async move { kv.get(from, Some(opts)).await }
-        };
-        let mut resp = match etcd_error::retry_transient(cfg, attempt).await {
-            Err(etcd_client::Error::GRpcStatus(s))
-                if s.code() == tonic::Code::OutOfRange
-                    && !s.message().contains("compacted")
-                    && page > 1 =>
-            {
-                page /= 2;
-                continue;
-            }
-            other => other?,
-        };
-        let at = *revision.get_or_insert_with(|| resp.header().map(|h| h.revision()).unwrap_or(0));
-        let more = resp.more();
-        out.extend(resp.take_kvs());
-        match out.last() {
-            Some(last) if more && out.len() <= max => {
-                from = last.key().to_vec();
-                from.push(0);
-            }
-            _ => return Ok((out, at)),
-        }
-    }
-}
-
 /// Lists every rank record under `prefix` as one snapshot (see
-/// [`read_range`]); returns the records and the revision they were read at.
+/// [`session::read_range`]); returns the records and the revision they were
+/// read at.
 async fn list_prefix(
-    etcd: &etcd_client::Client,
+    conn: &Conn,
     prefix: &str,
-    namespace: &str,
-    cfg: &Config,
-    requests: &AtomicU64,
     signer: Option<&Signer>,
 ) -> Result<(HashMap<RankId, Slot>, i64)> {
-    let kv = etcd
+    let (cfg, namespace) = (conn.cfg(), conn.cfg().namespace.as_str());
+    let kv = conn
+        .etcd_uncounted()
         .kv_client()
         .max_decoding_message_size(MAX_RESPONSE_BYTES);
-    let (kvs, revision) = read_range(&kv, cfg, requests, prefix, LIST_PAGE, None, usize::MAX)
+    let (kvs, revision) = session::read_range(conn, &kv, prefix, LIST_PAGE, None, usize::MAX)
         .await
         .map_err(|e| etcd_error::map_key(e, Op::Lookup, cfg, prefix))?;
     let mut fresh = HashMap::new();
@@ -597,7 +503,7 @@ async fn list_prefix(
         .filter_map(|kv| Entry::decode(namespace, signer, kv))
     {
         // Chunks as of the list's revision: there even if replaced since.
-        match complete(etcd, cfg, requests, slot, revision).await? {
+        match complete(conn, slot, revision).await? {
             Some(slot) => {
                 fresh.insert(id, slot);
             }
@@ -616,16 +522,15 @@ async fn list_prefix(
 /// breaks. `Ok` means "re-list now" (compaction), `Err` a connection problem.
 async fn list_then_watch(
     inf: &Informer,
-    etcd: &etcd_client::Client,
-    cfg: &Config,
-    requests: &AtomicU64,
+    conn: &Conn,
     signer: Option<&Signer>,
     hub: &Hub,
     stale: &mut bool,
 ) -> Result<()> {
+    let cfg = conn.cfg();
     let namespace = cfg.namespace.as_str();
     let map = |e| etcd_error::map(e, Op::Lookup, cfg);
-    let listing = list_prefix(etcd, &inf.prefix, namespace, cfg, requests, signer);
+    let listing = list_prefix(conn, &inf.prefix, signer);
     let (fresh, revision) = tokio::time::timeout(cfg.timeout, listing)
         .await
         .map_err(|_| etcd_error::timed_out(Op::Lookup, cfg.timeout, &cfg.endpoints.join(",")))
@@ -642,13 +547,14 @@ async fn list_then_watch(
         );
         *stale = false;
     }
-    requests.fetch_add(1, Ordering::Relaxed);
+    conn.count();
     let opts = WatchOptions::new()
         .with_prefix()
         .with_start_revision(revision + 1);
     let prefix = inf.prefix.as_bytes();
     let mut stream = etcd_error::retry_transient(cfg, || {
-        let mut watch = etcd
+        let mut watch = conn
+            .etcd_uncounted()
             .watch_client()
             .max_decoding_message_size(MAX_RESPONSE_BYTES);
         let opts = opts.clone();
@@ -677,7 +583,7 @@ async fn list_then_watch(
                     if let Some((id, slot)) = Entry::decode(namespace, signer, kv) {
                         let rev = kv.mod_revision();
                         // None: superseded; the newer put is further on.
-                        if let Some(slot) = complete(etcd, cfg, requests, slot, rev).await? {
+                        if let Some(slot) = complete(conn, slot, rev).await? {
                             inf.apply(id, Some(slot), rev, hub);
                         }
                     }

@@ -100,7 +100,7 @@ pub struct Config {
 /// variable it overrides (`None`: an option only). The one list: the unknown
 /// key message, the header's doc of `nixl_etcd_open`, the options table of
 /// docs/configuration.md and the Python package's `OPTIONS` are checked against it
-/// (`tests/single_source.rs`).
+/// (`tests/integration/single_source.rs`).
 pub const OPTIONS: &[(&str, Option<&str>)] = &[
     ("endpoints", Some(ENV_ENDPOINTS)),
     ("namespace", Some(ENV_NAMESPACE)),
@@ -194,7 +194,7 @@ impl Config {
             lease_ttl_s,
             host,
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
-            max_metadata_bytes: crate::blob::DEFAULT_MAX_METADATA_BYTES,
+            max_metadata_bytes: crate::limits::DEFAULT_MAX_METADATA_BYTES,
             world_size: None,
             nixl_namespace,
             ca_cert: path(ENV_CA_CERT),
@@ -322,7 +322,7 @@ impl Config {
                 self.max_request_bytes = n as usize;
             }
             "max_metadata_bytes" => {
-                let max = crate::blob::MAX_METADATA_BYTES_LIMIT as u64;
+                let max = crate::limits::MAX_METADATA_BYTES_LIMIT as u64;
                 let n = v.as_u64().filter(|n| *n <= max).ok_or_else(|| {
                     Error::invalid(format!(
                         "{what} must be an integer number of bytes from 0 to {max}, got {v}"
@@ -420,7 +420,7 @@ fn wrong_type(key: &str, want: &str, got: &Value) -> Error {
 fn parse_timeout(v: Option<f64>, what: &str, raw: &str) -> Result<Duration> {
     match v {
         // A value so small that it rounds to zero nanoseconds (found by
-        // `tests/fuzz_decoders.rs`: 3.2e-52) would time every call out at
+        // `tests/integration/fuzz_decoders.rs`: 3.2e-52) would time every call out at
         // once, as 0 would: refused like 0.
         Some(s) if s > 0.0 && s <= MAX_TIMEOUT_S && !Duration::from_secs_f64(s).is_zero() => {
             Ok(Duration::from_secs_f64(s))

@@ -14,7 +14,7 @@ mod etcd_error;
 pub mod events;
 pub mod ffi;
 pub mod keys;
-mod lease;
+pub mod limits;
 pub mod logging;
 #[cfg(feature = "nixl")]
 pub mod nixl;
@@ -23,6 +23,7 @@ pub mod nixl_store;
 pub mod record;
 mod runtime;
 pub mod secret;
+mod session;
 pub mod sign;
 pub mod tp;
 

@@ -185,7 +185,7 @@ fn check_blob_ref(key: &str, blob: &BlobRef, rec: &Record) -> Result<()> {
     let chunks = blob.chunks as usize;
     let fits = blob.chunk_size > 0
         && chunks == rec.metadata_len.div_ceil(blob.chunk_size)
-        && rec.metadata_len <= crate::blob::MAX_METADATA_BYTES_LIMIT;
+        && rec.metadata_len <= crate::limits::MAX_METADATA_BYTES_LIMIT;
     if !fits {
         return bad(format!(
             "blob of {} chunks of {} bytes cannot hold {} bytes of metadata",

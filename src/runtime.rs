@@ -1,5 +1,7 @@
-//! The process-wide tokio runtime, re-created in a forked child.
+//! The process-wide tokio runtime, re-created in a forked child; and the
+//! locks held across `fork` (see [`hold_across_fork`]).
 
+use std::any::Any;
 use std::cell::RefCell;
 use std::future::Future;
 use std::sync::{Mutex, MutexGuard, Once};
@@ -57,15 +59,33 @@ where
         .unwrap_or_else(|_| Err(Error::internal("a nixl-etcd task panicked; this is a bug")))
 }
 
+/// Takes a process-wide lock of a layer above this one and returns its
+/// guard, held across `fork` (see [`hold_across_fork`]).
+pub type ForkLock = fn() -> Box<dyn Any>;
+
+/// The locks registered with [`hold_across_fork`], taken in this order.
+static FORK_LOCKS: Mutex<Vec<ForkLock>> = Mutex::new(Vec::new());
+
+/// Registers a process-wide lock to take just before `fork` and release
+/// right after it (see `guard_fork`): the layers above this one (the C
+/// API's handle table) register theirs, instead of this module knowing
+/// them. The lock must be one the library never holds while it logs or
+/// waits on the runtime's slot. Registering the same function twice is a
+/// no-op.
+pub fn hold_across_fork(lock: ForkLock) {
+    let mut locks = FORK_LOCKS.lock().unwrap_or_else(|e| e.into_inner());
+    if !locks.iter().any(|l| std::ptr::fn_addr_eq(*l, lock)) {
+        locks.push(lock);
+    }
+}
+
 /// What the forking thread holds from just before `fork` until just after it,
 /// in the parent and in the child.
 struct HeldAcrossFork {
     // Dropped in this order (fields drop in declaration order).
-    _clients: MutexGuard<
-        'static,
-        Option<std::collections::HashMap<usize, std::sync::Arc<crate::Client>>>,
-    >,
+    _registered: Vec<Box<dyn Any>>,
     _runtime: MutexGuard<'static, Option<(u32, &'static tokio::runtime::Runtime)>>,
+    _locks: MutexGuard<'static, Vec<ForkLock>>,
     _stderr: std::io::StderrLock<'static>,
 }
 
@@ -79,7 +99,8 @@ thread_local! {
 /// thread, and with every lock as it was at that instant; a process-wide lock
 /// held by another thread then (the handle registry at each C call, the
 /// runtime slot at each call that reaches etcd, stderr while the logger
-/// writes a line) stays locked in the child forever, and the child's first
+/// writes a line; the handle registry is registered by the C API through
+/// [`hold_across_fork`]) stays locked in the child forever, and the child's first
 /// call, or its first log line, hung (6 % of forks made while 16 threads
 /// called the library at INFO, 26 % at DEBUG). `pthread_atfork` handlers take
 /// these locks before `fork` (waiting out the short sections that hold them)
@@ -104,11 +125,14 @@ extern "C" fn before_fork() {
     // stderr first: the library never writes to it while holding either of
     // the others, which it never holds together.
     let stderr = std::io::stderr().lock();
+    // The list stays locked across fork too: a registration racing the fork
+    // cannot leave it locked in the child.
+    let locks = FORK_LOCKS.lock().unwrap_or_else(|e| e.into_inner());
+    let registered = locks.iter().map(|take| take()).collect();
     let held = HeldAcrossFork {
-        _clients: crate::ffi::CLIENTS
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()),
+        _registered: registered,
         _runtime: RUNTIME.lock().unwrap_or_else(|e| e.into_inner()),
+        _locks: locks,
         _stderr: stderr,
     };
     // Without thread-local storage (a thread being torn down) the guards drop

@@ -4,7 +4,7 @@
 use crate::error::{Error, Result};
 
 /// Largest tensor-parallel size accepted (the limit of the `world_size`
-/// option). Fault found by `tests/hostile_input.rs`: without it,
+/// option). Fault found by `tests/integration/hostile_input.rs`: without it,
 /// `target_ranks(1, 0, u32::MAX)` built a list of 4,294,967,295 ranks (16
 /// GiB) before `nixl_etcd_target_ranks` could compare it with `cap`, and the
 /// process aborted on the failed allocation (or ran out of memory).
@@ -58,7 +58,7 @@ mod tests {
     }
 
     // The exact tables (4->8, 8->4, 2->2, 1->8, 8->1) are asserted through the
-    // C ABI in tests/informer.rs.
+    // C ABI in tests/integration/informer.rs.
 
     #[test]
     fn every_remote_rank_is_read_by_someone() {

@@ -51,7 +51,7 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The example binary, beside this test's profile dir (as tests/nixl_e2e.rs).
+/// The example binary, beside this test's profile dir (as tests/integration/nixl_e2e.rs).
 fn example() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let profile = exe.parent().and_then(|d| d.parent()).unwrap();

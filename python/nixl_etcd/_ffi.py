@@ -99,6 +99,19 @@ class c_event(ctypes.Structure):
 # void (*nixl_etcd_event_callback)(void *user_data, const nixl_etcd_event *event)
 EVENT_CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.POINTER(c_event))
 
+# void (*nixl_etcd_log_callback)(void *user_data, nixl_etcd_log_level level,
+#                                const char *target, const char *message)
+LOG_CALLBACK = ctypes.CFUNCTYPE(
+    None, ctypes.c_void_p, ctypes.c_int32, ctypes.c_char_p, ctypes.c_char_p
+)
+
+# Log levels (nixl_etcd_log_level).
+LOG_ERROR = 1
+LOG_WARNING = 2
+LOG_INFO = 3
+LOG_DEBUG = 4
+LOG_TRACE = 5
+
 _u8_p = ctypes.POINTER(ctypes.c_uint8)
 _u32_p = ctypes.POINTER(ctypes.c_uint32)
 _size_p = ctypes.POINTER(ctypes.c_size_t)
@@ -199,6 +212,7 @@ _SIGNATURES = [
         [c_client_p, ctypes.c_char_p, ctypes.POINTER(ctypes.c_uint16)],
         True,
     ),
+    ("nixl_etcd_set_log_callback", c_status, [LOG_CALLBACK, ctypes.c_void_p], True),
     ("nixl_etcd_string_free", None, [ctypes.c_void_p], True),
     ("nixl_etcd_buffer_free", None, [_buffer_p], True),
     ("nixl_etcd_last_error", ctypes.c_char_p, [], True),

@@ -149,6 +149,58 @@ def status_str(status: int) -> str:
     return _ffi.status_str(status)
 
 
+# The library's log levels -> Python's (TRACE has no Python name: 5).
+_LOG_LEVELS = {
+    _ffi.LOG_ERROR: logging.ERROR,
+    _ffi.LOG_WARNING: logging.WARNING,
+    _ffi.LOG_INFO: logging.INFO,
+    _ffi.LOG_DEBUG: logging.DEBUG,
+    _ffi.LOG_TRACE: 5,
+}
+
+# The ctypes callback given to the library; kept alive while it is set.
+_log_cfunc: Optional[Any] = None
+_log_lock = threading.Lock()
+
+
+def _on_log(_user_data: Optional[int], level: int, target: Optional[bytes], message: Optional[bytes]) -> None:
+    try:
+        # "nixl_etcd::client" -> the Python logger "nixl_etcd.client".
+        name = _b_text(target).replace("::", ".") or "nixl_etcd"
+        logging.getLogger(name).log(_LOG_LEVELS.get(level, logging.INFO), "%s", _b_text(message))
+    except Exception:  # never let an exception into the library's thread
+        pass
+
+
+def log_to_python() -> None:
+    """Routes the library's log lines into Python's :mod:`logging` instead of
+    stderr (``nixl_etcd_set_log_callback``): each line goes to the logger named
+    by its target (``nixl_etcd.client``, ... under ``nixl_etcd``) at its level.
+    The library's own level filter (``VLLM_LOGGING_LEVEL``, default INFO) still
+    applies first. :func:`log_to_stderr` undoes it."""
+    global _log_cfunc
+    with _log_lock:
+        cfunc = _ffi.LOG_CALLBACK(_on_log)
+        check(_ffi.lib().nixl_etcd_set_log_callback(cfunc, None))
+        # The previous one is never called again once the call returned.
+        _log_cfunc = cfunc
+
+
+def log_to_stderr() -> None:
+    """Sends the library's log lines to stderr again (the default)."""
+    global _log_cfunc
+    with _log_lock:
+        check(_ffi.lib().nixl_etcd_set_log_callback(_ffi.LOG_CALLBACK(), None))
+        _log_cfunc = None
+
+
+@atexit.register
+def _stop_logging_to_python() -> None:
+    # No line may call into Python while the interpreter goes away.
+    if _log_cfunc is not None:
+        log_to_stderr()
+
+
 def library_path() -> str:
     """Where ``libnixl_etcd.so`` was loaded from (loads it if needed)."""
     return _ffi.library_path()
@@ -414,7 +466,7 @@ def _close_live_clients() -> None:
 
 
 #: Every key of the options JSON of ``nixl_etcd_open`` (the library's
-#: ``config::OPTIONS``; ``tests/single_source.rs`` checks they agree).
+#: ``config::OPTIONS``; ``tests/integration/single_source.rs`` checks they agree).
 OPTIONS = (
     "endpoints",
     "namespace",

@@ -28,6 +28,26 @@ def test_register_lookup_unregister(open_client):
         c.lookup(e, 0)
 
 
+def test_log_lines_reach_python_logging_not_stderr(open_client, caplog, capfd):
+    caplog.set_level(logging.INFO, logger="nixl_etcd")
+    nixl_etcd.log_to_python()
+    try:
+        c = open_client()
+        e = engine()
+        c.register(e, 0, BLOB)
+    finally:
+        nixl_etcd.log_to_stderr()
+    got = [(r.name, r.levelno, r.getMessage()) for r in caplog.records]
+    assert got == [
+        ("nixl_etcd.client.write", logging.INFO, f"Initialized NIXL ETCD coordinator: engine_id={e}"),
+        ("nixl_etcd.client.write", logging.INFO, "Registered NIXL agent with ETCD"),
+    ]
+    assert capfd.readouterr().err == ""
+    # Back on stderr, in the guide's format.
+    c.register(e, 0, BLOB)
+    assert capfd.readouterr().err == "INFO: Registered NIXL agent with ETCD\n"
+
+
 def test_other_client_sees_registration(open_client):
     a, b = open_client(), open_client()
     e = engine()

@@ -10,6 +10,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::etcd_error;
+use crate::session::{self, Session};
 
 pub struct Mirror {
     pub prefix: String,
@@ -74,15 +75,11 @@ impl Mirror {
     }
 
     /// Keeps the copy current until `stop` turns true.
-    pub async fn run(
-        self: Arc<Self>,
-        inner: Arc<crate::client::Inner>,
-        mut stop: watch::Receiver<bool>,
-    ) {
+    pub async fn run(self: Arc<Self>, session: Arc<Session>, mut stop: watch::Receiver<bool>) {
         let mut backoff = Duration::from_millis(100);
         let mut warned = false;
         loop {
-            let step = self.clone().list_and_watch(&inner, &mut warned);
+            let step = self.clone().list_and_watch(&session, &mut warned);
             tokio::select! {
                 r = step => {
                     self.lock().live = false;
@@ -109,22 +106,15 @@ impl Mirror {
 
     async fn list_and_watch(
         self: Arc<Self>,
-        inner: &crate::client::Inner,
+        session: &Session,
         warned: &mut bool,
     ) -> Result<(), String> {
         let cause = |e: etcd_client::Error| etcd_error::cause(&e);
-        let kv = inner.etcd().kv_client();
-        let (list, revision) = crate::cache::read_range(
-            &kv,
-            &inner.cfg,
-            &inner.requests,
-            &self.prefix,
-            256,
-            None,
-            usize::MAX,
-        )
-        .await
-        .map_err(cause)?;
+        let kv = session.etcd().kv_client();
+        let (list, revision) =
+            session::read_range(session.conn(), &kv, &self.prefix, 256, None, usize::MAX)
+                .await
+                .map_err(cause)?;
         let kvs: HashMap<String, Vec<u8>> = list
             .iter()
             .map(|kv| {
@@ -134,7 +124,7 @@ impl Mirror {
                 )
             })
             .collect();
-        let etcd = inner.etcd();
+        let etcd = session.etcd();
         let opts = etcd_client::WatchOptions::new()
             .with_prefix()
             .with_start_revision(revision + 1);

@@ -36,11 +36,12 @@ use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Mutex};
 
-use crate::client::{Client, Inner};
+use crate::client::Client;
 use crate::config::Config;
 use crate::error::{Error, Result, Status};
 use crate::etcd_error::{self, Op};
-use crate::{lease, nixl_layout, runtime};
+use crate::session::Session;
+use crate::{nixl_layout, runtime};
 
 use codec::{Limits, Query, Stop};
 use keymap::Mapped;
@@ -184,12 +185,12 @@ impl NixlStore {
             let bound = listener
                 .local_addr()
                 .map_err(|e| Error::internal(format!("listener address: {e}")))?;
-            let inner = s.base.inner().clone();
+            let session = s.base.session().clone();
             for m in [s.nixl.clone(), s.verbatim.clone()] {
-                tokio::spawn(m.run(inner.clone(), s.stop.subscribe()));
+                tokio::spawn(m.run(session.clone(), s.stop.subscribe()));
             }
             // The store stops with the client it was started with.
-            let (s2, mut closed) = (s.clone(), inner.closed_tx.subscribe());
+            let (s2, mut closed) = (s.clone(), session.closed());
             tokio::spawn(async move {
                 let mut stopped = s2.stop.subscribe();
                 tokio::select! {
@@ -428,10 +429,10 @@ async fn lookup(s: &Shared, m: &Mapped) -> Option<Vec<u8>> {
     if let Some(v) = mirror_of(s, m).get(key) {
         return v;
     }
-    let inner = s.base.inner().clone();
+    let session = s.base.session().clone();
     let k = key.to_owned();
     let got = tokio::time::timeout(s.cfg.timeout, async move {
-        inner.etcd().kv_client().get(k, None).await
+        session.etcd().kv_client().get(k, None).await
     })
     .await;
     match got {
@@ -532,7 +533,7 @@ async fn writer_of(s: &Arc<Shared>, conn: &mut Conn) -> Result<(WriterId, Arc<Wr
     log::info!(
         "nixl-etcd store: {id} writes through {}; its keys are under lease {:x}",
         conn.peer,
-        w.client.inner().state.lock().await.lease_id
+        w.client.session().lease_id().await
     );
     if let WriterId::Pid(pid) = id {
         let s2 = s.clone();
@@ -632,9 +633,9 @@ async fn hold(s: &Shared, id: &WriterId, keys: &[&str]) {
     };
     for p in previous {
         if let Some(w) = s.writers.lock().await.get(&p).cloned() {
-            let mut st = w.client.inner().state.lock().await;
+            let mut st = w.client.session().lock().await;
             for k in keys {
-                st.registrations.remove(*k);
+                st.release(k);
             }
         }
     }
@@ -672,17 +673,19 @@ async fn set(
                 value.len(),
             )
             .map_err(refused)?;
-            let inner = w.client.inner().clone();
             let kvs = vec![(key.clone(), value.clone()), (marker.clone(), Vec::new())];
-            put_attached(&inner, kvs).await.map_err(refused)?;
+            put_attached(w.client.session(), kvs)
+                .await
+                .map_err(refused)?;
             s.nixl.put_local(key, &value);
             s.nixl.put_local(&marker, b"");
             hold(s, &id, &[key, &marker]).await;
         }
         Mapped::Verbatim { key } => {
-            let inner = w.client.inner().clone();
             let kv = vec![(key.clone(), value.clone())];
-            put_attached(&inner, kv).await.map_err(refused)?;
+            put_attached(w.client.session(), kv)
+                .await
+                .map_err(refused)?;
             s.verbatim.put_local(key, &value);
             hold(s, &id, &[key]).await;
         }
@@ -698,13 +701,13 @@ async fn set(
 
 /// Writes `kv` under the writer's lease (re-written by the lease machinery
 /// if the lease is ever lost), bounded by the client's timeout.
-async fn put_attached(inner: &Arc<Inner>, kv: Vec<(String, Vec<u8>)>) -> Result<()> {
-    let limit = inner.cfg.timeout;
-    let inner = inner.clone();
+async fn put_attached(session: &Arc<Session>, kv: Vec<(String, Vec<u8>)>) -> Result<()> {
+    let limit = session.cfg().timeout;
+    let session = session.clone();
     tokio::time::timeout(limit, async move {
-        let mut st = inner.state.lock().await;
-        lease::put_attached(&inner, &mut st, &kv, Op::PublishNixl).await?;
-        st.registrations.extend(kv);
+        let mut st = session.lock().await;
+        st.put_attached(&kv, Op::PublishNixl).await?;
+        st.hold(kv);
         Ok(())
     })
     .await
@@ -739,32 +742,32 @@ async fn delete(s: &Arc<Shared>, key: &[u8]) -> std::result::Result<i64, String>
         Some(id) => s.writers.lock().await.get(id).cloned(),
         None => None,
     };
-    let base = s.base.inner().clone();
+    let base = s.base.session().clone();
     let exact = m.etcd_key().to_owned();
     let (t, limit) = (target.clone(), s.cfg.timeout);
     let work = async move {
         // Under the holder's lease lock: a lease re-grant never re-writes a
         // key being deleted.
         let mut guard = match &writer {
-            Some(w) => Some(w.client.inner().state.lock().await),
+            Some(w) => Some(w.client.session().lock().await),
             None => None,
         };
         let mut opts = etcd_client::DeleteOptions::new().with_prev_key();
         if prefix {
             opts = opts.with_prefix();
         }
-        let resp = etcd_error::retry_transient(&base.cfg, || {
+        let resp = etcd_error::retry_transient(base.cfg(), || {
             let mut kv = base.etcd().kv_client();
             let (t, opts) = (t.clone(), opts.clone());
             async move { kv.delete(t, Some(opts)).await }
         })
         .await
-        .map_err(|e| etcd_error::map(e, Op::UnpublishNixl, &base.cfg))?;
+        .map_err(|e| etcd_error::map(e, Op::UnpublishNixl, base.cfg()))?;
         if let Some(st) = guard.as_mut() {
             if prefix {
-                st.registrations.retain(|k, _| !k.starts_with(&t));
+                st.release_prefix(&t);
             } else {
-                st.registrations.remove(&t);
+                st.release(&t);
             }
         }
         Ok::<_, Error>(

@@ -1,7 +1,8 @@
 //! Shared test harness for the integration tests: a private etcd per test,
 //! `etcdctl` access, unique key namespaces and the C example programs.
 //!
-//! Use it from a test file with `mod common;`.
+//! Use it from a file of `tests/integration/` with `use crate::common;`, or
+//! from a test binary of its own (`tests/FILE.rs`) with `mod common;`.
 #![allow(dead_code)]
 
 use std::fs::{File, OpenOptions};

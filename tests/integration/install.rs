@@ -3,13 +3,11 @@
 //! program with `pkg-config --cflags --libs nixl_etcd`, and run them and the
 //! installed `nixl-etcd` against a private etcd.
 
-mod common;
-
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use common::{repo_root, target_dir, unique_namespace, EtcdServer};
+use crate::common::{self, repo_root, target_dir, unique_namespace, EtcdServer};
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
@@ -46,19 +44,37 @@ fn pkg_config(prefix: &Path, args: &[&str]) -> Vec<String> {
         .collect()
 }
 
-/// The shared libraries a program names (readelf's NEEDED entries).
-fn needed(program: &Path) -> String {
+/// The entries of one tag of an ELF file's dynamic section (readelf -d),
+/// e.g. `NEEDED`: the names in brackets.
+fn dynamic(file: &Path, tag: &str) -> Vec<String> {
     let out = Command::new("readelf")
         .arg("-d")
-        .arg(program)
+        .arg(file)
         .output()
         .expect("run readelf");
-    assert!(out.status.success(), "readelf -d {}", program.display());
+    assert!(out.status.success(), "readelf -d {}", file.display());
     text(&out.stdout)
         .lines()
-        .filter(|l| l.contains("(NEEDED)"))
-        .collect::<Vec<_>>()
-        .join("\n")
+        .filter(|l| l.contains(&format!("({tag})")))
+        .filter_map(|l| Some(l.split_once('[')?.1.split_once(']')?.0.to_owned()))
+        .collect()
+}
+
+/// The shared libraries a program names (readelf's NEEDED entries).
+fn needed(program: &Path) -> String {
+    dynamic(program, "NEEDED").join("\n")
+}
+
+/// `libnixl_etcd.so.<major>`: the SONAME build.rs gives the library.
+fn soname() -> String {
+    format!("libnixl_etcd.so.{}", env!("CARGO_PKG_VERSION_MAJOR"))
+}
+
+#[test]
+fn the_shared_library_is_named_by_its_major_version() {
+    let lib = common::cdylib_path();
+    assert_eq!(dynamic(&lib, "SONAME"), [soname()], "{}", lib.display());
+    assert_eq!(soname(), "libnixl_etcd.so.0");
 }
 
 #[test]
@@ -79,6 +95,20 @@ fn make_install_gives_pkg_config_users_a_working_library_header_and_command() {
             .arg(format!("FEATURES={features}"))
             .stdin(Stdio::null()),
     );
+    // The library under its full version, found through the SONAME link
+    // (what programs load) and the development link (what -l finds).
+    let lib = prefix.join("lib");
+    let real = format!("libnixl_etcd.so.{}", env!("CARGO_PKG_VERSION"));
+    assert!(lib.join(&real).is_file() && !lib.join(&real).is_symlink());
+    assert_eq!(
+        std::fs::read_link(lib.join(soname())).unwrap(),
+        Path::new(&real)
+    );
+    assert_eq!(
+        std::fs::read_link(lib.join("libnixl_etcd.so")).unwrap(),
+        Path::new(&soname())
+    );
+    assert_eq!(dynamic(&lib.join(&real), "SONAME"), [soname()]);
     for f in [
         "lib/libnixl_etcd.so",
         "lib/libnixl_etcd.a",
@@ -155,8 +185,9 @@ fn make_install_gives_pkg_config_users_a_working_library_header_and_command() {
         "raii_engine",
         &flags,
     );
-    assert!(needed(&exe("prefill")).contains("libnixl_etcd.so"));
-    assert!(needed(&exe("raii_engine")).contains("libnixl_etcd.so"));
+    // Linked with -lnixl_etcd (the development link), they load the SONAME.
+    assert!(dynamic(&exe("prefill"), "NEEDED").contains(&soname()));
+    assert!(dynamic(&exe("raii_engine"), "NEEDED").contains(&soname()));
     assert!(!needed(&exe("decode_static")).contains("libnixl_etcd"));
 
     // Run them against etcd: the dynamic ones find the installed library

@@ -3,14 +3,12 @@
 //! each local rank to its remote ranks) and a prefill rank restart seen by
 //! the decode side (restart_demo).
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, Output, Stdio};
 use std::thread::JoinHandle;
 
-use common::{build_c_examples, keys_under, unique_namespace, EtcdServer};
+use crate::common::{build_c_examples, keys_under, unique_namespace, EtcdServer};
 
 fn env_for(etcd: &EtcdServer, ns: &str) -> Vec<(&'static str, String)> {
     vec![

@@ -2,15 +2,13 @@
 //! watch, wait's exit statuses, health on a cluster with a member down,
 //! list --nixl, --json everywhere.
 
-mod common;
-
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+use crate::common::{etcdctl_ok, free_port, unique_namespace, EtcdCluster, EtcdServer};
 use base64::Engine as _;
-use common::{etcdctl_ok, free_port, unique_namespace, EtcdCluster, EtcdServer};
 use nixl_etcd::{Client, Config};
 use serde_json::Value;
 

@@ -3,8 +3,7 @@
 //! left behind by a writer that dies half-way. Against real etcd servers,
 //! with the default request limit and with a small one.
 
-mod capi;
-mod common;
+use crate::common;
 
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -12,8 +11,8 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use capi::{blob, open, Handle};
-use common::{etcdctl_ok, unique_namespace, wait_until, EtcdServer};
+use crate::capi::{blob, open, Handle};
+use crate::common::{etcdctl_ok, unique_namespace, wait_until, EtcdServer};
 use nixl_etcd::ffi::*;
 use nixl_etcd::Config;
 

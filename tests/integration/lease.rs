@@ -2,13 +2,10 @@
 //! or the lease revoked behind the client's back) re-granted with everything
 //! re-registered.
 
-mod capi;
-mod common;
-
 use std::time::Duration;
 
-use capi::{blob, open, Handle};
-use common::{etcdctl_ok, unique_namespace, wait_until, EtcdServer};
+use crate::capi::{blob, open, Handle};
+use crate::common::{etcdctl_ok, unique_namespace, wait_until, EtcdServer};
 
 fn lease_of(etcd: &EtcdServer, key: &str) -> i64 {
     let json = etcdctl_ok(etcd, &["get", key, "-w", "json"]);

@@ -1,8 +1,8 @@
 //! Self-test of the etcd test harness in `tests/common`.
 
-mod common;
+use crate::common;
 
-use common::{etcdctl, etcdctl_ok, unique_namespace, EtcdServer};
+use crate::common::{etcdctl, etcdctl_ok, unique_namespace, EtcdServer};
 use std::time::Duration;
 
 #[test]
@@ -88,7 +88,7 @@ fn pause_and_resume() {
 
 #[test]
 fn cluster_of_three_survives_losing_its_leader() {
-    use common::{etcdctl_endpoints, EtcdCluster};
+    use crate::common::{etcdctl_endpoints, EtcdCluster};
     use std::time::Instant;
 
     let mut cluster = EtcdCluster::start(3);

@@ -3,16 +3,13 @@
 //! keys and raw bytes NIXL's built-in etcd exchange writes, under the client's
 //! lease.
 
-mod capi;
-mod common;
-
 use std::ffi::CString;
 use std::ptr::{null, null_mut};
 use std::time::{Duration, Instant};
 
+use crate::capi::{blob, last_error, open, Handle};
+use crate::common::{etcdctl_ok, unique_namespace, wait_until, EtcdServer};
 use base64::Engine as _;
-use capi::{blob, last_error, open, Handle};
-use common::{etcdctl_ok, unique_namespace, wait_until, EtcdServer};
 use nixl_etcd::ffi::*;
 
 /// NIXL's default namespace, and the keys it gives agent `A`.

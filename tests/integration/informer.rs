@@ -1,13 +1,12 @@
 //! Fleet discovery: the informer cache, change events, whole-engine waits,
 //! tensor-parallel targets and full records, against a real etcd.
 
-mod capi;
-mod common;
+use crate::capi;
 
 use std::time::{Duration, Instant};
 
-use capi::{blob, open, target_ranks, OwnedEvent};
-use common::{unique_namespace, wait_until, EtcdServer};
+use crate::capi::{blob, open, target_ranks, OwnedEvent};
+use crate::common::{unique_namespace, wait_until, EtcdServer};
 use nixl_etcd::ffi::*;
 
 fn next(rx: &std::sync::mpsc::Receiver<OwnedEvent>) -> OwnedEvent {

@@ -3,14 +3,11 @@
 //! refused with BAD_SIGNATURE and never reaches a caller, the cache or a
 //! subscriber; keys rotate through a previous key accepted for a while.
 
-mod capi;
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use capi::{blob, open, Handle};
-use common::{etcdctl_ok, unique_namespace, wait_until, EtcdServer};
+use crate::capi::{blob, open, Handle};
+use crate::common::{etcdctl_ok, unique_namespace, wait_until, EtcdServer};
 use nixl_etcd::ffi::*;
 
 fn key_file(dir: &Path, name: &str, key: &str) -> PathBuf {

@@ -7,7 +7,7 @@
 //!
 //! Bounded for CI: `PROPTEST_CASES` (default 5,000 per property; a few
 //! seconds in all). For a longer local run: `PROPTEST_CASES=200000 cargo test
-//! --release --test fuzz_decoders`.
+//! --release --test integration fuzz_decoders::`.
 
 use std::collections::HashMap;
 

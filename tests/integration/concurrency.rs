@@ -1,13 +1,10 @@
 //! One client shared by many threads, and several clients in one process.
 
-mod capi;
-mod common;
-
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use capi::{blob, open};
-use common::{unique_namespace, EtcdServer};
+use crate::capi::{blob, open};
+use crate::common::{unique_namespace, EtcdServer};
 use nixl_etcd::ffi::NIXL_ETCD_ERR_NOT_FOUND;
 
 #[test]

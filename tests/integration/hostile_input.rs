@@ -7,8 +7,8 @@
 //! error (a status and a message) or a documented success, never a crash,
 //! and must write nothing it should not.
 
-mod capi;
-mod common;
+use crate::capi;
+use crate::common;
 
 use std::ffi::{c_char, c_void, CStr};
 use std::io::Write;
@@ -16,8 +16,8 @@ use std::process::{Command, Stdio};
 use std::ptr::{null, null_mut};
 use std::time::{Duration, Instant};
 
-use capi::{blob, last_error, open, Handle};
-use common::{etcdctl_ok, unique_namespace, EtcdServer};
+use crate::capi::{blob, last_error, open, Handle};
+use crate::common::{etcdctl_ok, unique_namespace, EtcdServer};
 use nixl_etcd::ffi::*;
 
 const INVALID: i32 = NIXL_ETCD_ERR_INVALID_ARGUMENT;

@@ -1,15 +1,14 @@
 //! Every exported call and its error paths, through the C ABI, against a real
 //! etcd started by the harness.
 
-mod capi;
-mod common;
+use crate::common;
 
 use std::ffi::CString;
 use std::ptr::{null, null_mut};
 use std::time::{Duration, Instant};
 
-use capi::{blob, last_error, open, Handle};
-use common::{etcdctl_ok, unique_namespace, EtcdServer};
+use crate::capi::{blob, last_error, open, Handle};
+use crate::common::{etcdctl_ok, unique_namespace, EtcdServer};
 use nixl_etcd::ffi::*;
 
 fn client(etcd: &EtcdServer, ns: &str, extra: &str) -> Handle {

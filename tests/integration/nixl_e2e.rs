@@ -4,13 +4,13 @@
 //! NIXL at run time (the PyPI wheel, or NIXL_CAPI_LIB).
 #![cfg(feature = "nixl")]
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{unique_namespace, EtcdServer};
+use crate::common::{unique_namespace, EtcdServer};
 
 fn example() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
@@ -70,7 +70,7 @@ fn decode_reads_64_mib_of_kv_blocks_from_prefill_found_through_etcd() {
     }));
 }
 
-mod capi;
+use crate::capi;
 
 /// The C exports take the `nixl_capi_agent_t` a C engine already has.
 #[test]

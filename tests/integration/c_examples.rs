@@ -2,13 +2,13 @@
 //! Makefile against the library and run against a private etcd. Also the
 //! lease promise: a registrant killed with SIGKILL disappears within TTL + 1 s.
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{build_c_examples, keys_under, unique_namespace, EtcdServer};
+use crate::common::{build_c_examples, keys_under, unique_namespace, EtcdServer};
 
 fn env_for(etcd: &EtcdServer, ns: &str) -> Vec<(&'static str, String)> {
     vec![

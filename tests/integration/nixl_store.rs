@@ -3,14 +3,12 @@
 //! writer lifetime (pid tracking, reconnects, remote grace, a killed store)
 //! and an etcd restart. Stock NIXL agents are in python/tests/test_nixl_store.py.
 
-mod common;
-
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{etcdctl_ok, keys_under, unique_namespace, wait_until, EtcdServer};
+use crate::common::{etcdctl_ok, keys_under, unique_namespace, wait_until, EtcdServer};
 use nixl_etcd::nixl_store::codec::{self, Query};
 use nixl_etcd::nixl_store::{NixlStore, StoreOptions};
 use nixl_etcd::{Client, Config};
