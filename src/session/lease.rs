@@ -291,16 +291,20 @@ async fn regrant(conn: &Conn, st: &mut LeaseState, why: &str) -> Result<()> {
     Ok(())
 }
 
-/// Background task: renews the lease every third of its TTL. On a failed
-/// renewal it retries quickly; once the deadline has passed, or etcd says the
-/// lease is gone, it re-grants and re-registers. It holds the session
+/// Background task: asks etcd to renew the lease every third of its TTL and
+/// takes every answer as a renewal. An answer may come late without harm:
+/// etcd's gRPC proxy answers at the cadence of its own keep-alive, not at
+/// once, so the stream and its outstanding request are kept, and a warning
+/// comes only when half the TTL has passed without an answer. On a broken
+/// stream it reconnects quickly; once the deadline has passed, or etcd says
+/// the lease is gone, it re-grants and re-registers. It holds the session
 /// weakly: once the session is dropped it stops (the drop revokes the lease).
 /// A close is seen under the lease lock, so a re-grant is never cut half-way
 /// (which would leave a lease nobody revokes, holding the keys for its TTL).
 pub(super) async fn keep_alive(session: Weak<Session>, granted_ttl: i64) {
     let mut ttl = Duration::from_secs(granted_ttl.max(1) as u64);
     let mut last_ok = Instant::now();
-    let mut stream = None;
+    let mut renewer: Option<Renewer> = None;
     let mut warned = false;
     let mut next = last_ok + ttl / 3;
     loop {
@@ -313,10 +317,11 @@ pub(super) async fn keep_alive(session: Weak<Session>, granted_ttl: i64) {
         }
         let conn = &session.conn;
         let lease_id = session.lease.lock().await.lease_id;
-        let step = tokio::time::timeout(ttl / 3, renew(conn, lease_id, &mut stream)).await;
+        let wait = (ttl / 3).min((last_ok + ttl).saturating_duration_since(Instant::now()));
+        let step = renew(conn, lease_id, &mut renewer, wait).await;
         let now = Instant::now();
         match step {
-            Ok(Ok(Some(new_ttl))) => {
+            Ok(Some(Some(new_ttl))) => {
                 ttl = Duration::from_secs(new_ttl.max(1) as u64);
                 last_ok = now;
                 if warned {
@@ -326,8 +331,8 @@ pub(super) async fn keep_alive(session: Weak<Session>, granted_ttl: i64) {
                 next = now + ttl / 3;
                 continue;
             }
-            Ok(Ok(None)) => {
-                stream = None;
+            Ok(Some(None)) => {
+                renewer = None;
                 let mut st = session.lease.lock().await;
                 if session.is_closed() {
                     return;
@@ -341,8 +346,18 @@ pub(super) async fn keep_alive(session: Weak<Session>, granted_ttl: i64) {
                 next = Instant::now() + Duration::from_millis(200);
                 continue;
             }
-            Ok(Err(e)) => {
-                stream = None;
+            Ok(None) => {
+                // No answer yet: the request stays outstanding on the stream.
+                if !warned && now > last_ok + ttl / 2 {
+                    log::warn!(
+                        "renewing ETCD lease {lease_id:x} timed out; check etcd at {}",
+                        conn.cfg().endpoints.join(",")
+                    );
+                    warned = true;
+                }
+            }
+            Err(e) => {
+                renewer = None;
                 if !warned {
                     log::warn!(
                         "could not renew ETCD lease {lease_id:x}: {e}; records stay until it \
@@ -351,20 +366,11 @@ pub(super) async fn keep_alive(session: Weak<Session>, granted_ttl: i64) {
                     warned = true;
                 }
             }
-            Err(_) => {
-                stream = None;
-                if !warned {
-                    log::warn!(
-                        "renewing ETCD lease {lease_id:x} timed out; check etcd at {}",
-                        conn.cfg().endpoints.join(",")
-                    );
-                    warned = true;
-                }
-            }
         }
         if now > last_ok + ttl {
             // Past the deadline: etcd has expired the lease, or will before it
             // hears from us. Re-grant as soon as etcd answers.
+            renewer = None;
             let mut st = session.lease.lock().await;
             if session.is_closed() {
                 return;
@@ -383,39 +389,56 @@ pub(super) async fn keep_alive(session: Weak<Session>, granted_ttl: i64) {
     }
 }
 
-type KeepAliveStream = (etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream);
+/// A keep-alive stream for one lease, and whether a request on it is still
+/// waiting for its answer.
+struct Renewer {
+    lease_id: i64,
+    keeper: etcd_client::LeaseKeeper,
+    answers: etcd_client::LeaseKeepAliveStream,
+    outstanding: bool,
+}
 
-/// One renewal on a persistent keep-alive stream. `Ok(None)`: the lease is gone.
+/// Asks for a renewal (unless a request is still outstanding) and waits up to
+/// `wait` for an answer: `Ok(Some(Some(ttl)))` renewed, `Ok(Some(None))` the
+/// lease is gone, `Ok(None)` no answer yet.
 async fn renew(
     conn: &Conn,
     lease_id: i64,
-    stream: &mut Option<(i64, KeepAliveStream)>,
-) -> Result<Option<i64>> {
+    renewer: &mut Option<Renewer>,
+    wait: Duration,
+) -> Result<Option<Option<i64>>> {
     let map = |e| etcd_error::map(e, Op::KeepAlive, conn.cfg());
-    match renew_on_stream(conn, lease_id, stream).await {
-        Err(e) if etcd_error::is_lease_not_found(&e) => Ok(None),
-        other => other.map_err(map),
-    }
-}
-
-async fn renew_on_stream(
-    conn: &Conn,
-    lease_id: i64,
-    stream: &mut Option<(i64, KeepAliveStream)>,
-) -> std::result::Result<Option<i64>, etcd_client::Error> {
-    if stream.as_ref().map(|(id, _)| *id) != Some(lease_id) {
-        let s = conn.etcd().lease_client().keep_alive(lease_id).await?;
-        *stream = Some((lease_id, s));
-    }
-    let (_, (keeper, responses)) = stream.as_mut().expect("stream just set");
-    conn.count();
-    keeper.keep_alive().await?;
-    match responses.message().await? {
-        Some(resp) if resp.ttl() > 0 => Ok(Some(resp.ttl())),
-        Some(_) => Ok(None),
-        None => Err(etcd_client::Error::LeaseKeepAliveError(
-            "the lease keep-alive stream ended".into(),
-        )),
+    let answer = async {
+        if renewer.as_ref().map(|r| r.lease_id) != Some(lease_id) {
+            let (keeper, answers) = conn.etcd().lease_client().keep_alive(lease_id).await?;
+            *renewer = Some(Renewer {
+                lease_id,
+                keeper,
+                answers,
+                outstanding: false,
+            });
+        }
+        let r = renewer.as_mut().expect("renewer just set");
+        if !r.outstanding {
+            conn.count();
+            r.keeper.keep_alive().await?;
+            r.outstanding = true;
+        }
+        let message = r.answers.message().await;
+        r.outstanding = false;
+        match message? {
+            Some(resp) if resp.ttl() > 0 => Ok(Some(resp.ttl())),
+            Some(_) => Ok(None),
+            None => Err(etcd_client::Error::LeaseKeepAliveError(
+                "the lease keep-alive stream ended".into(),
+            )),
+        }
+    };
+    match tokio::time::timeout(wait, answer).await {
+        Err(_) => Ok(None),
+        Ok(Ok(ttl)) => Ok(Some(ttl)),
+        Ok(Err(e)) if etcd_error::is_lease_not_found(&e) => Ok(Some(None)),
+        Ok(Err(e)) => Err(map(e)),
     }
 }
 

@@ -932,3 +932,92 @@ pub fn keys_under(etcd: &EtcdServer, prefix: &str) -> Vec<String> {
         .map(str::to_owned)
         .collect()
 }
+
+/// etcd's gRPC proxy (`etcd grpc-proxy start`, the same binary) in front of
+/// `endpoints`, on a free loopback port. Killed on drop.
+pub struct GrpcProxy {
+    child: Option<Child>,
+    port: u16,
+    backends: String,
+    log: PathBuf,
+}
+
+impl GrpcProxy {
+    /// Starts the proxy and waits until a read through it answers.
+    pub fn start(backends: &str) -> GrpcProxy {
+        let port = free_port();
+        let log = std::env::temp_dir().join(format!(
+            "nixl-etcd-grpc-proxy-{}-{port}.log",
+            std::process::id()
+        ));
+        let mut p = GrpcProxy {
+            child: None,
+            port,
+            backends: backends.to_string(),
+            log,
+        };
+        p.restart();
+        p
+    }
+
+    /// `http://127.0.0.1:PORT`, for a client's endpoints.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the proxy (SIGKILL, as sudden as a crash).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port (killing it first if it runs) and
+    /// waits until a read through it answers.
+    pub fn restart(&mut self) {
+        self.kill();
+        let backends = self
+            .backends
+            .split(',')
+            .map(|e| e.trim_start_matches("http://"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("open the proxy's log");
+        let child = Command::new(etcd_bin())
+            .args(["grpc-proxy", "start", "--endpoints", &backends])
+            .arg("--listen-addr")
+            .arg(format!("127.0.0.1:{}", self.port))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("clone the log handle"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {} grpc-proxy: {e}", etcd_bin().display()));
+        self.child = Some(child);
+        let endpoint = self.endpoint();
+        let up = wait_until(Duration::from_secs(30), || {
+            etcdctl_endpoints(
+                &endpoint,
+                &["get", "--command-timeout=2s", "nixl-etcd-probe"],
+            )
+            .status
+            .success()
+        });
+        assert!(
+            up,
+            "the gRPC proxy did not answer at {endpoint}; its log:\n{}",
+            read_to_string_lossy(&self.log)
+        );
+    }
+}
+
+impl Drop for GrpcProxy {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_file(&self.log);
+    }
+}

@@ -43,5 +43,6 @@ mod lease;
 mod nixl_e2e;
 mod nixl_native;
 mod nixl_store;
+mod proxy;
 mod signed_records;
 mod single_source;
