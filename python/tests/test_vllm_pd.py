@@ -21,8 +21,9 @@ engine core too), which starts in a third of the time here.
   reference.
 * ``S``: stock (``VLLM_NIXL_USE_ETCD=0``, kv_both): a stock decode (of P1,
   through ZMQ) and a stock prefill (for D1).
-* ``P5``: a TP2 prefill, for the TP2 -> TP1 case.
 * ``P1b``: P1 restarted under the same engine_id, later SIGKILLed.
+* ``P5``: a TP2 prefill, for the TP2 -> TP1 case (after P1b is gone: fewer
+  engines at once).
 * ``P6``: a prefill with the plugin started while etcd is down (last case).
 
 The whole module is skipped, loudly, when the venv is absent.
@@ -88,6 +89,7 @@ _SCRUB = (
     "VLLM_NIXL_SIDE_CHANNEL_PORT",
     "VLLM_PLUGINS",
     "VLLM_LOGGING_LEVEL",
+    "VLLM_LOGGING_CONFIG_PATH",
     "VLLM_ENABLE_V1_MULTIPROCESSING",
 )
 
@@ -121,6 +123,42 @@ class Cluster:
             stderr=subprocess.PIPE,
         )
         self.engines: List[Engine] = []
+
+    def debug_plugin_only(self) -> Path:
+        """A vLLM logging config: the plugin's DEBUG lines (the guide's), vLLM
+        itself at INFO. vLLM at DEBUG logs each turn of a decode's scheduler
+        loop while it waits for remote KV (hundreds of lines a second), which
+        starves the engines on this 2-core machine."""
+        path = self.tmp / "logging-plugin-debug.json"
+        fmt = (
+            "(%(vllm_process_name)s pid=%(process)d) %(levelname)s %(asctime)s "
+            "[%(fileinfo)s:%(lineno)d] %(message)s"
+        )
+        config = {
+            "version": 1,
+            "disable_existing_loggers": False,
+            "formatters": {
+                "vllm": {
+                    "()": "vllm.logging_utils.NewLineFormatter",
+                    "datefmt": "%m-%d %H:%M:%S",
+                    "format": fmt,
+                }
+            },
+            "handlers": {
+                "vllm": {
+                    "class": "logging.StreamHandler",
+                    "formatter": "vllm",
+                    "level": "DEBUG",
+                    "stream": "ext://sys.stdout",
+                }
+            },
+            "loggers": {
+                "vllm": {"handlers": ["vllm"], "level": "INFO", "propagate": False},
+                "vllm.nixl_etcd": {"level": "DEBUG"},
+            },
+        }
+        path.write_text(json.dumps(config))
+        return path
 
     def etcd_env(self, **extra: Any) -> Dict[str, str]:
         return engine_env(
@@ -161,7 +199,9 @@ class Cluster:
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     c = Cluster(tmp_path_factory.mktemp("vllm"))
     pf = c.etcd_env()
-    dc = c.etcd_env(VLLM_LOGGING_LEVEL="DEBUG", VLLM_NIXL_ETCD_TIMEOUT="10")
+    dc = c.etcd_env(
+        VLLM_LOGGING_CONFIG_PATH=str(c.debug_plugin_only()), VLLM_NIXL_ETCD_TIMEOUT="10"
+    )
     with ThreadPoolExecutor(2) as pool:
         futs = {
             "P1": pool.submit(
@@ -319,32 +359,6 @@ def test_decode_with_plugin_reaches_prefill_without_it(cluster: Cluster) -> None
     assert s.close() == 0  # done with the stock engine
 
 
-def test_tp2_prefill_to_tp1_decode(cluster: Cluster) -> None:
-    """A TP2 prefill publishes rank_0 and rank_1 (world size 2); the TP1 decode
-    waits for exactly the remote ranks vLLM's mapping selects (0 and 1) and
-    reads the KV of both halves of the heads."""
-    d1 = cluster.named["D1"]  # type: ignore[attr-defined]
-    p5 = cluster.start(
-        "P5",
-        cluster.etcd_env(VLLM_CPU_OMP_THREADS_BIND="0|1"),
-        engine_id="prefill_tp2",
-        role="kv_producer",
-        tp=2,
-    )
-    tp2 = [f"{cluster.ns}/prefill_tp2/rank_0", f"{cluster.ns}/prefill_tp2/rank_1"]
-    assert wait_until(lambda: cluster.keys(f"{cluster.ns}/prefill_tp2/") == tp2, timeout=3 * LEASE_TTL_S)
-    params = prefill(p5)
-    assert params["tp_size"] == 2
-    r = d1.generate(PROMPT, MAX_TOKENS, decode_params(params, remote_port=free_port()))
-    # Each TP2 rank computes its KV heads from half of the hidden dimension's
-    # products, rounded to bf16 differently than TP1 does: same tokens, logprobs
-    # within 0.05 (seen: 0.016 at the sixth token; a TP1 prefill stays within 0.01).
-    same_as_reference(cluster, r, logprob_tol=5e-2)
-    assert "handshake with engine prefill_tp2 rank(s) 0,1 through ETCD" in d1.log_text()
-    assert p5.close() == 0
-    assert cluster.keys(f"{cluster.ns}/prefill_tp2/") == []
-
-
 def incarnation_of(cluster: Cluster, engine_id: str, rank: int = 0) -> str:
     """The incarnation etcd holds for (engine_id, rank)."""
     with nixl_etcd.Client(endpoints=cluster.etcd.endpoint, namespace=cluster.ns) as c:
@@ -406,6 +420,32 @@ def test_prefill_sigkilled_fails_fast_with_guides_error(cluster: Cluster) -> Non
     assert "Timeout waiting for engine prefill_engine" not in log
     # vLLM's kv_load_failure_policy "fail": the request ends with an error.
     assert r["ok"] and r["finish_reason"] == "error", r
+
+
+def test_tp2_prefill_to_tp1_decode(cluster: Cluster) -> None:
+    """A TP2 prefill publishes rank_0 and rank_1 (world size 2); the TP1 decode
+    waits for exactly the remote ranks vLLM's mapping selects (0 and 1) and
+    reads the KV of both halves of the heads."""
+    d1 = cluster.named["D1"]  # type: ignore[attr-defined]
+    p5 = cluster.start(
+        "P5",
+        cluster.etcd_env(VLLM_CPU_OMP_THREADS_BIND="0|1"),
+        engine_id="prefill_tp2",
+        role="kv_producer",
+        tp=2,
+    )
+    tp2 = [f"{cluster.ns}/prefill_tp2/rank_0", f"{cluster.ns}/prefill_tp2/rank_1"]
+    assert wait_until(lambda: cluster.keys(f"{cluster.ns}/prefill_tp2/") == tp2, timeout=3 * LEASE_TTL_S)
+    params = prefill(p5)
+    assert params["tp_size"] == 2
+    r = d1.generate(PROMPT, MAX_TOKENS, decode_params(params, remote_port=free_port()))
+    # Each TP2 rank computes its KV heads from half of the hidden dimension's
+    # products, rounded to bf16 differently than TP1 does: same tokens, logprobs
+    # within 0.05 (seen: 0.016 at the sixth token; a TP1 prefill stays within 0.01).
+    same_as_reference(cluster, r, logprob_tol=5e-2)
+    assert "handshake with engine prefill_tp2 rank(s) 0,1 through ETCD" in d1.log_text()
+    assert p5.close() == 0
+    assert cluster.keys(f"{cluster.ns}/prefill_tp2/") == []
 
 
 def test_etcd_down_falls_back_to_zmq(cluster: Cluster) -> None:

@@ -298,7 +298,9 @@ class Engine:
         prompt: str,
         max_tokens: int = 8,
         kv_transfer_params: Optional[Dict[str, Any]] = None,
-        timeout: float = 300.0,
+        # Minutes, not seconds: this 2-core machine stalls as a whole for up
+        # to half a minute at times, several times while engines run.
+        timeout: float = 600.0,
     ) -> Dict[str, Any]:
         req = {"op": "generate", "prompt": prompt, "max_tokens": max_tokens, "logprobs": 1}
         if kv_transfer_params is not None:
