@@ -245,14 +245,16 @@ def decode_params(params: Dict[str, Any], **override: Any) -> Dict[str, Any]:
     return out
 
 
-def same_as_reference(cluster: Cluster, r: Dict[str, Any], logprob_tol: float = 1e-2) -> None:
+def same_as_reference(cluster: Cluster, r: Dict[str, Any], logprob_tol: float = 5e-2) -> None:
     ref = cluster.reference  # type: ignore[attr-defined]
     assert r["ok"], r
     assert r["token_ids"] == ref["token_ids"]
     assert r["text"] == ref["text"]
     assert len(r["logprobs"]) == MAX_TOKENS
-    # Same kernels, same KV: the logprobs agree to float rounding of the
-    # decode's single-token attention over transferred KV.
+    # Same model and kernels: the logprobs agree to bf16 rounding. vLLM's CPU
+    # build picks each engine's OMP threads when it starts, and a prefill
+    # computed on another thread count rounds its KV differently (seen: 0.016
+    # at the sixth token, for a TP1 prefill in one process and for TP2).
     for got, want in zip(r["logprobs"], ref["logprobs"]):
         assert got == pytest.approx(want, abs=logprob_tol), (r["logprobs"], ref["logprobs"])
 
@@ -441,8 +443,8 @@ def test_tp2_prefill_to_tp1_decode(cluster: Cluster) -> None:
     r = d1.generate(PROMPT, MAX_TOKENS, decode_params(params, remote_port=free_port()))
     # Each TP2 rank computes its KV heads from half of the hidden dimension's
     # products, rounded to bf16 differently than TP1 does: same tokens, logprobs
-    # within 0.05 (seen: 0.016 at the sixth token; a TP1 prefill stays within 0.01).
-    same_as_reference(cluster, r, logprob_tol=5e-2)
+    # within the tolerance.
+    same_as_reference(cluster, r)
     assert "handshake with engine prefill_tp2 rank(s) 0,1 through ETCD" in d1.log_text()
     assert p5.close() == 0
     assert cluster.keys(f"{cluster.ns}/prefill_tp2/") == []
