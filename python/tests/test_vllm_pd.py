@@ -199,8 +199,11 @@ class Cluster:
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     c = Cluster(tmp_path_factory.mktemp("vllm"))
     pf = c.etcd_env()
+    # 30 s, not the guide's 10: the decode also waits this long for a side
+    # channel's answer (migration), and this machine stalls for up to half a
+    # minute at times (a stock prefill's side channel answered too late once).
     dc = c.etcd_env(
-        VLLM_LOGGING_CONFIG_PATH=str(c.debug_plugin_only()), VLLM_NIXL_ETCD_TIMEOUT="10"
+        VLLM_LOGGING_CONFIG_PATH=str(c.debug_plugin_only()), VLLM_NIXL_ETCD_TIMEOUT="30"
     )
     with ThreadPoolExecutor(2) as pool:
         futs = {
