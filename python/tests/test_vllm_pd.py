@@ -300,9 +300,8 @@ def test_etcdctl_shows_the_guides_keys_on_a_lease(cluster: Cluster) -> None:
     # Waited for, not read once: after a machine-wide stall longer than the
     # TTL an engine's lease is lost, and its keys are back once it re-grants.
     assert wait_until(lambda: cluster.keys() == want, timeout=3 * LEASE_TTL_S), cluster.keys()
-    keys = want
     leases = set()
-    for key in keys:
+    for key in want:
         kv = json.loads(cluster.etcd.ctl("get", "-w", "json", key))["kvs"][0]
         assert int(kv.get("lease", 0)) != 0, kv
         leases.add(format(int(kv["lease"]), "x"))

@@ -321,7 +321,7 @@ pub(super) async fn keep_alive(session: Weak<Session>, granted_ttl: i64) {
         let step = renew(conn, lease_id, &mut renewer, wait).await;
         let now = Instant::now();
         match step {
-            Ok(Some(Some(new_ttl))) => {
+            Ok(Answer::Renewed(new_ttl)) => {
                 ttl = Duration::from_secs(new_ttl.max(1) as u64);
                 last_ok = now;
                 if warned {
@@ -331,7 +331,7 @@ pub(super) async fn keep_alive(session: Weak<Session>, granted_ttl: i64) {
                 next = now + ttl / 3;
                 continue;
             }
-            Ok(Some(None)) => {
+            Ok(Answer::Gone) => {
                 renewer = None;
                 let mut st = session.lease.lock().await;
                 if session.is_closed() {
@@ -346,8 +346,7 @@ pub(super) async fn keep_alive(session: Weak<Session>, granted_ttl: i64) {
                 next = Instant::now() + Duration::from_millis(200);
                 continue;
             }
-            Ok(None) => {
-                // No answer yet: the request stays outstanding on the stream.
+            Ok(Answer::Pending) => {
                 if !warned && now > last_ok + ttl / 2 {
                     log::warn!(
                         "renewing ETCD lease {lease_id:x} timed out; check etcd at {}",
@@ -398,15 +397,24 @@ struct Renewer {
     outstanding: bool,
 }
 
+/// What a renewal attempt heard back.
+enum Answer {
+    /// Renewed; the TTL etcd granted.
+    Renewed(i64),
+    /// etcd no longer knows the lease.
+    Gone,
+    /// No answer yet: the request stays outstanding on the stream.
+    Pending,
+}
+
 /// Asks for a renewal (unless a request is still outstanding) and waits up to
-/// `wait` for an answer: `Ok(Some(Some(ttl)))` renewed, `Ok(Some(None))` the
-/// lease is gone, `Ok(None)` no answer yet.
+/// `wait` for an answer.
 async fn renew(
     conn: &Conn,
     lease_id: i64,
     renewer: &mut Option<Renewer>,
     wait: Duration,
-) -> Result<Option<Option<i64>>> {
+) -> Result<Answer> {
     let map = |e| etcd_error::map(e, Op::KeepAlive, conn.cfg());
     let answer = async {
         if renewer.as_ref().map(|r| r.lease_id) != Some(lease_id) {
@@ -427,17 +435,17 @@ async fn renew(
         let message = r.answers.message().await;
         r.outstanding = false;
         match message? {
-            Some(resp) if resp.ttl() > 0 => Ok(Some(resp.ttl())),
-            Some(_) => Ok(None),
+            Some(resp) if resp.ttl() > 0 => Ok(Answer::Renewed(resp.ttl())),
+            Some(_) => Ok(Answer::Gone),
             None => Err(etcd_client::Error::LeaseKeepAliveError(
                 "the lease keep-alive stream ended".into(),
             )),
         }
     };
     match tokio::time::timeout(wait, answer).await {
-        Err(_) => Ok(None),
-        Ok(Ok(ttl)) => Ok(Some(ttl)),
-        Ok(Err(e)) if etcd_error::is_lease_not_found(&e) => Ok(Some(None)),
+        Err(_) => Ok(Answer::Pending),
+        Ok(Ok(answer)) => Ok(answer),
+        Ok(Err(e)) if etcd_error::is_lease_not_found(&e) => Ok(Answer::Gone),
         Ok(Err(e)) => Err(map(e)),
     }
 }

@@ -8,7 +8,7 @@ mod lease;
 mod read;
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex as StdMutex};
+use std::sync::Arc;
 
 use tokio::sync::{watch, Mutex};
 
@@ -65,7 +65,6 @@ pub(crate) struct Session {
     pid: u32,
     lease: Mutex<LeaseState>,
     closed_tx: watch::Sender<bool>,
-    keepalive: StdMutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Session {
@@ -112,10 +111,10 @@ impl Session {
             pid: std::process::id(),
             lease: Mutex::new(LeaseState::new(lease_id)),
             closed_tx,
-            keepalive: StdMutex::new(None),
         });
-        let task = tokio::spawn(keep_alive(Arc::downgrade(&session), ttl));
-        *session.keepalive.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
+        // Detached: it holds the session weakly and stops once the session
+        // is closed or dropped, never half-way through a re-grant.
+        tokio::spawn(keep_alive(Arc::downgrade(&session), ttl));
         Ok((session, lease_id, ttl))
     }
 
@@ -165,14 +164,9 @@ impl Session {
         if self.pid != std::process::id() || self.closed_tx.send_replace(true) {
             return false;
         }
-        // Not aborted: a re-grant in flight finishes (the lease it granted
-        // is the one `revoke` then revokes); the task stops at its next step.
-        drop(
-            self.keepalive
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .take(),
-        );
+        // The keep-alive task is not aborted: a re-grant in flight finishes
+        // (the lease it granted is the one `revoke` then revokes), and the
+        // task stops at its next step.
         true
     }
 

@@ -29,6 +29,15 @@ fn lease_of(cluster: &EtcdCluster, key: &str) -> i64 {
     v["kvs"][0]["lease"].as_i64().unwrap_or(0)
 }
 
+/// A new client through `proxy`, after checking that it reads `rank_0`'s
+/// exact bytes.
+fn reads_through(proxy: &GrpcProxy, ns: &str, rank0: &[u8]) -> Client {
+    let reader = client(&proxy.endpoint(), ns);
+    let found = reader.lookup("prefill_engine", 0).unwrap();
+    assert_eq!(found.metadata.as_slice(), rank0);
+    reader
+}
+
 /// Waits for `n` more renewals than `from` (each renewal is one request).
 fn renewals(c: &Client, from: u64, n: u64) -> bool {
     wait_until(Duration::from_secs(20 * TTL_S), || {
@@ -59,15 +68,7 @@ fn through_the_proxy_the_lease_is_renewed_not_regranted() {
     assert_eq!(lease_of(&cluster, &key), lease);
 
     // A reader through the same proxy: lookup and a wait for a later rank.
-    let reader = client(&proxy.endpoint(), &ns);
-    assert_eq!(
-        reader
-            .lookup("prefill_engine", 0)
-            .unwrap()
-            .metadata
-            .as_slice(),
-        b"agent\0metadata"
-    );
+    let reader = reads_through(&proxy, &ns, b"agent\0metadata");
     let waiting = std::thread::spawn(move || {
         reader
             .wait("prefill_engine", 1, Some(Duration::from_secs(60)))
@@ -109,13 +110,5 @@ fn a_member_killed_and_the_proxy_restarted_lose_nothing() {
     assert!(wait_until(Duration::from_secs(20 * TTL_S), || {
         lease_of(&cluster, &key) == owner.lease_id()
     }));
-    let reader = client(&proxy.endpoint(), &ns);
-    assert_eq!(
-        reader
-            .lookup("prefill_engine", 0)
-            .unwrap()
-            .metadata
-            .as_slice(),
-        b"rank zero"
-    );
+    reads_through(&proxy, &ns, b"rank zero");
 }

@@ -436,48 +436,21 @@ class _Discovery:
 
     # Runs on the library's event thread: quick, no blocking calls.
     def on_event(self, ev: Event) -> None:
+        words = _EVENT_WORDS.get(ev.kind, f"changed ({ev.kind})")
         with self.lock:
-            known = self.incarnations.get(ev.engine_id)
-            unloaded = known is None or ev.rank not in known
-        if unloaded:
+            outcome = self._apply(ev)
+        if outcome == "unloaded":
             # Released earlier (or never loaded): nothing to drop, but the
             # operator still learns that the engine left or came back.
-            if ev.kind != EventKind.UPDATED:
-                logger.info(
-                    "nixl-etcd: remote engine %s rank %d %s in ETCD (incarnation %s); no NIXL "
-                    "agents of it are loaded, the next request handshakes with it",
-                    ev.engine_id,
-                    ev.rank,
-                    _EVENT_WORDS.get(ev.kind, f"changed ({ev.kind})"),
-                    ev.incarnation,
-                )
-            return
-        with self.lock:
-            known = self.incarnations.get(ev.engine_id)
-            if known is None or ev.rank not in known:
-                return
-            missing = self.missing.setdefault(ev.engine_id, set())
-            if ev.kind == EventKind.ADDED and ev.incarnation == known[ev.rank]:
-                # The record the agents were loaded from is back (its lease was
-                # lost and re-granted, say): nothing to drop for this rank.
-                if ev.rank not in missing:
-                    return
-                missing.discard(ev.rank)
-                if not missing and ev.engine_id not in self.replaced:
-                    self.stale.discard(ev.engine_id)
-                    self.gone.discard(ev.engine_id)
-                kind = "is back"
-            else:
-                self.stale.add(ev.engine_id)
-                if ev.kind == EventKind.REMOVED:
-                    missing.add(ev.rank)
-                    self.gone.add(ev.engine_id)
-                else:
-                    missing.discard(ev.rank)
-                    self.replaced.add(ev.engine_id)
-                    self.gone.discard(ev.engine_id)
-                kind = _EVENT_WORDS.get(ev.kind, f"changed ({ev.kind})")
-        if kind == "is back":
+            logger.info(
+                "nixl-etcd: remote engine %s rank %d %s in ETCD (incarnation %s); no NIXL "
+                "agents of it are loaded, the next request handshakes with it",
+                ev.engine_id,
+                ev.rank,
+                words,
+                ev.incarnation,
+            )
+        elif outcome == "back":
             logger.info(
                 "nixl-etcd: remote engine %s rank %d is back in ETCD (incarnation %s, "
                 "unchanged); its NIXL agents stay",
@@ -485,15 +458,42 @@ class _Discovery:
                 ev.rank,
                 ev.incarnation,
             )
-            return
-        logger.info(
-            "nixl-etcd: remote engine %s rank %d %s in ETCD (incarnation %s); its NIXL "
-            "agents are dropped, the next request handshakes again",
-            ev.engine_id,
-            ev.rank,
-            kind,
-            ev.incarnation,
-        )
+        elif outcome == "stale":
+            logger.info(
+                "nixl-etcd: remote engine %s rank %d %s in ETCD (incarnation %s); its NIXL "
+                "agents are dropped, the next request handshakes again",
+                ev.engine_id,
+                ev.rank,
+                words,
+                ev.incarnation,
+            )
+
+    def _apply(self, ev: Event) -> Optional[str]:
+        """Updates what to drop for ``ev`` (under ``self.lock``); says what to
+        log: "unloaded", "back", "stale", or None (nothing)."""
+        known = self.incarnations.get(ev.engine_id)
+        if known is None or ev.rank not in known:
+            return None if ev.kind == EventKind.UPDATED else "unloaded"
+        missing = self.missing.setdefault(ev.engine_id, set())
+        if ev.kind == EventKind.ADDED and ev.incarnation == known[ev.rank]:
+            # The record the agents were loaded from is back (its lease was
+            # lost and re-granted, say): nothing to drop for this rank.
+            if ev.rank not in missing:
+                return None
+            missing.discard(ev.rank)
+            if not missing and ev.engine_id not in self.replaced:
+                self.stale.discard(ev.engine_id)
+                self.gone.discard(ev.engine_id)
+            return "back"
+        self.stale.add(ev.engine_id)
+        if ev.kind == EventKind.REMOVED:
+            missing.add(ev.rank)
+            self.gone.add(ev.engine_id)
+        else:
+            missing.discard(ev.rank)
+            self.replaced.add(ev.engine_id)
+            self.gone.discard(ev.engine_id)
+        return "stale"
 
     def watch(self, client: Client, engine_id: str, incarnations: Dict[int, str]) -> None:
         with self.lock:
