@@ -50,6 +50,9 @@ pub const DEFAULT_TIMEOUT_S: f64 = 10.0;
 pub const DEFAULT_LEASE_TTL_S: i64 = 10;
 /// etcd's default `--max-request-bytes` (1.5 MiB).
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 1536 * 1024;
+/// An engine no client of the process read for this long is dropped from
+/// the cache, with its watch (option `cache_idle_s`; 0 keeps every engine).
+pub const DEFAULT_CACHE_IDLE_S: u64 = 300;
 const MAX_TIMEOUT_S: f64 = 86_400.0;
 const MAX_LEASE_TTL_S: i64 = 86_400;
 const MAX_WORLD_SIZE: u64 = 65_536;
@@ -90,6 +93,10 @@ pub struct Config {
     /// etcd user; always with `password`.
     pub username: Option<String>,
     pub password: Option<Secret>,
+    /// How long an engine nobody in the process reads stays cached
+    /// (`None`: for the process's life). The first client of a process's
+    /// shared cache sets it.
+    pub cache_idle: Option<Duration>,
     /// Shared HMAC key that signs records (see [`crate::sign`]).
     pub hmac_key_file: Option<PathBuf>,
     /// The previous HMAC key, for verification only, during a rotation.
@@ -119,6 +126,7 @@ pub const OPTIONS: &[(&str, Option<&str>)] = &[
     ("password_file", Some(ENV_PASSWORD_FILE)),
     ("hmac_key_file", Some(ENV_HMAC_KEY_FILE)),
     ("hmac_previous_key_file", Some(ENV_HMAC_PREVIOUS_KEY_FILE)),
+    ("cache_idle_s", None),
 ];
 
 impl Config {
@@ -204,6 +212,7 @@ impl Config {
             password,
             hmac_key_file: path(ENV_HMAC_KEY_FILE),
             hmac_previous_key_file: path(ENV_HMAC_PREVIOUS_KEY_FILE),
+            cache_idle: Some(Duration::from_secs(DEFAULT_CACHE_IDLE_S)),
         })
     }
 
@@ -304,6 +313,15 @@ impl Config {
             }
             "lease_ttl_s" => {
                 self.lease_ttl_s = parse_ttl(v.as_i64(), &what, &v.to_string())?;
+            }
+            "cache_idle_s" => {
+                let n = v.as_u64().filter(|n| *n <= MAX_TIMEOUT_S as u64).ok_or_else(|| {
+                    Error::invalid(format!(
+                        "{what} must be an integer number of seconds from 0 (keep every \
+                         engine) to {MAX_TIMEOUT_S}, got {v}"
+                    ))
+                })?;
+                self.cache_idle = (n > 0).then(|| Duration::from_secs(n));
             }
             "host" => {
                 let s = v.as_str().ok_or_else(|| wrong_type(key, "a string", v))?;

@@ -162,6 +162,17 @@ impl Hub {
         }
     }
 
+    /// True while a subscription receives the changes of informer `source`.
+    pub fn listens_to(&self, source: &str) -> bool {
+        !self.stopped.load(Ordering::Acquire)
+            && self
+                .subs
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .any(|s| s.source == source)
+    }
+
     fn on_dispatcher_thread(&self) -> bool {
         self.thread
             .lock()

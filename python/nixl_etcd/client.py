@@ -485,6 +485,7 @@ OPTIONS = (
     "password_file",
     "hmac_key_file",
     "hmac_previous_key_file",
+    "cache_idle_s",
 )
 
 
@@ -566,7 +567,8 @@ class Client:
             ``max_metadata_bytes`` (default 64 MiB), ``ca_cert``, ``cert``,
             ``key``, ``username``, ``password``, ``password_file``,
             ``hmac_key_file``, ``hmac_previous_key_file`` (see
-            docs/security.md).
+            docs/security.md), ``cache_idle_s`` (default 300: an engine no
+            client of the process read for this long leaves the cache).
 
     Raises:
         ConnectionFailed: etcd did not answer within the timeout

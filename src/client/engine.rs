@@ -24,7 +24,7 @@ impl Client {
         let last_seen = Arc::new(StdMutex::new(EngineState::default()));
         let seen = last_seen.clone();
         let waiting = async move {
-            let informer = inner.informer(Some(&id));
+            let informer = inner.informer(Some(&id))?;
             wait_for(&informer, || {
                 let state = informer.with_engine(&id, EngineState::of);
                 let done = state.complete();

@@ -84,7 +84,7 @@ impl Client {
         let inner = Arc::new(Inner {
             incarnation: new_incarnation(),
             announced: StdMutex::new(Default::default()),
-            cache: Cache::new(session.conn().clone(), signer.clone()),
+            cache: Cache::new(session.conn(), signer.clone()),
             signer,
             hub: Arc::new(Hub::default()),
             session,
@@ -106,6 +106,12 @@ impl Client {
     /// sent), for benchmarks and capacity planning.
     pub fn requests_issued(&self) -> u64 {
         self.inner.session.conn().requests()
+    }
+
+    /// Engines (or namespaces) cached by this client's process, shared by its
+    /// clients of the same etcd identity, and the records they hold.
+    pub fn cache_footprint(&self) -> (usize, usize) {
+        self.inner.cache.footprint()
     }
 
     /// Unique per client; a peer seeing a new one knows the rank restarted.

@@ -32,7 +32,7 @@ impl Client {
             self.call(Op::Lookup, cfg.timeout, async move {
                 // A cache hit costs no round trip. A miss asks etcd: the cache may
                 // lag a registration that another client just made.
-                let informer = inner.informer(Some(&id));
+                let informer = inner.informer(Some(&id))?;
                 let wanted = (id.clone(), rank);
                 if let Some(hit) = informer.get(&wanted) {
                     return hit;
@@ -70,7 +70,7 @@ impl Client {
         let id = engine_id.to_owned();
         let waiting = async move {
             // The informer lists the engine, then watches it: no polling.
-            let informer = inner.informer(Some(&id));
+            let informer = inner.informer(Some(&id))?;
             let wanted = (id.clone(), rank);
             wait_for(&informer, || {
                 informer.get(&wanted).or_else(|| refused(&informer))
@@ -108,7 +108,7 @@ impl Client {
         let inner = self.inner.clone();
         let engine = engine_id.map(str::to_owned);
         let informer = self.call(Op::Lookup, self.config().timeout, async move {
-            Ok(inner.cache.informer(engine.as_deref(), &inner.hub, true))
+            inner.cache.informer(engine.as_deref(), true)
         })?;
         informer
             .subscribe(&self.inner.hub, engine_id.map(str::to_owned), callback)
@@ -133,8 +133,8 @@ impl Client {
 impl Inner {
     /// The informer covering `engine` (`None`: the whole namespace), started
     /// on first use. Must run on the runtime.
-    pub(super) fn informer(&self, engine: Option<&str>) -> Arc<Informer> {
-        self.cache.informer(engine, &self.hub, false)
+    pub(super) fn informer(&self, engine: Option<&str>) -> Result<Arc<Informer>> {
+        self.cache.informer(engine, false)
     }
 }
 

@@ -72,7 +72,7 @@ impl Client {
             let entry = Entry { revision, ..entry };
             inner
                 .cache
-                .write_through(&key, (id, rank), Some(Ok(entry)), revision, &inner.hub);
+                .write_through(&key, (id, rank), Some(Ok(entry)), revision);
             Ok(())
         })?;
         let first = self
@@ -124,7 +124,7 @@ impl Client {
             }
             inner
                 .cache
-                .write_through(&key, (id, rank), None, revision, &inner.hub);
+                .write_through(&key, (id, rank), None, revision);
             Ok(())
         })?;
         log::debug!("unregistered engine_id={engine_id} rank={rank}");

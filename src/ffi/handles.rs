@@ -60,8 +60,8 @@ pub(crate) fn lookup(c: *mut nixl_etcd_client) -> Result<Arc<Client>> {
 /// `endpoints`, `namespace`, `timeout_s`, `lease_ttl_s`, `host`,
 /// `max_request_bytes`, `max_metadata_bytes`, `world_size`, `nixl_namespace`,
 /// `ca_cert`, `cert`, `key`, `username`, `password`, `password_file`,
-/// `hmac_key_file`, `hmac_previous_key_file`. An unknown key or a wrong type
-/// is `NIXL_ETCD_ERR_INVALID_ARGUMENT` naming the key.
+/// `hmac_key_file`, `hmac_previous_key_file`, `cache_idle_s`. An unknown key or
+/// a wrong type is `NIXL_ETCD_ERR_INVALID_ARGUMENT` naming the key.
 /// Connects and grants the client's lease within the timeout, or fails with
 /// `NIXL_ETCD_ERR_CONNECTION` ("ETCD connection failed: <cause>").
 ///

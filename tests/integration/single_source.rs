@@ -91,7 +91,7 @@ fn the_statuses_are_the_same_in_the_header_the_readme_and_python() {
 #[test]
 fn the_options_are_the_same_in_the_header_the_readme_and_python() {
     let keys: Vec<&str> = OPTIONS.iter().map(|(k, _)| *k).collect();
-    assert_eq!(keys.len(), 17);
+    assert_eq!(keys.len(), 18);
 
     // The header's doc of nixl_etcd_open: "The option keys are `a`, `b`, ... ."
     let header = read("include/nixl_etcd.h");
