@@ -315,12 +315,15 @@ impl Config {
                 self.lease_ttl_s = parse_ttl(v.as_i64(), &what, &v.to_string())?;
             }
             "cache_idle_s" => {
-                let n = v.as_u64().filter(|n| *n <= MAX_TIMEOUT_S as u64).ok_or_else(|| {
-                    Error::invalid(format!(
-                        "{what} must be an integer number of seconds from 0 (keep every \
+                let n = v
+                    .as_u64()
+                    .filter(|n| *n <= MAX_TIMEOUT_S as u64)
+                    .ok_or_else(|| {
+                        Error::invalid(format!(
+                            "{what} must be an integer number of seconds from 0 (keep every \
                          engine) to {MAX_TIMEOUT_S}, got {v}"
-                    ))
-                })?;
+                        ))
+                    })?;
                 self.cache_idle = (n > 0).then(|| Duration::from_secs(n));
             }
             "host" => {

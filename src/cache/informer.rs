@@ -163,7 +163,10 @@ impl Informer {
         {
             let mut hubs = self.hubs.lock().unwrap_or_else(|e| e.into_inner());
             hubs.retain(|h| h.strong_count() > 0);
-            if !hubs.iter().any(|h| std::ptr::eq(h.as_ptr(), Arc::as_ptr(hub))) {
+            if !hubs
+                .iter()
+                .any(|h| std::ptr::eq(h.as_ptr(), Arc::as_ptr(hub)))
+            {
                 hubs.push(Arc::downgrade(hub));
             }
         }

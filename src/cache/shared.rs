@@ -50,7 +50,9 @@ fn identity(cfg: &Config) -> String {
         &cfg.hmac_key_file,
         &cfg.hmac_previous_key_file,
     ] {
-        put(path.as_deref().map_or(&b""[..], |p| p.as_os_str().as_encoded_bytes()));
+        put(path
+            .as_deref()
+            .map_or(&b""[..], |p| p.as_os_str().as_encoded_bytes()));
     }
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }

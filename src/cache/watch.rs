@@ -10,7 +10,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use etcd_client::{EventType, WatchOptions, WatchRequestSender, WatchResponse, WatchResponseStream};
+use etcd_client::{
+    EventType, WatchOptions, WatchRequestSender, WatchResponse, WatchResponseStream,
+};
 use tokio::sync::mpsc;
 
 use super::informer::Informer;
@@ -39,10 +41,7 @@ pub(super) struct Ctx {
 }
 
 impl Ctx {
-    pub fn new(
-        conn: Conn,
-        signer: Option<Arc<Signer>>,
-    ) -> (Ctx, mpsc::UnboundedReceiver<Watch>) {
+    pub fn new(conn: Conn, signer: Option<Arc<Signer>>) -> (Ctx, mpsc::UnboundedReceiver<Watch>) {
         let (watches, rx) = mpsc::unbounded_channel();
         let stale = Arc::new(AtomicUsize::new(0));
         (
@@ -105,7 +104,10 @@ async fn list(inf: Weak<Informer>, ctx: Ctx, mut delay: Duration) {
                 return;
             }
             Err(e) => {
-                log::debug!("cache of {}: {e}; listing again in {backoff:?}", informer.prefix);
+                log::debug!(
+                    "cache of {}: {e}; listing again in {backoff:?}",
+                    informer.prefix
+                );
                 informer.set_list_error(Some(e));
                 ctx.mark_stale(&informer);
                 delay = backoff;
@@ -185,7 +187,10 @@ impl Streams {
             .chain(self.active.drain().map(|(_, w)| w))
             .collect();
         let live: Vec<_> = all.iter().filter_map(Weak::upgrade).collect();
-        if live.iter().any(|i| i.listed() && !i.stale.load(Ordering::Acquire)) {
+        if live
+            .iter()
+            .any(|i| i.listed() && !i.stale.load(Ordering::Acquire))
+        {
             let cfg = ctx.conn.cfg();
             log::warn!(
                 "ETCD watch on {} broke: {why}; serving the last known records (stale) until \
@@ -216,7 +221,9 @@ pub(super) async fn run(
 ) {
     let mut streams = Streams::default();
     let mut backoff = Duration::from_millis(100);
-    let sweep_every = idle.map_or(Duration::from_secs(3600), |i| (i / 4).max(Duration::from_millis(200)));
+    let sweep_every = idle.map_or(Duration::from_secs(3600), |i| {
+        (i / 4).max(Duration::from_millis(200))
+    });
     let mut sweep = tokio::time::interval(sweep_every);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

@@ -122,9 +122,7 @@ impl Client {
                 st.release_prefix(&g);
                 st.set_generation(&key, None);
             }
-            inner
-                .cache
-                .write_through(&key, (id, rank), None, revision);
+            inner.cache.write_through(&key, (id, rank), None, revision);
             Ok(())
         })?;
         log::debug!("unregistered engine_id={engine_id} rank={rank}");

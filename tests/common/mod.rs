@@ -65,41 +65,54 @@ pub fn free_port() -> u16 {
 /// whole exchange finishes within `timeout` and the body reports
 /// `"health":"true"`.
 pub fn health_ok(port: u16, timeout: Duration) -> bool {
+    http_get(port, "/health", timeout).is_some_and(|body| body.contains("\"health\":\"true\""))
+}
+
+/// The body of one HTTP/1.0 `GET path` against `127.0.0.1:port`, if the whole
+/// exchange finishes within `timeout`.
+pub fn http_get(port: u16, path: &str, timeout: Duration) -> Option<String> {
     let deadline = Instant::now() + timeout;
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let mut stream = match TcpStream::connect_timeout(&addr, timeout) {
-        Ok(s) => s,
-        Err(_) => return false,
-    };
+    let mut stream = TcpStream::connect_timeout(&addr, timeout).ok()?;
     let remaining = |d: Instant| d.saturating_duration_since(Instant::now());
     let left = remaining(deadline);
     if left.is_zero() {
-        return false;
+        return None;
     }
     let _ = stream.set_write_timeout(Some(left));
     let request =
-        format!("GET /health HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n");
-    if stream.write_all(request.as_bytes()).is_err() {
-        return false;
-    }
+        format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).ok()?;
     let mut response = Vec::new();
-    let mut chunk = [0u8; 1024];
+    let mut chunk = [0u8; 4096];
     loop {
         let left = remaining(deadline);
         if left.is_zero() {
-            return false;
+            return None;
         }
         let _ = stream.set_read_timeout(Some(left));
         match stream.read(&mut chunk) {
             Ok(0) => break,
             Ok(n) => response.extend_from_slice(&chunk[..n]),
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(_) => return false,
+            Err(_) => return None,
         }
     }
     let text = String::from_utf8_lossy(&response);
-    let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
-    body.contains("\"health\":\"true\"")
+    text.split_once("\r\n\r\n").map(|(_, body)| body.to_owned())
+}
+
+/// The value of a Prometheus metric in a `/metrics` body, summed over its
+/// label sets; 0 if absent.
+pub fn metric(body: &str, name: &str) -> f64 {
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|r| r.starts_with([' ', '{']))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// The last `max_bytes` of a file, for diagnostics.
@@ -247,6 +260,15 @@ impl EtcdServer {
 
     pub fn client_port(&self) -> u16 {
         self.client_port
+    }
+
+    /// A metric of this etcd's `/metrics`, e.g. the watch streams open
+    /// (`etcd_debugging_mvcc_watch_stream_total`) or the watches on them
+    /// (`etcd_debugging_mvcc_watcher_total`). Panics if etcd does not answer.
+    pub fn metric(&self, name: &str) -> f64 {
+        let body = http_get(self.client_port, "/metrics", Duration::from_secs(10))
+            .expect("etcd answers GET /metrics");
+        metric(&body, name)
     }
 
     pub fn peer_port(&self) -> u16 {

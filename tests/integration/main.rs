@@ -44,5 +44,6 @@ mod nixl_e2e;
 mod nixl_native;
 mod nixl_store;
 mod proxy;
+mod shared_cache;
 mod signed_records;
 mod single_source;
