@@ -10,7 +10,6 @@
 #[path = "../../tests/common/mod.rs"]
 mod common;
 
-mod fleet;
 mod nixl_builtin;
 mod ops;
 mod stats;
@@ -18,7 +17,7 @@ mod stats;
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
-use stats::{FleetRow, Row};
+use stats::Row;
 
 fn samples() -> usize {
     std::env::var("NIXL_ETCD_BENCH_SAMPLES")
@@ -44,7 +43,7 @@ fn fmt_us(v: f64) -> String {
     }
 }
 
-fn markdown(rows: &[Row], fleet: &[FleetRow], n: usize) -> String {
+fn markdown(rows: &[Row], n: usize) -> String {
     let mut md = String::new();
     let _ = writeln!(
         md,
@@ -86,21 +85,7 @@ fn markdown(rows: &[Row], fleet: &[FleetRow], n: usize) -> String {
             nratio
         );
     }
-    md.push_str("\nTimes in microseconds.\n\n");
-    md.push_str("| fleet (per side) | engines x TP | all decode ranks discovered | etcd requests per client | RSS per client |\n");
-    md.push_str("|---|---|---|---|---|\n");
-    for f in fleet {
-        let _ = writeln!(
-            md,
-            "| {} clients | {} x {} | {:.2} s | {:.1} | {:.0} KiB |",
-            f.clients_per_side,
-            f.engines,
-            f.tp,
-            f.all_discovered_s,
-            f.requests_per_client,
-            f.rss_per_client_bytes / 1024.0
-        );
-    }
+    md.push_str("\nTimes in microseconds. Fleet start-up: `cargo bench --bench fleet`.\n");
     md
 }
 
@@ -136,14 +121,13 @@ fn main() {
         Err(e) => eprintln!("perf: NIXL built-in exchange not measured: {e}"),
     }
     rows.extend(single_rows);
-    let fleet = fleet::run(&single.endpoint());
     drop(single);
 
     let cluster = common::EtcdCluster::start(3);
     rows.extend(ops::run("cluster3", &cluster.endpoints(), n));
     drop(cluster);
 
-    let md = markdown(&rows, &fleet, n);
+    let md = markdown(&rows, n);
     print!("{md}");
     let dir = out_dir();
     std::fs::write(dir.join("perf.md"), &md).expect("write perf.md");
@@ -151,7 +135,6 @@ fn main() {
         "samples": n,
         "etcd": etcd_version(),
         "rows": rows.iter().map(Row::to_json).collect::<Vec<_>>(),
-        "fleet": fleet.iter().map(FleetRow::to_json).collect::<Vec<_>>(),
     });
     let json_path = dir.join("perf.json");
     std::fs::write(&json_path, serde_json::to_vec_pretty(&json).unwrap()).expect("write perf.json");

@@ -87,36 +87,6 @@ impl Row {
     }
 }
 
-/// Fleet start-up at one size.
-#[derive(Debug, Clone)]
-pub struct FleetRow {
-    /// Engines per side.
-    pub engines: usize,
-    /// Ranks per engine.
-    pub tp: usize,
-    /// Clients per side (engines x tp).
-    pub clients_per_side: usize,
-    /// From the start signal until every decode rank has every target rank.
-    pub all_discovered_s: f64,
-    /// etcd requests (RPCs and stream messages sent) per client, mean.
-    pub requests_per_client: f64,
-    /// Resident memory added per client, bytes.
-    pub rss_per_client_bytes: f64,
-}
-
-impl FleetRow {
-    pub fn to_json(&self) -> Value {
-        json!({
-            "engines_per_side": self.engines,
-            "tp": self.tp,
-            "clients_per_side": self.clients_per_side,
-            "all_discovered_s": self.all_discovered_s,
-            "requests_per_client": self.requests_per_client,
-            "rss_per_client_bytes": self.rss_per_client_bytes,
-        })
-    }
-}
-
 /// Operation names shared by the parts of the benchmark.
 pub const OP_REGISTER: &str = "register 8 KiB (lease-bound put)";
 pub const OP_COLD_LOOKUP: &str = "cold lookup 8 KiB (not cached)";

@@ -1,43 +1,20 @@
-//! Fleet start-up: E prefill engines and E decode engines of TP ranks each,
-//! every rank with its own client, all in this process and all released at
-//! once. Each prefill rank opens its client and registers an 8 KiB blob; each
-//! decode rank opens its client and waits for its target rank of every
-//! prefill engine, checking every byte. Measured per size: the time until
-//! the last decode rank has all of its targets, the etcd requests each client
-//! issued, and the resident memory each client added.
-//!
+//! Fleet start-up in one process: E prefill engines and E decode engines of
+//! TP ranks each, every rank with its own client, all released at once.
 //! Clients are opened from a pool of OS threads (each handles many ranks),
-//! since a blocking open per thread for 1024 ranks would measure thread
-//! creation rather than the library.
+//! since a blocking open per thread for thousands of ranks would measure
+//! thread creation rather than the library.
 
 use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use nixl_etcd::{Client, Config, Status};
+use nixl_etcd::Client;
 
-use crate::stats::FleetRow;
+use crate::ranks::{self, Rank, TP};
+use crate::Row;
 
-/// Ranks per engine, on both sides.
-const TP: usize = 8;
-/// Engines per side at each size: 32, 128 and 512 clients per side.
-const ENGINES: [usize; 3] = [4, 16, 64];
-/// Bytes of NIXL agent metadata each prefill rank registers.
-const BLOB_BYTES: usize = 8 * 1024;
 /// OS threads that open, wait on and close the clients of one size.
 const POOL_THREADS: usize = 32;
-/// Bound of every call (open included): generous, so that a slow start is
-/// measured rather than reported as a timeout.
-const CALL_TIMEOUT_S: u64 = 60;
-/// Bound of each decode rank's wait for one target.
-const WAIT_LIMIT: Duration = Duration::from_secs(60);
-
-/// One rank of the fleet, on one side.
-#[derive(Clone, Copy, Debug)]
-enum Rank {
-    Prefill { engine: usize, rank: usize },
-    Decode { engine: usize, rank: usize },
-}
 
 /// A rank with its open client.
 struct Opened {
@@ -63,28 +40,6 @@ struct Worker {
     failures: Vec<String>,
 }
 
-fn prefill_engine(e: usize) -> String {
-    format!("prefill_{e}")
-}
-
-/// The metadata of prefill (engine, rank): distinct per rank, with NUL bytes.
-fn blob(engine: usize, rank: usize) -> Vec<u8> {
-    (0..BLOB_BYTES)
-        .map(|i| ((i * 31 + engine * 7 + rank * 13) % 251) as u8)
-        .collect()
-}
-
-/// Resident memory of this process, from /proc/self/status (bytes).
-fn vm_rss_bytes() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
-    let kib = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .expect("VmRSS in /proc/self/status");
-    kib * 1024.0
-}
-
 /// Open file descriptors of this process.
 fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd")
@@ -103,19 +58,9 @@ fn cpu_s() -> f64 {
     tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
-/// Gives freed heap back to the OS, so that the next size's RSS baseline
-/// does not hide the memory its clients reuse.
-fn trim_heap() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only releases free memory of the allocator.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
 /// Raises the soft limit on open files towards `want` (up to the hard
 /// limit); every client holds a connection to etcd.
-fn raise_nofile(want: u64) {
+pub fn raise_nofile(want: u64) {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -146,76 +91,6 @@ fn raise_nofile(want: u64) {
     }
 }
 
-fn options(endpoint: &str, namespace: &str) -> String {
-    serde_json::json!({
-        "endpoints": endpoint,
-        "namespace": namespace,
-        "world_size": TP,
-        "timeout_s": CALL_TIMEOUT_S,
-    })
-    .to_string()
-}
-
-/// Opens the rank's client; a prefill rank also registers its blob.
-fn open_rank(rank: Rank, opts: &str) -> Result<Client, String> {
-    let cfg = Config::from_sources(|_| None, Some(opts))
-        .map_err(|e| format!("{rank:?}: bad options {opts}: {e}"))?;
-    let client = Client::open(cfg).map_err(|e| format!("{rank:?}: open failed: {e}"))?;
-    if let Rank::Prefill { engine, rank: r } = rank {
-        let id = prefill_engine(engine);
-        if let Err(e) = client.register(&id, r as u32, &blob(engine, r)) {
-            let _ = client.close();
-            return Err(format!("{rank:?}: register of {id} rank {r} failed: {e}"));
-        }
-    }
-    Ok(client)
-}
-
-/// Waits for the decode rank's target ranks of every prefill engine and
-/// checks each record's bytes. Returns the longest single wait, and for what.
-fn discover(client: &Client, engines: usize, me: (usize, usize)) -> Result<(f64, String), String> {
-    let (engine, rank) = me;
-    let who = format!("decode_{engine} rank {rank}");
-    let targets = nixl_etcd::tp::target_ranks(TP as u32, rank as u32, TP as u32)
-        .map_err(|e| format!("{who}: target_ranks: {e}"))?;
-    let mut slowest = (0.0, String::new());
-    for e in 0..engines {
-        let id = prefill_engine(e);
-        for &t in &targets {
-            let asked = Instant::now();
-            let found = client
-                .wait(&id, t, Some(WAIT_LIMIT))
-                .map_err(|err| format!("{who}: wait for {id} rank {t}: {err}"))?;
-            let took = asked.elapsed().as_secs_f64();
-            if took > slowest.0 {
-                slowest = (took, format!("{who} waiting for {id} rank {t}"));
-            }
-            if found.record.engine_id != id || found.record.rank != t {
-                return Err(format!(
-                    "{who}: asked for {id} rank {t}, got {} rank {}",
-                    found.record.engine_id, found.record.rank
-                ));
-            }
-            let want = blob(e, t as usize);
-            if *found.metadata != want[..] {
-                let first_diff = found
-                    .metadata
-                    .iter()
-                    .zip(&want)
-                    .position(|(a, b)| a != b)
-                    .unwrap_or(found.metadata.len().min(want.len()));
-                return Err(format!(
-                    "{who}: WRONG BYTES from {id} rank {t}: {} bytes, expected \
-                     {}, first difference at byte {first_diff}",
-                    found.metadata.len(),
-                    want.len()
-                ));
-            }
-        }
-    }
-    Ok(slowest)
-}
-
 /// One pool thread: waits for the start, opens its ranks (prefill ranks
 /// register at once), then runs its decode ranks' discovery.
 fn work(ranks: Vec<Rank>, opts: String, engines: usize, ready: &Barrier, go: &Barrier) -> Worker {
@@ -224,7 +99,7 @@ fn work(ranks: Vec<Rank>, opts: String, engines: usize, ready: &Barrier, go: &Ba
     go.wait();
     for rank in ranks {
         let t = Instant::now();
-        match open_rank(rank, &opts) {
+        match ranks::open_rank(rank, &opts) {
             Ok(client) => {
                 w.open_s.push(t.elapsed().as_secs_f64());
                 if let Rank::Prefill { .. } = rank {
@@ -238,7 +113,7 @@ fn work(ranks: Vec<Rank>, opts: String, engines: usize, ready: &Barrier, go: &Ba
     w.all_open_at = Some(Instant::now());
     for o in &w.opened {
         if let Rank::Decode { engine, rank } = o.rank {
-            match discover(&o.client, engines, (engine, rank)) {
+            match ranks::discover(&o.client, engines, (engine, rank)) {
                 Ok(slowest) => {
                     w.discovered_at.push(Instant::now());
                     if slowest.0 > w.slowest_wait.0 {
@@ -252,7 +127,7 @@ fn work(ranks: Vec<Rank>, opts: String, engines: usize, ready: &Barrier, go: &Ba
     w
 }
 
-fn pct(v: &mut [f64], p: f64) -> f64 {
+pub fn pct(v: &mut [f64], p: f64) -> f64 {
     if v.is_empty() {
         return f64::NAN;
     }
@@ -261,7 +136,7 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
     v[i.min(v.len()) - 1]
 }
 
-fn mean(v: &[u64]) -> f64 {
+pub fn mean(v: &[u64]) -> f64 {
     if v.is_empty() {
         f64::NAN
     } else {
@@ -269,37 +144,16 @@ fn mean(v: &[u64]) -> f64 {
     }
 }
 
-/// After close, no record of this size may be left in etcd: one fresh client
-/// looks every prefill rank up.
-fn left_behind(endpoint: &str, namespace: &str, engines: usize) -> Result<usize, String> {
-    let cfg = Config::from_sources(|_| None, Some(&options(endpoint, namespace)))
-        .map_err(|e| format!("probe options: {e}"))?;
-    let probe = Client::open(cfg).map_err(|e| format!("probe open: {e}"))?;
-    let mut left = 0;
-    for e in 0..engines {
-        for r in 0..TP {
-            match probe.lookup(&prefill_engine(e), r as u32) {
-                Ok(_) => left += 1,
-                Err(err) if err.status == Status::ErrNotFound => {}
-                Err(err) => {
-                    let _ = probe.close();
-                    return Err(format!("probe lookup prefill_{e} rank {r}: {err}"));
-                }
-            }
-        }
-    }
-    probe.close().map_err(|e| format!("probe close: {e}"))?;
-    Ok(left)
-}
-
-fn run_size(endpoint: &str, engines: usize) -> FleetRow {
+/// One size: `engines` engines per side against `endpoint`; `streams` reads
+/// the watch streams open on etcd.
+pub fn run_size(endpoint: &str, engines: usize, streams: &dyn Fn() -> (f64, f64)) -> Row {
     let per_side = engines * TP;
     let clients = 2 * per_side;
     let namespace = format!(
         "/nixl-etcd-bench/fleet-{}-{engines}x{TP}",
         std::process::id()
     );
-    let opts = options(endpoint, &namespace);
+    let opts = ranks::options(endpoint, &namespace);
 
     // Prefill and decode ranks alternate, so both sides start together.
     let mut ranks = Vec::with_capacity(clients);
@@ -315,9 +169,9 @@ fn run_size(endpoint: &str, engines: usize) -> FleetRow {
         shares[i % threads].push(r);
     }
 
-    trim_heap();
+    ranks::trim_heap();
     let fds_before = open_fds();
-    let rss_before = vm_rss_bytes();
+    let rss_before = ranks::vm_rss_kib() * 1024.0;
     let cpu_before = cpu_s();
 
     let ready = Arc::new(Barrier::new(threads + 1));
@@ -382,9 +236,16 @@ fn run_size(endpoint: &str, engines: usize) -> FleetRow {
     }
     let all_req: Vec<u64> = prefill_req.iter().chain(&decode_req).copied().collect();
     let requests_per_client = mean(&all_req);
-    let rss_after = vm_rss_bytes();
+    let rss_after = ranks::vm_rss_kib() * 1024.0;
     let fds_open = open_fds();
     let rss_per_client_bytes = (rss_after - rss_before) / clients as f64;
+    let (watch_streams, etcd_rss_mib) = streams();
+    // Records the process's shared cache holds (all its clients).
+    let cached = opened
+        .iter()
+        .map(|o| o.client.cache_footprint().1)
+        .max()
+        .unwrap_or(0);
 
     if discovered.len() != per_side {
         failures.push(format!(
@@ -421,7 +282,7 @@ fn run_size(endpoint: &str, engines: usize) -> FleetRow {
         failures.extend(c.join().expect("a closing thread panicked"));
     }
     let close_s = close_start.elapsed().as_secs_f64();
-    match left_behind(endpoint, &namespace, engines) {
+    match ranks::left_behind(endpoint, &namespace, engines) {
         Ok(0) => {}
         Ok(n) => failures.push(format!(
             "{n} prefill record(s) still in etcd under {namespace} after every client closed"
@@ -463,22 +324,17 @@ fn run_size(endpoint: &str, engines: usize) -> FleetRow {
             shown.join("\n  ")
         );
     }
-    FleetRow {
+    Row {
+        mode: "one process",
+        processes: 1,
+        clients: per_side,
         engines,
         tp: TP,
-        clients_per_side: per_side,
-        all_discovered_s,
+        discovered_s: all_discovered_s,
         requests_per_client,
-        rss_per_client_bytes,
+        rss_kib_per_client: rss_per_client_bytes / 1024.0,
+        watch_streams,
+        etcd_rss_mib,
+        cached_records_per_process: cached,
     }
-}
-
-/// Fleet start-up against the etcd at `endpoint`, at 32, 128 and 512 clients
-/// per side.
-pub fn run(endpoint: &str) -> Vec<FleetRow> {
-    let largest = 2 * TP * ENGINES.iter().max().copied().unwrap_or(0);
-    // A connection per client, its share of the process's other files, and
-    // room for etcd's side when it inherits the limit.
-    raise_nofile((4 * largest + 1024) as u64);
-    ENGINES.iter().map(|&e| run_size(endpoint, e)).collect()
 }
