@@ -93,7 +93,13 @@ pub fn raise_nofile(want: u64) {
 
 /// One pool thread: waits for the start, opens its ranks (prefill ranks
 /// register at once), then runs its decode ranks' discovery.
-fn work(ranks: Vec<Rank>, opts: String, engines: usize, ready: &Barrier, go: &Barrier) -> Worker {
+fn work(
+    ranks: Vec<Rank>,
+    opts: String,
+    expected: &ranks::Expected,
+    ready: &Barrier,
+    go: &Barrier,
+) -> Worker {
     let mut w = Worker::default();
     ready.wait();
     go.wait();
@@ -113,7 +119,7 @@ fn work(ranks: Vec<Rank>, opts: String, engines: usize, ready: &Barrier, go: &Ba
     w.all_open_at = Some(Instant::now());
     for o in &w.opened {
         if let Rank::Decode { engine, rank } = o.rank {
-            match ranks::discover(&o.client, engines, (engine, rank)) {
+            match ranks::discover(&o.client, expected, (engine, rank)) {
                 Ok(slowest) => {
                     w.discovered_at.push(Instant::now());
                     if slowest.0 > w.slowest_wait.0 {
@@ -169,6 +175,7 @@ pub fn run_size(endpoint: &str, engines: usize, streams: &dyn Fn() -> (f64, f64)
         shares[i % threads].push(r);
     }
 
+    let expected = Arc::new(ranks::Expected::new(engines));
     ranks::trim_heap();
     let fds_before = open_fds();
     let rss_before = ranks::vm_rss_kib() * 1024.0;
@@ -181,9 +188,10 @@ pub fn run_size(endpoint: &str, engines: usize, streams: &dyn Fn() -> (f64, f64)
         .enumerate()
         .map(|(i, share)| {
             let (opts, ready, go) = (opts.clone(), ready.clone(), go.clone());
+            let expected = expected.clone();
             thread::Builder::new()
                 .name(format!("fleet-{i}"))
-                .spawn(move || work(share, opts, engines, &ready, &go))
+                .spawn(move || work(share, opts, &expected, &ready, &go))
                 .expect("spawn a fleet thread")
         })
         .collect();

@@ -165,6 +165,7 @@ pub fn worker(args: &[String]) {
         true => Rank::Decode { engine, rank: r },
         false => Rank::Prefill { engine, rank: r },
     };
+    let expected = std::sync::Arc::new(ranks::Expected::new(engines));
     ranks::trim_heap();
     let base = ranks::vm_rss_kib();
     println!("ready");
@@ -173,11 +174,11 @@ pub fn worker(args: &[String]) {
     // One thread per rank, as an engine's ranks start together.
     let done: Vec<_> = (0..TP)
         .map(|r| {
-            let opts = opts.clone();
+            let (opts, expected) = (opts.clone(), expected.clone());
             thread::spawn(move || {
                 let client = ranks::open_rank(rank(r), &opts)?;
                 if decode {
-                    ranks::discover(&client, engines, (engine, r))?;
+                    ranks::discover(&client, &expected, (engine, r))?;
                 }
                 Ok::<_, String>(client)
             })

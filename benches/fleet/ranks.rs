@@ -35,6 +35,29 @@ pub fn blob(engine: usize, rank: usize) -> Vec<u8> {
         .collect()
 }
 
+/// Every prefill rank's metadata, built before the start so that checking
+/// the bytes costs a comparison, not a rebuild (all-to-all makes
+/// ranks x engines checks).
+pub struct Expected(Vec<Vec<u8>>);
+
+impl Expected {
+    pub fn new(engines: usize) -> Expected {
+        Expected(
+            (0..engines)
+                .flat_map(|e| (0..TP).map(move |r| blob(e, r)))
+                .collect(),
+        )
+    }
+
+    fn of(&self, engine: usize, rank: usize) -> &[u8] {
+        &self.0[engine * TP + rank]
+    }
+
+    pub fn engines(&self) -> usize {
+        self.0.len() / TP
+    }
+}
+
 /// Resident memory of this process, from /proc/self/status (KiB).
 pub fn vm_rss_kib() -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
@@ -84,7 +107,7 @@ pub fn open_rank(rank: Rank, opts: &str) -> Result<Client, String> {
 /// checks each record's bytes. Returns the longest single wait, and for what.
 pub fn discover(
     client: &Client,
-    engines: usize,
+    expected: &Expected,
     me: (usize, usize),
 ) -> Result<(f64, String), String> {
     let (engine, rank) = me;
@@ -92,7 +115,7 @@ pub fn discover(
     let targets = nixl_etcd::tp::target_ranks(TP as u32, rank as u32, TP as u32)
         .map_err(|e| format!("{who}: target_ranks: {e}"))?;
     let mut slowest = (0.0, String::new());
-    for e in 0..engines {
+    for e in 0..expected.engines() {
         let id = prefill_engine(e);
         for &t in &targets {
             let asked = Instant::now();
@@ -109,7 +132,7 @@ pub fn discover(
                     found.record.engine_id, found.record.rank
                 ));
             }
-            if *found.metadata != blob(e, t as usize)[..] {
+            if *found.metadata != expected.of(e, t as usize) {
                 return Err(format!("{who}: WRONG BYTES from {id} rank {t}"));
             }
         }
