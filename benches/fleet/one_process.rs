@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use nixl_etcd::Client;
 
 use crate::ranks::{self, Rank, TP};
-use crate::Row;
+use crate::{Probe, Row};
 
 /// OS threads that open, wait on and close the clients of one size.
 const POOL_THREADS: usize = 32;
@@ -150,9 +150,10 @@ pub fn mean(v: &[u64]) -> f64 {
     }
 }
 
-/// One size: `engines` engines per side against `endpoint`; `streams` reads
-/// the watch streams open on etcd.
-pub fn run_size(endpoint: &str, engines: usize, streams: &dyn Fn() -> (f64, f64)) -> Row {
+/// One size: `engines` engines per side against `endpoint`, read on etcd's
+/// side through `probe`; with a `hold`, the fleet then idles that long to
+/// measure its lease renewals.
+pub fn run_size(endpoint: &str, engines: usize, probe: &Probe, hold: Duration) -> Row {
     let per_side = engines * TP;
     let clients = 2 * per_side;
     let namespace = format!(
@@ -180,6 +181,7 @@ pub fn run_size(endpoint: &str, engines: usize, streams: &dyn Fn() -> (f64, f64)
     let fds_before = open_fds();
     let rss_before = ranks::vm_rss_kib() * 1024.0;
     let cpu_before = cpu_s();
+    let etcd_cpu_before = probe.cpu_s();
 
     let ready = Arc::new(Barrier::new(threads + 1));
     let go = Arc::new(Barrier::new(threads + 1));
@@ -247,13 +249,15 @@ pub fn run_size(endpoint: &str, engines: usize, streams: &dyn Fn() -> (f64, f64)
     let rss_after = ranks::vm_rss_kib() * 1024.0;
     let fds_open = open_fds();
     let rss_per_client_bytes = (rss_after - rss_before) / clients as f64;
-    let (watch_streams, etcd_rss_mib) = streams();
+    let (watch_streams, etcd_rss_mib) = (probe.streams(), probe.rss_mib());
+    let etcd_cpu_s = probe.cpu_s() - etcd_cpu_before;
     // Records the process's shared cache holds (all its clients).
     let cached = opened
         .iter()
         .map(|o| o.client.cache_footprint().1)
         .max()
         .unwrap_or(0);
+    let (renewals_per_s, etcd_cpu_us_per_renewal) = idle(&opened, probe, hold);
 
     if discovered.len() != per_side {
         failures.push(format!(
@@ -343,6 +347,26 @@ pub fn run_size(endpoint: &str, engines: usize, streams: &dyn Fn() -> (f64, f64)
         rss_kib_per_client: rss_per_client_bytes / 1024.0,
         watch_streams,
         etcd_rss_mib,
+        etcd_cpu_s,
+        renewals_per_s,
+        etcd_cpu_us_per_renewal,
         cached_records_per_process: cached,
     }
+}
+
+/// Holds the fleet idle for `hold`: its lease renewals per second, and
+/// etcd's CPU per renewal. NaN without a hold.
+fn idle(opened: &[Opened], probe: &Probe, hold: Duration) -> (f64, f64) {
+    if hold.is_zero() {
+        return (f64::NAN, f64::NAN);
+    }
+    let requests = || opened.iter().map(|o| o.client.requests_issued()).sum::<u64>();
+    let (r0, c0, t0) = (requests(), probe.cpu_s(), Instant::now());
+    thread::sleep(hold);
+    let (renewals, cpu, secs) = (
+        (requests() - r0) as f64,
+        probe.cpu_s() - c0,
+        t0.elapsed().as_secs_f64(),
+    );
+    (renewals / secs, cpu * 1e6 / renewals)
 }

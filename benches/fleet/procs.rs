@@ -12,7 +12,7 @@ use std::thread;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::ranks::{self, Rank, TP};
-use crate::Row;
+use crate::{Probe, Row};
 
 fn now_ms() -> f64 {
     SystemTime::now()
@@ -37,13 +37,12 @@ impl Worker {
 }
 
 /// One size: `engines` engine processes per side, reaching etcd at
-/// `endpoint` (a proxy or etcd itself); `streams` reads the watch streams
-/// open on etcd.
+/// `endpoint` (a proxy or etcd itself), read on etcd's side through `probe`.
 pub fn run_size(
     endpoint: &str,
     engines: usize,
     mode: &'static str,
-    streams: &dyn Fn() -> (f64, f64),
+    probe: &Probe,
 ) -> Row {
     let namespace = format!(
         "/nixl-etcd-bench/procs-{}-{engines}x{TP}-{}",
@@ -75,6 +74,7 @@ pub fn run_size(
         let l = w.line();
         assert_eq!(l.trim(), "ready", "a worker did not start");
     }
+    let etcd_cpu_before = probe.cpu_s();
     let start = now_ms();
     for w in workers.iter_mut() {
         let stdin = w.stdin.as_mut().expect("worker stdin");
@@ -89,7 +89,8 @@ pub fn run_size(
             (w.decode, v)
         })
         .collect();
-    let (watch_streams, etcd_rss_mib) = streams();
+    let (watch_streams, etcd_rss_mib) = (probe.streams(), probe.rss_mib());
+    let etcd_cpu_s = probe.cpu_s() - etcd_cpu_before;
     let failures: Vec<String> = results
         .iter()
         .flat_map(|(_, v)| v["failures"].as_array().cloned().unwrap_or_default())
@@ -112,6 +113,7 @@ pub fn run_size(
     let base: Vec<f64> = f("rss_base_kib");
     let cached: f64 = f("cached_records").iter().copied().fold(0.0, f64::max);
     let clients = (2 * engines * TP) as f64;
+    let (renewals_per_s, etcd_cpu_us_per_renewal) = (f64::NAN, f64::NAN);
     // Done: every process closes its clients and exits.
     for w in workers.iter_mut() {
         w.stdin.take();
@@ -148,6 +150,9 @@ pub fn run_size(
         rss_kib_per_client: rss_added / clients,
         watch_streams,
         etcd_rss_mib,
+        etcd_cpu_s,
+        renewals_per_s,
+        etcd_cpu_us_per_renewal,
         cached_records_per_process: cached as usize,
     }
 }
