@@ -126,7 +126,11 @@ fn main() {
     let sizes: Vec<usize> = arg(&args, "--sizes")
         .unwrap_or_else(|| "32,128,512,2048".into())
         .split(',')
-        .map(|s| s.trim().parse().expect("--sizes: ranks per side, e.g. 32,128"))
+        .map(|s| {
+            s.trim()
+                .parse()
+                .expect("--sizes: ranks per side, e.g. 32,128")
+        })
         .collect();
     let modes = arg(&args, "--modes").unwrap_or_else(|| "one,procs,proxy".into());
     let json = arg(&args, "--json");
@@ -145,14 +149,29 @@ fn main() {
     for &size in &sizes {
         let engines = size.div_ceil(TP);
         if modes.contains("one") {
-            rows.push(one_process::run_size(&etcd.endpoint(), engines, &probe, hold));
+            rows.push(one_process::run_size(
+                &etcd.endpoint(),
+                engines,
+                &probe,
+                hold,
+            ));
         }
         if modes.contains("procs") {
-            rows.push(procs::run_size(&etcd.endpoint(), engines, "processes", &probe));
+            rows.push(procs::run_size(
+                &etcd.endpoint(),
+                engines,
+                "processes",
+                &probe,
+            ));
         }
         if modes.contains("proxy") {
             let proxy = common::GrpcProxy::start(&etcd.endpoint());
-            rows.push(procs::run_size(&proxy.endpoint(), engines, "processes, proxy", &probe));
+            rows.push(procs::run_size(
+                &proxy.endpoint(),
+                engines,
+                "processes, proxy",
+                &probe,
+            ));
         }
     }
     println!(

@@ -360,7 +360,12 @@ fn idle(opened: &[Opened], probe: &Probe, hold: Duration) -> (f64, f64) {
     if hold.is_zero() {
         return (f64::NAN, f64::NAN);
     }
-    let requests = || opened.iter().map(|o| o.client.requests_issued()).sum::<u64>();
+    let requests = || {
+        opened
+            .iter()
+            .map(|o| o.client.requests_issued())
+            .sum::<u64>()
+    };
     let (r0, c0, t0) = (requests(), probe.cpu_s(), Instant::now());
     thread::sleep(hold);
     let (renewals, cpu, secs) = (

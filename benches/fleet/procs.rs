@@ -38,12 +38,7 @@ impl Worker {
 
 /// One size: `engines` engine processes per side, reaching etcd at
 /// `endpoint` (a proxy or etcd itself), read on etcd's side through `probe`.
-pub fn run_size(
-    endpoint: &str,
-    engines: usize,
-    mode: &'static str,
-    probe: &Probe,
-) -> Row {
+pub fn run_size(endpoint: &str, engines: usize, mode: &'static str, probe: &Probe) -> Row {
     let namespace = format!(
         "/nixl-etcd-bench/procs-{}-{engines}x{TP}-{}",
         std::process::id(),
@@ -78,14 +73,17 @@ pub fn run_size(
     let start = now_ms();
     for w in workers.iter_mut() {
         let stdin = w.stdin.as_mut().expect("worker stdin");
-        stdin.write_all(b"go\n").and_then(|_| stdin.flush()).expect("say go");
+        stdin
+            .write_all(b"go\n")
+            .and_then(|_| stdin.flush())
+            .expect("say go");
     }
     let results: Vec<(bool, serde_json::Value)> = workers
         .iter_mut()
         .map(|w| {
             let l = w.line();
-            let v: serde_json::Value = serde_json::from_str(&l)
-                .unwrap_or_else(|e| panic!("a worker's result {l:?}: {e}"));
+            let v: serde_json::Value =
+                serde_json::from_str(&l).unwrap_or_else(|e| panic!("a worker's result {l:?}: {e}"));
             (w.decode, v)
         })
         .collect();
@@ -138,7 +136,11 @@ pub fn run_size(
         failures.len(),
         &failures[..failures.len().min(5)]
     );
-    assert_eq!(left, Ok(0), "records left in etcd after every process closed");
+    assert_eq!(
+        left,
+        Ok(0),
+        "records left in etcd after every process closed"
+    );
     Row {
         mode,
         processes: 2 * engines,

@@ -54,8 +54,8 @@ fn markdown(rows: &[Row], n: usize) -> String {
             .unwrap_or(0),
         etcd_version()
     );
-    md.push_str("| setup | operation | ours p50 | p90 | p99 | max | floor (raw etcd-client) | floor p50 | ours/floor p50 | NIXL built-in p50 | NIXL/ours p50 |\n");
-    md.push_str("|---|---|---|---|---|---|---|---|---|---|---|\n");
+    md.push_str("| setup | operation | ours p50 | p90 | p99 | max | floor (raw etcd-client) | floor p50 | ours/floor p50 | multi-thread floor p50 | ours/it p50 | NIXL built-in p50 | NIXL/ours p50 |\n");
+    md.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for r in rows {
         let (fop, fp50, ratio) = match &r.floor {
             Some((op, f)) => (
@@ -65,13 +65,17 @@ fn markdown(rows: &[Row], n: usize) -> String {
             ),
             None => ("-".into(), "-".into(), "-".into()),
         };
+        let (mp50, mratio) = match &r.floor_mt {
+            Some(f) => (fmt_us(f.p50()), format!("{:.2}x", r.ours.p50() / f.p50())),
+            None => ("-".into(), "-".into()),
+        };
         let (np50, nratio) = match &r.nixl {
             Some(s) => (fmt_us(s.p50()), format!("{:.1}x", s.p50() / r.ours.p50())),
             None => ("-".into(), "-".into()),
         };
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             r.setup,
             r.op,
             fmt_us(r.ours.p50()),
@@ -81,11 +85,17 @@ fn markdown(rows: &[Row], n: usize) -> String {
             fop,
             fp50,
             ratio,
+            mp50,
+            mratio,
             np50,
             nratio
         );
     }
-    md.push_str("\nTimes in microseconds. Fleet start-up: `cargo bench --bench fleet`.\n");
+    md.push_str(
+        "\nTimes in microseconds. The multi-thread floor is the raw client on a 2-worker runtime, \
+         driven from the caller's thread as the library's calls are. Fleet start-up: `cargo bench \
+         --bench fleet`.\n",
+    );
     md
 }
 

@@ -115,6 +115,9 @@ struct Bench {
     setup: String,
     endpoints: String,
     floor: Floor,
+    /// The same on a multi-thread runtime (register and cold lookup): what
+    /// the hand-off between threads costs the raw client.
+    floor_mt: Floor,
     blob: Vec<u8>,
 }
 
@@ -123,11 +126,18 @@ impl Bench {
         let floor = Floor::connect(
             endpoints,
             &crate::common::unique_namespace(&format!("perf-{setup}-floor")),
+            false,
+        )?;
+        let floor_mt = Floor::connect(
+            endpoints,
+            &crate::common::unique_namespace(&format!("perf-{setup}-floor-mt")),
+            true,
         )?;
         Ok(Bench {
             setup: setup.to_owned(),
             endpoints: endpoints.to_owned(),
             floor,
+            floor_mt,
             blob: capi::blob(0x8_0000, BLOB),
         })
     }
@@ -143,14 +153,18 @@ impl Bench {
     fn all(&mut self, n: usize) -> R<Vec<Row>> {
         let setup = self.setup.clone();
         let register = self.register(n)?;
-        let (cold, warm, get) = self.lookups(n)?;
+        let (cold, warm, get, get_mt) = self.lookups(n)?;
         let discovery = self.discovery(n)?;
         let (unregister, close) = self.invalidation(n, n.min(MAX_CLOSE_SAMPLES))?;
         self.floor.finish();
+        self.floor_mt.finish();
         Ok(vec![
             Row::new(&setup, OP_REGISTER, register.0)
-                .floor("etcd-client put 8 KiB with lease", register.1),
-            Row::new(&setup, OP_COLD_LOOKUP, cold).floor("etcd-client get 8 KiB", get.clone()),
+                .floor("etcd-client put 8 KiB with lease", register.1)
+                .floor_mt(register.2),
+            Row::new(&setup, OP_COLD_LOOKUP, cold)
+                .floor("etcd-client get 8 KiB", get.clone())
+                .floor_mt(get_mt),
             Row::new(&setup, OP_WARM_LOOKUP, warm).floor("etcd-client get 8 KiB", get),
             Row::new(&setup, OP_DISCOVERY, discovery.0)
                 .floor("etcd-client put -> watch event", discovery.1),
@@ -163,7 +177,7 @@ impl Bench {
 
     /// `nixl_etcd_register` of 8 KiB, a new rank each sample; floor: a put of
     /// 8 KiB with the lease, a new key each sample.
-    fn register(&mut self, n: usize) -> R<(Series, Series)> {
+    fn register(&mut self, n: usize) -> R<(Series, Series, Series)> {
         let opts = self.options("register");
         let client = capi::open(&opts).map_err(|f| failed("open", f))?;
         let engine = cstring("perf_register");
@@ -182,13 +196,15 @@ impl Bench {
             for j in 0..WARMUP {
                 timed_register((n + j) as u32)?;
                 self.floor.put(&format!("reg-warmup/{j}"))?;
+                self.floor_mt.put(&format!("reg-warmup/{j}"))?;
             }
-            let (mut ours, mut floor) = (Series::default(), Series::default());
+            let (mut ours, mut floor, mut floor_mt): (Series, Series, Series) = Default::default();
             for i in 0..n {
                 ours.push(timed_register(i as u32)?);
                 floor.push(self.floor.put(&format!("reg/{i}"))?);
+                floor_mt.push(self.floor_mt.put(&format!("reg/{i}"))?);
             }
-            Ok((ours, floor))
+            Ok((ours, floor, floor_mt))
         });
         client.close().map_err(|f| failed("close", f))?;
         result
@@ -197,7 +213,7 @@ impl Bench {
     /// Cold lookups (each a miss: an engine registered beforehand by another
     /// client, asked by a reader that never asked about it), warm lookups of
     /// one cached record, and their floor: a get of 8 KiB.
-    fn lookups(&mut self, n: usize) -> R<(Series, Series, Series)> {
+    fn lookups(&mut self, n: usize) -> R<(Series, Series, Series, Series)> {
         let opts = self.options("lookup");
         let writer = capi::open(&opts).map_err(|f| failed("open the writer", f))?;
         let setup = self.setup.clone();
@@ -214,13 +230,15 @@ impl Bench {
                 .register("warm", 0, &self.blob)
                 .map_err(|f| failed("register", f))?;
             self.floor.put("get")?;
+            self.floor_mt.put("get")?;
 
             let ids: Vec<CString> = (0..n).map(|i| cstring(&format!("cold_{i}"))).collect();
             let reader_warmup = cstring("cold_reader_warmup");
             for _ in 0..WARMUP {
                 self.floor.get("get")?;
+                self.floor_mt.get("get")?;
             }
-            let (mut cold, mut get) = (Series::default(), Series::default());
+            let (mut cold, mut get, mut get_mt): (Series, Series, Series) = Default::default();
             for chunk in ids.chunks(COLD_PER_READER) {
                 let reader = capi::open(&opts).map_err(|f| failed("open a reader", f))?;
                 let measured = (|| {
@@ -229,6 +247,7 @@ impl Bench {
                     timed_lookup(reader, &reader_warmup)?;
                     for id in chunk {
                         get.push(self.floor.get("get")?);
+                        get_mt.push(self.floor_mt.get("get")?);
                         cold.push(timed_lookup(reader, id)?);
                     }
                     Ok::<_, String>(())
@@ -263,7 +282,7 @@ impl Bench {
             reader
                 .close()
                 .map_err(|f| failed("close the warm reader", f))?;
-            Ok((cold, warm?, get))
+            Ok((cold, warm?, get, get_mt))
         });
         writer.close().map_err(|f| failed("close the writer", f))?;
         result
@@ -574,11 +593,21 @@ async fn next_event(stream: &mut WatchStream, kind: EventType) -> R<Instant> {
 }
 
 impl Floor {
-    fn connect(endpoints: &str, prefix: &str) -> R<Floor> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| format!("build the floor's tokio runtime: {e}"))?;
+    /// `multi_thread`: the client's connection tasks run on a 2-worker
+    /// runtime and calls are driven from the bench's thread, as the library
+    /// does (its runtime outlives any call); else everything runs on the
+    /// calling thread.
+    fn connect(endpoints: &str, prefix: &str, multi_thread: bool) -> R<Floor> {
+        let rt = match multi_thread {
+            true => tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build(),
+            false => tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build(),
+        }
+        .map_err(|e| format!("build the floor's tokio runtime: {e}"))?;
         let list: Vec<String> = endpoints.split(',').map(str::to_owned).collect();
         let etcd = rt
             .block_on(etcd_client::Client::connect(&list, None))

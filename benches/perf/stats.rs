@@ -52,6 +52,9 @@ pub struct Row {
     pub op: String,
     pub ours: Series,
     pub floor: Option<(String, Series)>,
+    /// The same floor with the client on a multi-thread runtime, driven from
+    /// the caller's thread as the library is.
+    pub floor_mt: Option<Series>,
     pub nixl: Option<Series>,
 }
 
@@ -62,12 +65,18 @@ impl Row {
             op: op.into(),
             ours,
             floor: None,
+            floor_mt: None,
             nixl: None,
         }
     }
 
     pub fn floor(mut self, what: &str, s: Series) -> Row {
         self.floor = Some((what.into(), s));
+        self
+    }
+
+    pub fn floor_mt(mut self, s: Series) -> Row {
+        self.floor_mt = Some(s);
         self
     }
 
@@ -81,6 +90,8 @@ impl Row {
             "floor": self.floor.as_ref().map(|f| f.1.summary()),
             "floor_samples_us": self.floor.as_ref().map(|f| f.1.samples_us.clone()),
             "ratio_p50": self.floor.as_ref().map(|f| self.ours.p50() / f.1.p50()),
+            "floor_multi_thread": self.floor_mt.as_ref().map(Series::summary),
+            "ratio_multi_thread_p50": self.floor_mt.as_ref().map(|f| self.ours.p50() / f.p50()),
             "nixl_builtin": self.nixl.as_ref().map(Series::summary),
             "nixl_samples_us": self.nixl.as_ref().map(|s| s.samples_us.clone()),
         })

@@ -127,6 +127,12 @@ impl Cache {
         Ok(self.shared()?.informer(engine, exact))
     }
 
+    /// Same as [`Cache::informer`]; a new informer is listed in this future
+    /// (a cold read makes no hand-off to another task); true if it was.
+    pub async fn informer_listed(&self, engine: &str) -> Result<(Arc<Informer>, bool)> {
+        Ok(self.shared()?.informer_listed(Some(engine), false).await)
+    }
+
     /// The cached slot of (`engine`, `rank`), if an informer covering the
     /// engine exists and holds it. Runs on any thread, without the runtime.
     pub fn cached(&self, engine: &str, rank: u32) -> Option<Slot> {

@@ -94,8 +94,29 @@ impl Shared {
 
     /// The informer that covers `engine` (`None`: the whole namespace): an
     /// existing namespace-wide one unless `exact`, else the engine's own,
-    /// listed now and then watched.
+    /// new: listed in the background, then watched.
     pub fn informer(&self, engine: Option<&str>, exact: bool) -> Arc<Informer> {
+        let (inf, new) = self.find_or_add(engine, exact);
+        if new {
+            self.ctx.relist(Arc::downgrade(&inf), Duration::ZERO);
+        }
+        inf
+    }
+
+    /// Same as [`Shared::informer`], a new informer listed in this future;
+    /// true if it was (its records are as of now).
+    pub async fn informer_listed(
+        &self,
+        engine: Option<&str>,
+        exact: bool,
+    ) -> (Arc<Informer>, bool) {
+        let (inf, new) = self.find_or_add(engine, exact);
+        let listed_now = new && self.ctx.list_first(&inf).await;
+        (inf, listed_now)
+    }
+
+    /// The informer covering `engine`, and whether it was added now.
+    fn find_or_add(&self, engine: Option<&str>, exact: bool) -> (Arc<Informer>, bool) {
         let ns_prefix = format!("{}/", self.namespace());
         let prefix = match engine {
             Some(e) => keys::engine_prefix(self.namespace(), e),
@@ -107,12 +128,11 @@ impl Shared {
             .or_else(|| (!exact).then(|| all.get(&ns_prefix)).flatten());
         if let Some(inf) = found {
             inf.touch();
-            return inf.clone();
+            return (inf.clone(), false);
         }
         let inf = Arc::new(Informer::new(prefix.clone()));
-        self.ctx.relist(Arc::downgrade(&inf), Duration::ZERO);
         all.insert(prefix, inf.clone());
-        inf
+        (inf, true)
     }
 
     /// The informer that covers `engine`, if one was started.

@@ -38,6 +38,9 @@ pub(super) struct Ctx {
     pub watches: mpsc::UnboundedSender<Watch>,
     /// Informers serving stale records (for one "reachable again" line).
     stale: Arc<AtomicUsize>,
+    /// The runtime the listers run on (a list may be handed over from a
+    /// caller's future that is being dropped).
+    runtime: tokio::runtime::Handle,
 }
 
 impl Ctx {
@@ -50,6 +53,7 @@ impl Ctx {
                 signer,
                 watches,
                 stale,
+                runtime: tokio::runtime::Handle::current(),
             },
             rx,
         )
@@ -57,7 +61,27 @@ impl Ctx {
 
     /// Lists the informer in the background after `delay`, then watches it.
     pub fn relist(&self, inf: Weak<Informer>, delay: Duration) {
-        tokio::spawn(list(inf, self.clone(), delay));
+        self.runtime.spawn(list(inf, self.clone(), delay));
+    }
+
+    /// The first list of a new informer, in the caller's own future (no
+    /// hand-off to another task on a cold read). Should it fail, or the
+    /// caller give up half-way, a background lister takes over.
+    pub async fn list_first(&self, inf: &Arc<Informer>) -> bool {
+        struct Handover<'a>(Option<(&'a Ctx, Weak<Informer>)>);
+        impl Drop for Handover<'_> {
+            fn drop(&mut self) {
+                if let Some((ctx, inf)) = self.0.take() {
+                    ctx.relist(inf, Duration::from_millis(100));
+                }
+            }
+        }
+        let mut handover = Handover(Some((self, Arc::downgrade(inf))));
+        let listed = list_once(self, inf).await.is_ok();
+        if listed {
+            handover.0 = None;
+        }
+        listed
     }
 
     /// The informer serves its last known records until its next list.
@@ -72,7 +96,6 @@ impl Ctx {
 /// then asks the stream task to watch it. Ends early once the informer is
 /// dropped.
 async fn list(inf: Weak<Informer>, ctx: Ctx, mut delay: Duration) {
-    let cfg = ctx.conn.cfg();
     let mut backoff = Duration::from_millis(100);
     loop {
         if !delay.is_zero() {
@@ -81,38 +104,47 @@ async fn list(inf: Weak<Informer>, ctx: Ctx, mut delay: Duration) {
         let Some(informer) = inf.upgrade() else {
             return;
         };
-        let listing = list_prefix(&ctx.conn, &informer.prefix, ctx.signer.as_deref());
-        let listed = tokio::time::timeout(cfg.timeout, listing)
-            .await
-            .map_err(|_| etcd_error::timed_out(Op::Lookup, cfg.timeout, &cfg.endpoints.join(",")))
-            .and_then(|r| r);
-        match listed {
-            Ok((fresh, revision)) => {
-                if informer.list_error().is_some() {
-                    informer.set_list_error(None);
-                }
-                informer.reconcile(fresh, revision);
-                if informer.stale.swap(false, Ordering::AcqRel)
-                    && ctx.stale.fetch_sub(1, Ordering::AcqRel) == 1
-                {
-                    log::info!(
-                        "ETCD is reachable again; the cache of {} caught up",
-                        cfg.namespace
-                    );
-                }
-                let _ = ctx.watches.send(Watch(inf, revision + 1));
-                return;
+        if list_once(&ctx, &informer).await.is_ok() {
+            return;
+        }
+        delay = backoff;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// One list of the informer: on success its records are reconciled and its
+/// watch asked for; on failure the error is kept for its readers.
+async fn list_once(ctx: &Ctx, informer: &Arc<Informer>) -> Result<()> {
+    let cfg = ctx.conn.cfg();
+    let listing = list_prefix(&ctx.conn, &informer.prefix, ctx.signer.as_deref());
+    let listed = tokio::time::timeout(cfg.timeout, listing)
+        .await
+        .map_err(|_| etcd_error::timed_out(Op::Lookup, cfg.timeout, &cfg.endpoints.join(",")))
+        .and_then(|r| r);
+    match listed {
+        Ok((fresh, revision)) => {
+            if informer.list_error().is_some() {
+                informer.set_list_error(None);
             }
-            Err(e) => {
-                log::debug!(
-                    "cache of {}: {e}; listing again in {backoff:?}",
-                    informer.prefix
+            informer.reconcile(fresh, revision);
+            if informer.stale.swap(false, Ordering::AcqRel)
+                && ctx.stale.fetch_sub(1, Ordering::AcqRel) == 1
+            {
+                log::info!(
+                    "ETCD is reachable again; the cache of {} caught up",
+                    cfg.namespace
                 );
-                informer.set_list_error(Some(e));
-                ctx.mark_stale(&informer);
-                delay = backoff;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
             }
+            let _ = ctx
+                .watches
+                .send(Watch(Arc::downgrade(informer), revision + 1));
+            Ok(())
+        }
+        Err(e) => {
+            log::debug!("cache of {}: {e}; listing again", informer.prefix);
+            informer.set_list_error(Some(e.clone()));
+            ctx.mark_stale(informer);
+            Err(e)
         }
     }
 }

@@ -32,15 +32,18 @@ impl Client {
             self.call(Op::Lookup, cfg.timeout, async move {
                 // A cache hit costs no round trip. A miss asks etcd: the cache may
                 // lag a registration that another client just made.
-                let informer = inner.informer(Some(&id))?;
+                let (informer, listed_now) = inner.cache.informer_listed(&id).await?;
                 let wanted = (id.clone(), rank);
                 if let Some(hit) = informer.get(&wanted) {
                     return hit;
                 }
+                if listed_now {
+                    // Its list was this lookup's read.
+                    return Err(not_found(inner.session.cfg(), &id, rank, &key));
+                }
                 if !informer.listed() {
-                    // First interest in this engine: the informer's first list
-                    // is this lookup's read, so once it returns the engine is in
-                    // the cache and served through an etcd outage.
+                    // Another reader's first list of the engine (or a retry of
+                    // it) is under way: its result is this lookup's answer.
                     return wait_for(&informer, || match informer.listed() {
                         true => Some(informer.get(&wanted).unwrap_or_else(|| {
                             Err(not_found(inner.session.cfg(), &id, rank, &key))
