@@ -3,13 +3,12 @@
 
     python3 benches/perf/plot.py target/perf/perf.json target/perf/perf.png
 
-Reads what benches/perf/main.rs writes (rows[] from Row::to_json, fleet[] from
-FleetRow::to_json) and draws, per etcd setup (single member, then the 3-member
-cluster if present), the latency distribution of every operation: ours, its
-floor (the raw etcd-client doing the same etcd work) and NIXL's built-in
-exchange where it has an equivalent, as box plots on a log microsecond axis;
-then the fleet start-up (clients per side against seconds until every decode
-rank has discovered every target). Any series may be missing or null.
+Reads what benches/perf/main.rs writes (rows[] from Row::to_json) and draws,
+per etcd setup (single member, then the 3-member cluster if present), the
+latency distribution of every operation: ours, its floor (the raw etcd-client
+doing the same etcd work) and NIXL's built-in exchange where it has an
+equivalent, as box plots on a log microsecond axis. Any series may be missing
+or null. (Fleet start-up has its own benchmark: cargo bench --bench fleet.)
 
 Needs matplotlib (pip install matplotlib).
 """
@@ -145,38 +144,6 @@ def draw_setup(ax, rows, title, xlim):
     ax.set_title(title, fontsize=10, loc="left")
 
 
-def draw_fleet(ax, fleet):
-    pts = []
-    for f in fleet:
-        x, y = f.get("clients_per_side"), f.get("all_discovered_s")
-        if isinstance(x, (int, float)) and isinstance(y, (int, float)) and math.isfinite(y):
-            pts.append((x, y, f.get("engines_per_side"), f.get("tp")))
-    ax.set_title("fleet start-up: prefill and decode sides start together", fontsize=10,
-                 loc="left")
-    if not pts:
-        ax.text(0.5, 0.5, "no fleet measurements", ha="center", va="center",
-                transform=ax.transAxes, color="#777777")
-        ax.set_xticks([])
-        ax.set_yticks([])
-        return
-    pts.sort()
-    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-    ax.plot(xs, ys, marker="o", color=SERIES[0][2], label="nixl-etcd (ours)")
-    for x, y, e, tp in pts:
-        note = f"{y:.2f} s" + (f"\n{e}x{tp}" if e is not None and tp is not None else "")
-        ax.annotate(note, xy=(x, y), xytext=(0, 6), textcoords="offset points",
-                    ha="center", va="bottom", fontsize=7)
-    if len(xs) > 1 and max(xs) / max(min(xs), 1) >= 10:
-        ax.set_xscale("log")
-    ax.set_xticks(xs)
-    ax.set_xticklabels([str(x) for x in xs])
-    ax.minorticks_off()
-    ax.set_ylim(0, max(ys) * 1.35 if max(ys) > 0 else 1)
-    ax.set_xlabel("clients per side (engines x TP ranks)")
-    ax.set_ylabel("s until every decode rank\nhas all its target ranks")
-    ax.grid(linestyle=":", alpha=0.6)
-
-
 def main(argv):
     if len(argv) != 3:
         print("usage: plot.py PERF_JSON OUT_PNG", file=sys.stderr)
@@ -189,7 +156,6 @@ def main(argv):
         print(f"plot.py: cannot read {json_path}: {e}", file=sys.stderr)
         return 1
     rows = [r for r in (doc.get("rows") or []) if isinstance(r, dict)]
-    fleet = [f for f in (doc.get("fleet") or []) if isinstance(f, dict)]
 
     def has_data(r):
         return any(samples(r, k) for k, _, _ in SERIES)
@@ -209,7 +175,7 @@ def main(argv):
     else:
         xlim = (1, 1e6)
 
-    heights = [max(2.2, 1.05 * len(g)) for _, g in setups] + [2.6]
+    heights = [max(2.2, 1.05 * len(g)) for _, g in setups] or [2.2]
     head_in = 0.6  # inches above the panels for the legend (tight_layout makes room for the title)
     fig_h = sum(heights) + head_in + 0.6
     fig, axes = plt.subplots(len(heights), 1, figsize=(13, fig_h),
@@ -217,7 +183,6 @@ def main(argv):
     axes = axes[:, 0]
     for ax, (name, group) in zip(axes, setups):
         draw_setup(ax, group, SETUP_TITLES.get(name, name), xlim)
-    draw_fleet(axes[-1], fleet)
     if not setups:
         fig.text(0.5, 0.6, "no latency samples in " + json_path, ha="center", color="#777777")
 
