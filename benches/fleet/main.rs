@@ -15,7 +15,6 @@
 //! "cached_records_per_process"}...]}`.
 
 #[path = "../../tests/common/mod.rs"]
-#[allow(dead_code)]
 mod common;
 
 mod one_process;

@@ -233,6 +233,8 @@ pub(crate) unsafe fn record<'a>(
     Ok(out)
 }
 
+// Only the `nixl` feature's exports take an opaque pointer of the caller's.
+#[cfg_attr(not(feature = "nixl"), allow(dead_code))]
 pub(crate) fn nonnull<T>(p: *mut T, name: &str) -> Result<*mut T> {
     match p.is_null() {
         true => Err(Error::invalid(format!("{name} is NULL"))),
