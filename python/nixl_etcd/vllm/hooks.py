@@ -48,6 +48,21 @@ process)
     step's cleanup, such engines without reads in flight are released with
     vLLM's ``_cleanup_remote_engine`` so the next request handshakes again.
 
+``NixlBaseConnector.register_kv_caches`` (decode, worker process; pre-warm)
+    With ``VLLM_NIXL_ETCD_PREWARM=1`` the worker, once its KV caches are
+    registered, subscribes to the remote engines it may read
+    (``VLLM_NIXL_ETCD_PREWARM_ENGINES``: ids, or prefixes ending in ``*``; all
+    engines but itself by default) and, when one appears in etcd (ADDED, or
+    present at start), starts vLLM's own handshake with it at once
+    (``_ensure_handshake``, the call a first request makes), so the first
+    request finds its agents loaded. At most ``VLLM_NIXL_ETCD_PREWARM_MAX``
+    engines (default 16) are pre-warmed; an engine that leaves may be
+    pre-warmed again when it comes back; a restarted one (REPLACED) is
+    released and handshaken again at the decode's next step (vLLM touches
+    its NIXL agents only from its main thread). vLLM's stale-engine scan,
+    which must run on the main thread, is skipped for the pre-warm's call
+    (it runs at the next request's).
+
 ``NixlBaseConnectorScheduler.on_new_request`` (decode, engine-core process)
     A request with ``do_remote_prefill`` and ``remote_engine_id`` but no
     ``remote_host``/``remote_port`` gets placeholders ("" and 0): vLLM 0.32 skips
@@ -105,9 +120,10 @@ def _unsupported(missing: List[str]) -> RuntimeError:
 
 def _modules() -> Tuple[Any, Any, Any, Any, Any]:
     try:
-        from vllm.distributed.kv_transfer.kv_connector.v1.nixl import (
+        from vllm.distributed.kv_transfer.kv_connector.v1.nixl import (  # noqa: F401
             base_scheduler,
             base_worker,
+            connector,
             metadata,
             pull_worker,
             push_worker,
@@ -168,6 +184,14 @@ def check_supported() -> None:
         raise _unsupported(missing)
 
 
+def _connector_class() -> Any:
+    try:
+        from vllm.distributed.kv_transfer.kv_connector.v1.nixl.connector import NixlBaseConnector
+    except Exception:
+        return None
+    return NixlBaseConnector
+
+
 def _engine_core_class() -> Any:
     try:
         from vllm.v1.engine.core import EngineCore
@@ -213,6 +237,18 @@ def install() -> None:
         for cls in (pull_worker.NixlPullConnectorWorker, push_worker.NixlPushConnectorWorker):
             _orig[f"{cls.__name__}.start_load_kv"] = cls.start_load_kv
             cls.start_load_kv = _make_start_load_kv(cls.start_load_kv)
+        # Pre-warm (optional: only where this vLLM has the calls it needs).
+        C = _connector_class()
+        if (
+            C is not None
+            and callable(getattr(C, "register_kv_caches", None))
+            and callable(getattr(W, "_ensure_handshake", None))
+            and callable(getattr(W, "_evict_stale_engines", None))
+        ):
+            _orig["register_kv_caches"] = C.register_kv_caches
+            _orig["_evict_stale_engines"] = W._evict_stale_engines
+            C.register_kv_caches = _register_kv_caches
+            W._evict_stale_engines = _evict_stale_engines
         _installed = True
         logger.info(
             "nixl-etcd: NixlConnector handshakes go through ETCD (vLLM %s, namespace %s)",
@@ -413,6 +449,8 @@ class _Discovery:
         self.missing: Dict[str, Set[int]] = {}
         # engines with a rank replaced by a new incarnation since then
         self.replaced: Set[str] = set()
+        # The pre-warm of this worker (VLLM_NIXL_ETCD_PREWARM), if on.
+        self.prewarm: Optional[_Prewarm] = None
 
     def get_client(self) -> Client:
         with self.lock:
@@ -839,6 +877,9 @@ def _evict_stale(self: Any, wanted: Optional[Set[str]] = None) -> None:
                 "nixl-etcd: released NIXL state of remote engine %s (restarted or left)",
                 engine_id,
             )
+    if d.prewarm is not None:
+        for engine_id in ready:
+            d.prewarm.again(engine_id)
 
 
 def _make_start_load_kv(orig: Callable[..., Any]) -> Callable[..., Any]:
@@ -866,3 +907,200 @@ def _worker_shutdown(self: Any) -> None:
         d = self.__dict__.get("_nixl_etcd_discovery")
         if d is not None:
             d.close()
+
+
+# ---------------------------------------------------------------------------
+# Decode side, worker process: pre-warm (VLLM_NIXL_ETCD_PREWARM=1).
+
+_TRUE = ("1", "true", "yes", "on")
+
+
+class PrewarmConfig:
+    """What to pre-warm, from the environment: ``VLLM_NIXL_ETCD_PREWARM`` (on
+    or off), ``VLLM_NIXL_ETCD_PREWARM_ENGINES`` (comma-separated engine ids,
+    or prefixes ending in ``*``; empty: every engine but the worker's own),
+    ``VLLM_NIXL_ETCD_PREWARM_MAX`` (engines pre-warmed at most, default 16)."""
+
+    DEFAULT_MAX = 16
+
+    def __init__(self, patterns: List[str], cap: int) -> None:
+        self.patterns = patterns
+        self.cap = cap
+
+    @classmethod
+    def from_env(cls) -> Optional["PrewarmConfig"]:
+        if os.environ.get("VLLM_NIXL_ETCD_PREWARM", "").strip().lower() not in _TRUE:
+            return None
+        raw = os.environ.get("VLLM_NIXL_ETCD_PREWARM_ENGINES", "")
+        patterns = [p.strip() for p in raw.split(",") if p.strip()]
+        cap_raw = os.environ.get("VLLM_NIXL_ETCD_PREWARM_MAX", "").strip()
+        try:
+            cap = int(cap_raw) if cap_raw else cls.DEFAULT_MAX
+        except ValueError:
+            cap = -1
+        if cap < 1:
+            raise ValueError(
+                f"VLLM_NIXL_ETCD_PREWARM_MAX must be a positive integer (engines), got "
+                f"{cap_raw!r}"
+            )
+        return cls(patterns, cap)
+
+    def wants(self, engine_id: str, own: str) -> bool:
+        if engine_id == own:
+            return False
+        if not self.patterns:
+            return True
+        return any(
+            engine_id.startswith(p[:-1]) if p.endswith("*") else engine_id == p
+            for p in self.patterns
+        )
+
+    def exact(self) -> Optional[List[str]]:
+        """The engine ids to subscribe to one by one, or None for all engines."""
+        if not self.patterns or any(p.endswith("*") for p in self.patterns):
+            return None
+        return list(self.patterns)
+
+
+class _Prewarm:
+    """Starts vLLM's handshake with each wanted remote engine as it appears in
+    etcd. Events arrive on the library's event thread: nothing here blocks
+    (the handshake itself runs on vLLM's handshake thread)."""
+
+    def __init__(self, worker: Any, client: Client, config: PrewarmConfig) -> None:
+        self.worker = worker
+        self.client = client
+        self.config = config
+        self.lock = threading.Lock()
+        self.started: Set[str] = set()
+        self.capped = False
+        self.subs: List[Any] = []
+
+    def start(self) -> None:
+        own = str(getattr(self.worker, "engine_id", ""))
+        engines = self.config.exact()
+        logger.info(
+            "nixl-etcd: pre-warm on: handshakes start as remote engines appear in ETCD (%s; "
+            "at most %d)",
+            ", ".join(engines or self.config.patterns) or "every engine but " + own,
+            self.config.cap,
+        )
+        for engine in engines if engines is not None else [None]:
+            self.subs.append(self.client.subscribe(engine, self.on_event))
+
+    def on_event(self, ev: Event) -> None:
+        own = str(getattr(self.worker, "engine_id", ""))
+        if not self.config.wants(ev.engine_id, own):
+            return
+        if ev.kind == EventKind.REMOVED:
+            with self.lock:
+                self.started.discard(ev.engine_id)
+            return
+        if ev.kind == EventKind.ADDED:
+            self.warm(ev.engine_id, ev.rank)
+
+    def again(self, engine_id: str) -> None:
+        """A released engine (restarted): handshake again if it is registered."""
+        with self.lock:
+            self.started.discard(engine_id)
+        try:
+            rec = self.client.lookup_record(engine_id, 0)
+        except Exception:
+            return
+        self.warm(engine_id, rec.rank)
+
+    def warm(self, engine_id: str, rank: int) -> None:
+        with self.lock:
+            if engine_id in self.started:
+                return
+            if len(self.started) >= self.config.cap:
+                if not self.capped:
+                    self.capped = True
+                    logger.info(
+                        "nixl-etcd: pre-warm holds %d engines (VLLM_NIXL_ETCD_PREWARM_MAX); "
+                        "engine %s and later ones handshake on their first request",
+                        self.config.cap,
+                        engine_id,
+                    )
+                return
+            self.started.add(engine_id)
+        try:
+            # A cache hit: the subscription's informer holds the record.
+            rec = self.client.lookup_record(engine_id, rank)
+            tp = max(1, int(rec.world_size or 1))
+        except Exception as e:
+            with self.lock:
+                self.started.discard(engine_id)
+            logger.debug("nixl-etcd: pre-warm of engine %s skipped: %s", engine_id, e)
+            return
+        started = time.perf_counter()
+        _tls.prewarm = True
+        try:
+            fut = self.worker._ensure_handshake(engine_id, "", 0, tp, 1, 1)
+        except Exception as e:
+            with self.lock:
+                self.started.discard(engine_id)
+            logger.warning("nixl-etcd: pre-warm of engine %s failed to start: %s", engine_id, e)
+            return
+        finally:
+            _tls.prewarm = False
+        if fut is None:
+            return  # already loaded
+
+        def done(f: Any) -> None:
+            try:
+                f.result()
+            except Exception as e:
+                with self.lock:
+                    self.started.discard(engine_id)
+                logger.warning(
+                    "nixl-etcd: pre-warm handshake with engine %s failed (%s); its first "
+                    "request will handshake",
+                    engine_id,
+                    e,
+                )
+                return
+            logger.info(
+                "nixl-etcd: pre-warmed engine %s (TP %d): its NIXL agents were loaded %.2f ms "
+                "after it appeared in ETCD, before any request",
+                engine_id,
+                tp,
+                (time.perf_counter() - started) * 1e3,
+            )
+
+        fut.add_done_callback(done)
+
+
+def _register_kv_caches(self: Any, kv_caches: Any) -> Any:
+    result = _orig["register_kv_caches"](self, kv_caches)
+    worker = getattr(self, "connector_worker", None)
+    if worker is None or not _active(worker):
+        return result
+    try:
+        config = PrewarmConfig.from_env()
+    except ValueError as e:
+        logger.warning("nixl-etcd: pre-warm off: %s", e)
+        return result
+    if config is None:
+        return result
+    d = _discovery(worker)
+    try:
+        prewarm = _Prewarm(worker, d.get_client(), config)
+        d.prewarm = prewarm
+        prewarm.start()
+    except Exception as e:  # etcd down: requests handshake as they come
+        d.prewarm = None
+        logger.warning(
+            "nixl-etcd: pre-warm off: cannot follow ETCD (%s); requests handshake as they come",
+            e,
+        )
+    return result
+
+
+def _evict_stale_engines(self: Any) -> None:
+    # vLLM's stale-engine scan must run on its main thread: skipped when the
+    # pre-warm starts a handshake from the event thread (the next request's
+    # handshake runs it).
+    if getattr(_tls, "prewarm", False):
+        return
+    _orig["_evict_stale_engines"](self)
