@@ -320,6 +320,42 @@ def test_request_without_remote_host_and_port(cluster: Cluster) -> None:
     same_as_reference(cluster, r)
 
 
+def test_prewarm_loads_the_prefill_before_the_first_request(cluster: Cluster) -> None:
+    """VLLM_NIXL_ETCD_PREWARM=1: a decode started while the prefill is
+    registered handshakes with it at once (vLLM's own handshake, on the replayed
+    ADDED event); its first request then handshakes no more, and reads the
+    prefill's KV through the pre-warmed agents."""
+    p1 = cluster.named["P1"]  # type: ignore[attr-defined]
+    env = cluster.etcd_env(
+        VLLM_LOGGING_CONFIG_PATH=str(cluster.debug_plugin_only()),
+        VLLM_NIXL_ETCD_TIMEOUT="30",
+        VLLM_NIXL_ETCD_PREWARM="1",
+        VLLM_NIXL_ETCD_PREWARM_ENGINES="prefill_*",
+    )
+    d2 = cluster.start("D2", env, in_process=False, engine_id="decode_warm", role="kv_consumer")
+    try:
+        warmed = "nixl-etcd: pre-warmed engine prefill_engine (TP 1): its NIXL agents were loaded"
+        assert wait_until(lambda: warmed in d2.log_text(), timeout=120), d2.log_tail()
+        log = d2.log_text()
+        assert (
+            "nixl-etcd: pre-warm on: handshakes start as remote engines appear in ETCD "
+            "(prefill_*; at most 16)"
+        ) in log
+        handshake = "handshake with engine prefill_engine rank(s) 0 through ETCD"
+        assert count(log, handshake) == 1
+        params = prefill(p1)
+        r = d2.generate(PROMPT, MAX_TOKENS, decode_params(params, remote_port=free_port()))
+        same_as_reference(cluster, r)
+        log = d2.log_text()
+        assert count(log, handshake) == 1  # none on the request's path
+        assert count(log, "Discovering engine prefill_engine through ETCD") == 1
+        # Its own engine id is never pre-warmed, nor is any other engine.
+        assert "pre-warmed engine decode_" not in log
+    finally:
+        assert d2.close() == 0
+    assert wait_until(lambda: cluster.keys(f"{cluster.ns}/decode_warm/") == [], timeout=60)
+
+
 def test_use_etcd_0_is_stock(cluster: Cluster) -> None:
     """VLLM_NIXL_USE_ETCD=0: vLLM as stock, nothing in etcd. The stock engine
     decodes P1's prefill through vLLM's ZMQ side channel, which P1 (with the
