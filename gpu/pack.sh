@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Packs what the GPU run (gpu/run.sh) needs on a machine that has a GPU but
-# neither this project nor NIXL: the release build of examples/gpu_kv.rs, the
-# libraries of the nixl-cu13 1.5.1 wheel that its UCX path loads (NIXL, its C
-# API, the UCX plugin, UCX and UCX's CUDA transports, and what they link), and
-# etcd, into DEST/bundle.tar.xz, with run.sh beside it.
+# neither this project nor NIXL: the release builds of examples/gpu_kv.rs and
+# of the nixl-etcd command (its `serve`), the libraries of the nixl-cu13 1.5.1
+# wheel that its UCX path loads (NIXL, its C API, the UCX plugin, UCX and UCX's
+# CUDA transports, and what they link), the wheel's Python API (nixl_cu13, for
+# the stock agents of stock_nixl_gpu.py), and etcd, into DEST/bundle.tar.xz,
+# with run.sh and stock_nixl_gpu.py beside it.
 #
 #   gpu/pack.sh DEST [WHEEL]    (WHEEL: a nixl_cu13-1.5.1 .whl; else pip downloads it)
 set -euo pipefail
@@ -13,7 +15,8 @@ wheel="${2:-}"
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 
-(cd "$root" && cargo build --release --example gpu_kv --features nixl,cuda)
+(cd "$root" && cargo build --release --example gpu_kv --features nixl,cuda &&
+  cargo build --release --bin nixl-etcd)
 
 if [ -z "$wheel" ]; then
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
@@ -24,6 +27,7 @@ mkdir -p "$tmp/wheel" "$tmp/stage/bin" "$tmp/stage/nixl"
 unzip -q "$wheel" -d "$tmp/wheel"
 
 strip -o "$tmp/stage/bin/gpu_kv" "$root/target/release/examples/gpu_kv"
+strip -o "$tmp/stage/bin/nixl-etcd" "$root/target/release/nixl-etcd"
 cp "$(command -v etcd)" "$tmp/stage/bin/etcd"
 
 # The wheel's libraries reachable (DT_NEEDED) from the C API, the UCX plugin
@@ -39,6 +43,8 @@ for d, _, files in os.walk(src):
             index.setdefault(f, os.path.join(d, f))
 seeds = [".nixl_cu13.mesonpy.libs/libnixl_capi.so",
          ".nixl_cu13.mesonpy.libs/plugins/libplugin_UCX.so"]
+# The Python API of the stock agents: its bindings, and its modules below.
+seeds += [os.path.relpath(p, src) for n, p in index.items() if n.startswith("_bindings.")]
 seeds += [os.path.relpath(p, src) for n, p in index.items()
           if re.match(r"lib(uct_cuda|ucm_cuda|uct_cma)\.so", n)]
 seen, todo, external = set(), [os.path.join(src, s) for s in seeds], set()
@@ -59,6 +65,9 @@ for p in sorted(seen):
     os.makedirs(os.path.dirname(os.path.join(dst, rel)), exist_ok=True)
     shutil.copy2(p, os.path.join(dst, rel))
     total += os.path.getsize(p)
+for f in os.listdir(os.path.join(src, "nixl_cu13")):
+    if f.endswith(".py"):
+        shutil.copy2(os.path.join(src, "nixl_cu13", f), os.path.join(dst, "nixl_cu13", f))
 print(f"pack: {len(seen)} wheel libraries, {total / 2**20:.1f} MiB; from the system: "
       + " ".join(sorted(external)))
 PY
@@ -67,5 +76,6 @@ mkdir -p "$dest"
 du -sh "$tmp/stage/bin/gpu_kv" "$tmp/stage/bin/etcd" "$tmp/stage/nixl"
 XZ_OPT="-9 -T2" tar -cJf "$dest/bundle.tar.xz" -C "$tmp/stage" .
 cp "$root/gpu/run.sh" "$dest/run.sh"
+cp "$root/gpu/stock_nixl_gpu.py" "$dest/stock_nixl_gpu.py"
 ls -la "$dest"
 du -sh "$dest"

@@ -2,9 +2,14 @@
 # The GPU run, in one go on a machine with an NVIDIA GPU: unpacks what
 # gpu/pack.sh packed (bundle.tar.xz beside this script), starts a private etcd,
 # and for each UCX setting runs a prefill and a decode process of
-# examples/gpu_kv.rs on GPU 0; they find each other only through etcd (this
-# library) and move 1 GiB of KV blocks VRAM->VRAM with a NIXL READ (UCX).
-# The fastest setting is run again with 64 KiB, 32 MiB and 1 GiB blocks.
+# examples/gpu_kv.rs, the prefill on GPU 0 and the decode on GPU 1 when there
+# are two (CUDA_VISIBLE_DEVICES), else both on GPU 0; they find each other only
+# through etcd (this library) and move 1 GiB of KV blocks VRAM->VRAM with a
+# NIXL READ (UCX). The fastest setting is run again with 64 KiB, 32 MiB and
+# 1 GiB blocks. Then two stock NIXL agents (the wheel's Python API,
+# stock_nixl_gpu.py) whose only link is NIXL_TCPSTORE_ENDPOINT -> `nixl-etcd
+# serve` move 256 MiB the same way, and, with two GPUs, a PyTorch copy GPU 0 ->
+# GPU 1 gives the peer-to-peer limit.
 #
 # Writes $OUT/gpu-result.md (a summary, also printed) and $OUT/gpu-log.txt
 # (machine probe, every process's output). OUT defaults to ./gpu-out.
@@ -68,6 +73,11 @@ for _ in $(seq 100); do
   sleep 0.1
 done
 say "etcd $("$W/bin/etcd" --version | head -n 1) up after $((SECONDS - start)) s on $EP"
+ngpu="$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')"
+ngpu="${ngpu:-0}"
+P_GPU=0 D_GPU=0
+[ "${ngpu:-0}" -ge 2 ] && D_GPU=1
+say "GPUs: $ngpu; prefill on GPU $P_GPU, decode on GPU $D_GPU"
 export VLLM_NIXL_USE_ETCD=1 VLLM_NIXL_ETCD_ENDPOINTS="$EP" VLLM_NIXL_ETCD_NAMESPACE=/gpu-kv
 
 rows=""
@@ -80,7 +90,7 @@ run_case() {
     return
   fi
   # shellcheck disable=SC2086
-  env $envs "$BIN" prefill "$eng" $opts --timeout-s 90 >"$W/$name.prefill" 2>&1 &
+  env $envs CUDA_VISIBLE_DEVICES=$P_GPU "$BIN" prefill "$eng" $opts --timeout-s 90 >"$W/$name.prefill" 2>&1 &
   pp=$!
   for _ in $(seq 600); do
     grep -q '^prefill: ready' "$W/$name.prefill" && break
@@ -89,7 +99,7 @@ run_case() {
   done
   if grep -q '^prefill: ready' "$W/$name.prefill"; then
     # shellcheck disable=SC2086
-    env $envs UCX_PROTO_INFO=y timeout 100 "$BIN" decode "$eng" --timeout-s 60 >"$W/$name.decode" 2>&1
+    env $envs CUDA_VISIBLE_DEVICES=$D_GPU UCX_PROTO_INFO=y timeout 100 "$BIN" decode "$eng" --timeout-s 60 >"$W/$name.decode" 2>&1
     rc=$?
   else
     echo "decode not started: the prefill did not get ready" >"$W/$name.decode"
@@ -134,13 +144,63 @@ if [ -n "$best_name" ]; then
   run_case "$best_name-1g" "$best_env" "--blocks 1 --block-kib 1048576"
 fi
 
+# Stock NIXL agents, metadata only through `nixl-etcd serve` (etcd behind it).
+stock_row="not run"
+"$W/bin/nixl-etcd" serve --listen 127.0.0.1:0 --endpoints "$EP" >"$W/serve.out" 2>"$W/serve.err" &
+serve_pid=$!
+trap 'kill $etcd_pid $serve_pid 2>/dev/null' EXIT
+for _ in $(seq 100); do grep -q 'ready, NIXL_TCPSTORE_ENDPOINT=' "$W/serve.out" && break; sleep 0.1; done
+store="$(sed -n 's/.*NIXL_TCPSTORE_ENDPOINT=\([0-9.:]*\) .*/\1/p' "$W/serve.out" | head -n 1)"
+if [ -n "$store" ]; then
+  export PYTHONPATH="$W/nixl${PYTHONPATH:+:$PYTHONPATH}"
+  NIXL_TCPSTORE_ENDPOINT="$store" CUDA_VISIBLE_DEVICES=$P_GPU \
+    python3 "$here/stock_nixl_gpu.py" prefill stock-prefill 256 >"$W/stock.prefill" 2>&1 &
+  sp=$!
+  for _ in $(seq 600); do grep -q '^{"addr"' "$W/stock.prefill" && break; kill -0 $sp 2>/dev/null || break; sleep 0.1; done
+  read -r addr len dev < <(grep '^{"addr"' "$W/stock.prefill" | python3 -c 'import json,sys; d=json.loads(sys.stdin.readline()); print(d["addr"], d["len"], d["dev"])')
+  if [ -n "${addr:-}" ]; then
+    NIXL_TCPSTORE_ENDPOINT="$store" CUDA_VISIBLE_DEVICES=$D_GPU timeout 120 \
+      python3 "$here/stock_nixl_gpu.py" decode stock-decode stock-prefill "$addr" "$len" "$dev" >"$W/stock.decode" 2>&1
+  fi
+  wait $sp
+  r="$(grep '^RESULT' "$W/stock.decode" 2>/dev/null | tail -n 1)"
+  stock_row="${r:-failed: $(tail -n 2 "$W/stock.decode" "$W/stock.prefill" 2>/dev/null | tr '\n|' ' /' | cut -c1-300)}"
+  { echo "== stock NIXL through nixl-etcd serve ($store)"; cat "$W/serve.out" "$W/serve.err";
+    echo "-- prefill"; cat "$W/stock.prefill"; echo "-- decode"; cat "$W/stock.decode" 2>/dev/null; } >>"$LOG"
+fi
+kill -TERM $serve_pid 2>/dev/null; wait $serve_pid 2>/dev/null
+say "stock NIXL via nixl-etcd serve: $stock_row"
+say "serve: $(tail -n 1 "$W/serve.out")"
+
+# The peer-to-peer copy limit GPU 0 -> GPU 1 (PyTorch), and how the GPUs are linked.
+p2p="one GPU: no peer-to-peer copy"
+if [ "$ngpu" -ge 2 ]; then
+  p2p="$(python3 - <<'PY' 2>&1 | tail -n 1
+import torch, time
+n = 1 << 30
+a = torch.empty(n, dtype=torch.uint8, device="cuda:0"); b = torch.empty(n, dtype=torch.uint8, device="cuda:1")
+for _ in range(3): b.copy_(a)
+torch.cuda.synchronize("cuda:0"); torch.cuda.synchronize("cuda:1")
+ts = []
+for _ in range(10):
+    t = time.perf_counter(); b.copy_(a); torch.cuda.synchronize("cuda:1"); ts.append(time.perf_counter() - t)
+ts.sort()
+print(f"PyTorch copy cuda:0 -> cuda:1 of 1 GiB: median {n / ts[5] / 1e9:.1f} GB/s, best {n / ts[0] / 1e9:.1f} GB/s")
+PY
+)"
+fi
+topo="$(nvidia-smi topo -m 2>/dev/null | sed -n '2,3p' | tr -s ' \t' ' ')"
+say "p2p: $p2p"
+
 {
   echo "# GPU KV transfer through NIXL, metadata through nixl-etcd"
   echo
   echo "- date (UTC): $(date -u '+%Y-%m-%d %H:%M')"
   echo "- GPU: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null) ($(nvidia-smi 2>/dev/null | grep -o 'CUDA Version: [0-9.]*'))"
   echo "- NIXL: nixl-cu13 1.5.1 wheel libraries, UCX backend; etcd $("$W/bin/etcd" --version | head -n 1 | awk '{print $3}') on loopback"
-  echo "- two processes on GPU 0 (prefill, decode), each its own CUDA context and NIXL agent; metadata and KV layout only through etcd"
+  echo "- two processes (prefill on GPU $P_GPU, decode on GPU $D_GPU of $ngpu), each its own CUDA context and NIXL agent; metadata and KV layout only through etcd"
+  echo "- topology (nvidia-smi topo -m): ${topo:-n/a}"
+  echo "- peer-to-peer limit: $p2p"
   echo
   echo "| case | UCX settings | result | blocks | first READ GB/s | median GB/s | best GB/s | handshake ms | bytes verified |"
   echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
@@ -149,6 +209,10 @@ fi
   if [ -n "$best_name" ]; then
     grep -h '^decode: ' "$W/$best_name.decode" | sed 's/^/    /'
   fi
+  echo
+  echo "Stock NIXL (nixl-cu13 Python API, no nixl-etcd code in the agents; their only link NIXL_TCPSTORE_ENDPOINT -> \`nixl-etcd serve\` -> etcd), 256 MiB VRAM READ, every byte checked on the GPU:"
+  echo
+  echo "    $stock_row"
   echo
   echo "Handshake: from decode starting to wait on etcd for the prefill's rank 0 to the remote agent loaded into NIXL (prefill already published)."
   echo "GB/s: bytes / wall time of one NIXL READ request (post to completion), one descriptor per block; median over the repeats."
