@@ -3,7 +3,15 @@
 //! (UCX backend) with its own CUDA context on the same GPU.
 //!
 //!   gpu_kv prefill ENGINE_ID [--blocks N] [--block-kib K] [--device D] [--timeout-s S]
-//!   gpu_kv decode  ENGINE_ID [--device D] [--iters N] [--timeout-s S]
+//!   gpu_kv decode  ENGINE_ID [--device D] [--iters N] [--timeout-s S] [--prewarm 1]
+//!
+//! With `--prewarm 1` the decode is started before the prefill: it follows the
+//! engine through a subscription, prints `decode: ready`, and loads the
+//! prefill's agent when its ADDED event arrives (before any request); the
+//! request (the READ) then finds the agent loaded. It reports the time from the
+//! prefill's registration (its record's `registered_at_ms`) to the event, to
+//! the agent loaded, and to the first READ complete, and the handshake left on
+//! the request's path.
 //!
 //! The prefill allocates its KV blocks with cuMemAlloc (1 GiB by default: 512
 //! blocks of 2 MiB), fills every 32-bit word with a value that depends on the
@@ -102,12 +110,13 @@ struct Args {
     device: usize,
     iters: usize,
     timeout: Duration,
+    prewarm: bool,
 }
 
 fn parse() -> Result<Args, String> {
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let usage = "usage: gpu_kv prefill|decode ENGINE_ID [--blocks N] [--block-kib K] \
-                 [--device D] [--iters N] [--timeout-s S]";
+                 [--device D] [--iters N] [--timeout-s S] [--prewarm 0|1]";
     let (role, engine) = match (argv.first(), argv.get(1)) {
         (Some(r), Some(e)) if r == "prefill" || r == "decode" => (r.clone(), e.clone()),
         _ => return Err(usage.into()),
@@ -120,6 +129,7 @@ fn parse() -> Result<Args, String> {
         device: 0,
         iters: 10,
         timeout: Duration::from_secs(120),
+        prewarm: false,
     };
     let mut rest = argv[2..].iter();
     while let Some(flag) = rest.next() {
@@ -131,6 +141,7 @@ fn parse() -> Result<Args, String> {
             "--device" => args.device = n as usize,
             "--iters" => args.iters = n as usize,
             "--timeout-s" if n > 0 => args.timeout = Duration::from_secs(n),
+            "--prewarm" => args.prewarm = n != 0,
             _ => return Err(format!("bad option {flag} {value}\n{usage}")),
         }
     }
@@ -511,15 +522,24 @@ fn decode(args: &Args, client: &Client) -> Result<(), String> {
         .create_backend("UCX", &[])
         .map_err(|e| e.to_string())?;
 
-    // The handshake: everything decode needs from the prefill, through etcd.
+    // Pre-warm: the prefill's agent is loaded when it appears, before the request.
+    let warm = match args.prewarm {
+        true => Some(prewarm(args, client, &agent)?),
+        false => None,
+    };
+    // The handshake: everything decode needs from the prefill, through etcd
+    // (with pre-warm, only finding the agent loaded).
     let started = Instant::now();
     let found = client
         .wait(&args.engine, 0, Some(args.timeout))
         .map_err(|e| e.to_string())?;
     let waited = started.elapsed();
-    let remote = agent
-        .load_remote_metadata(&found.metadata)
-        .map_err(|e| e.to_string())?;
+    let remote = match &warm {
+        Some(w) => w.remote.clone(),
+        None => agent
+            .load_remote_metadata(&found.metadata)
+            .map_err(|e| e.to_string())?,
+    };
     let handshake = started.elapsed();
     let layout = client
         .wait(&layout_engine(&args.engine), 0, Some(args.timeout))
@@ -560,6 +580,7 @@ fn decode(args: &Args, client: &Client) -> Result<(), String> {
     let t = Instant::now();
     xfer.run(args.timeout).map_err(|e| e.to_string())?;
     let first = t.elapsed().as_secs_f64();
+    let first_done_ms = epoch_ms();
     check_or_fail(
         "first transfer",
         verify(&ctx, kernels.as_ref(), &local, bb)?,
@@ -649,6 +670,26 @@ fn decode(args: &Args, client: &Client) -> Result<(), String> {
         "decode: verified {} of {} bytes twice ({check}); checksum {} matches the prefill's",
         total, total, layout.checksum
     );
+    if let Some(w) = &warm {
+        let reg = found.record.registered_at_ms as f64;
+        println!(
+            "decode: pre-warm: prefill registered -> ADDED event {:.3} ms -> agent loaded {:.3} ms \
+             -> first READ complete {:.3} ms; handshake on the request's path {:.3} ms",
+            w.seen_ms - reg,
+            w.loaded_ms - reg,
+            first_done_ms - reg,
+            handshake.as_secs_f64() * 1e3
+        );
+        println!(
+            "PREWARM event_ms={:.3} loaded_ms={:.3} first_read_done_ms={:.3} on_path_ms={:.3} \
+             nixl_load_ms={:.3}",
+            w.seen_ms - reg,
+            w.loaded_ms - reg,
+            first_done_ms - reg,
+            handshake.as_secs_f64() * 1e3,
+            w.loaded_ms - w.seen_ms
+        );
+    }
     println!(
         "RESULT bytes={total} blocks={blocks} block_bytes={bb} verified_bytes={} \
          handshake_ms={:.3} etcd_wait_ms={:.3} nixl_load_ms={:.3} layout_ms={:.3} md_bytes={} \
@@ -672,6 +713,54 @@ fn decode(args: &Args, client: &Client) -> Result<(), String> {
     drop(scratch);
     drop(local);
     Ok(())
+}
+
+/// Wall-clock milliseconds since the epoch (the record's `registered_at_ms`
+/// is one; both processes run on one host).
+fn epoch_ms() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64() * 1e3)
+        .unwrap_or(0.0)
+}
+
+/// What the pre-warm did, in wall-clock ms.
+struct Warm {
+    remote: String,
+    seen_ms: f64,
+    loaded_ms: f64,
+}
+
+/// Follows the prefill's engine; when its rank 0 is ADDED, loads its agent.
+fn prewarm(args: &Args, client: &Client, agent: &Agent) -> Result<Warm, String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let tx = std::sync::Mutex::new(tx);
+    let sub = client
+        .subscribe(
+            Some(&args.engine),
+            Box::new(move |ev| {
+                if ev.kind == nixl_etcd::EventKind::Added && ev.rank == 0 {
+                    let sent = tx.lock().map(|t| t.send((ev.metadata.clone(), epoch_ms())));
+                    drop(sent);
+                }
+            }),
+        )
+        .map_err(|e| e.to_string())?;
+    println!("decode: ready, following {} (pre-warm)", args.engine);
+    let (md, seen_ms) = rx.recv_timeout(args.timeout).map_err(|_| {
+        format!(
+            "pre-warm: {} did not appear within {:?}",
+            args.engine, args.timeout
+        )
+    })?;
+    let remote = agent.load_remote_metadata(&md).map_err(|e| e.to_string())?;
+    let loaded_ms = epoch_ms();
+    client.unsubscribe(sub).map_err(|e| e.to_string())?;
+    Ok(Warm {
+        remote,
+        seen_ms,
+        loaded_ms,
+    })
 }
 
 fn main() -> ExitCode {
