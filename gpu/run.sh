@@ -14,7 +14,8 @@
 # Writes $OUT/gpu-result.md (a summary, also printed) and $OUT/gpu-log.txt
 # (machine probe, every process's output). OUT defaults to ./gpu-out.
 #
-#   bash run.sh            environment: GPU_KV_BUNDLE (tarball), GPU_KV_WORK (scratch dir)
+#   bash run.sh            environment: GPU_KV_BUNDLE (tarball), GPU_KV_WORK (scratch dir),
+#                          GPU_RUN=short (one UCX setting, then pre-warm, stock NIXL, P2P)
 set -u
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 OUT="${OUT:-$PWD/gpu-out}"
@@ -134,11 +135,15 @@ run_case() {
 # fall back to tcp through the host. UCX_CUDA_IPC_ENABLE_GET_ZCOPY=y turns it
 # back on. (UCX_TLS without tcp, e.g. cuda_ipc,cuda_copy,sm,self, fails:
 # NIXL's endpoints need peer failure handling, which shared memory lacks.)
-run_case default "" ""
-run_case ipc-get "UCX_CUDA_IPC_ENABLE_GET_ZCOPY=y" ""
+# GPU_RUN=short: one UCX setting (no block sizes), then the pre-warm, stock
+# NIXL and peer-to-peer parts (for a short device lease).
+if [ "${GPU_RUN:-}" != short ]; then
+  run_case default "" ""
+  run_case ipc-get "UCX_CUDA_IPC_ENABLE_GET_ZCOPY=y" ""
+fi
 run_case ipc-get-tcp "UCX_CUDA_IPC_ENABLE_GET_ZCOPY=y UCX_TLS=cuda_ipc,cuda_copy,tcp" ""
 # The same 1 GiB in other block sizes (one NIXL descriptor per block).
-if [ -n "$best_name" ]; then
+if [ -n "$best_name" ] && [ "${GPU_RUN:-}" != short ]; then
   run_case "$best_name-64k" "$best_env" "--blocks 16384 --block-kib 64"
   run_case "$best_name-32m" "$best_env" "--blocks 32 --block-kib 32768"
   run_case "$best_name-1g" "$best_env" "--blocks 1 --block-kib 1048576"
@@ -148,7 +153,7 @@ fi
 # prefill's agent when the prefill appears, before its request (the READ).
 prewarm_rows=""
 run_prewarm() {
-  local name="$1" envs="$2" eng="gpu-kv-$1" dp rc r
+  local name="$1" envs="$2" eng="gpu-kv-$1" dp pp rc r
   # shellcheck disable=SC2086
   env $envs CUDA_VISIBLE_DEVICES=$D_GPU timeout 100 "$BIN" decode "$eng" --prewarm 1 --timeout-s 60 >"$W/$name.decode" 2>&1 &
   dp=$!
@@ -159,9 +164,12 @@ run_prewarm() {
   done
   # shellcheck disable=SC2086
   env $envs CUDA_VISIBLE_DEVICES=$P_GPU "$BIN" prefill "$eng" --timeout-s 90 >"$W/$name.prefill" 2>&1 &
+  pp=$!
   wait "$dp"
   rc=$?
-  wait
+  for _ in $(seq 200); do kill -0 "$pp" 2>/dev/null || break; sleep 0.1; done
+  kill "$pp" 2>/dev/null
+  wait "$pp"
   { echo "== pre-warm case $name (${envs:-UCX defaults}): decode exit $rc"
     echo "-- prefill"; cat "$W/$name.prefill"; echo "-- decode"; cat "$W/$name.decode"; } >>"$LOG"
   r="$(grep '^PREWARM' "$W/$name.decode" | tail -n 1)"
