@@ -81,6 +81,17 @@ P_GPU=0 D_GPU=0
 say "GPUs: $ngpu; prefill on GPU $P_GPU, decode on GPU $D_GPU"
 export VLLM_NIXL_USE_ETCD=1 VLLM_NIXL_ETCD_ENDPOINTS="$EP" VLLM_NIXL_ETCD_NAMESPACE=/gpu-kv
 
+# wait_line FILE PATTERN PID: until FILE has a line matching PATTERN, PID
+# exits, or 60 s pass.
+wait_line() {
+  for _ in $(seq 600); do
+    grep -q "$2" "$1" && return 0
+    kill -0 "$3" 2>/dev/null || return 1
+    sleep 0.1
+  done
+  return 1
+}
+
 rows=""
 best_name="" best_env="" best_gbps=0
 # run_case NAME "ENV=VALUE ..." "prefill options"
@@ -93,11 +104,7 @@ run_case() {
   # shellcheck disable=SC2086
   env $envs CUDA_VISIBLE_DEVICES=$P_GPU "$BIN" prefill "$eng" $opts --timeout-s 90 >"$W/$name.prefill" 2>&1 &
   pp=$!
-  for _ in $(seq 600); do
-    grep -q '^prefill: ready' "$W/$name.prefill" && break
-    kill -0 "$pp" 2>/dev/null || break
-    sleep 0.1
-  done
+  wait_line "$W/$name.prefill" '^prefill: ready' "$pp"
   if grep -q '^prefill: ready' "$W/$name.prefill"; then
     # shellcheck disable=SC2086
     env $envs CUDA_VISIBLE_DEVICES=$D_GPU UCX_PROTO_INFO=y timeout 100 "$BIN" decode "$eng" --timeout-s 60 >"$W/$name.decode" 2>&1
@@ -157,11 +164,7 @@ run_prewarm() {
   # shellcheck disable=SC2086
   env $envs CUDA_VISIBLE_DEVICES=$D_GPU timeout 100 "$BIN" decode "$eng" --prewarm 1 --timeout-s 60 >"$W/$name.decode" 2>&1 &
   dp=$!
-  for _ in $(seq 600); do
-    grep -q '^decode: ready' "$W/$name.decode" && break
-    kill -0 "$dp" 2>/dev/null || break
-    sleep 0.1
-  done
+  wait_line "$W/$name.decode" '^decode: ready' "$dp"
   # shellcheck disable=SC2086
   env $envs CUDA_VISIBLE_DEVICES=$P_GPU "$BIN" prefill "$eng" --timeout-s 90 >"$W/$name.prefill" 2>&1 &
   pp=$!
@@ -198,7 +201,7 @@ if [ -n "$store" ]; then
   NIXL_TCPSTORE_ENDPOINT="$store" CUDA_VISIBLE_DEVICES=$P_GPU \
     python3 "$here/stock_nixl_gpu.py" prefill stock-prefill 256 >"$W/stock.prefill" 2>&1 &
   sp=$!
-  for _ in $(seq 600); do grep -q '^{"addr"' "$W/stock.prefill" && break; kill -0 $sp 2>/dev/null || break; sleep 0.1; done
+  wait_line "$W/stock.prefill" '^{"addr"' "$sp"
   read -r addr len dev < <(grep '^{"addr"' "$W/stock.prefill" | python3 -c 'import json,sys; d=json.loads(sys.stdin.readline()); print(d["addr"], d["len"], d["dev"])')
   if [ -n "${addr:-}" ]; then
     NIXL_TCPSTORE_ENDPOINT="$store" CUDA_VISIBLE_DEVICES=$D_GPU timeout 120 \

@@ -34,15 +34,7 @@ impl Probe<'_> {
 
     /// etcd's resident memory (MiB).
     pub fn rss_mib(&self) -> f64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.0.pid()));
-        status
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find_map(|l| l.strip_prefix("VmRSS:"))
-                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-            })
-            .map_or(f64::NAN, |kib| kib / 1024.0)
+        ranks::rss_kib_of(&self.0.pid().to_string()).map_or(f64::NAN, |kib| kib / 1024.0)
     }
 
     /// CPU seconds (user + system) etcd has used.

@@ -58,14 +58,19 @@ impl Expected {
     }
 }
 
-/// Resident memory of this process, from /proc/self/status (KiB).
+/// Resident memory of this process (KiB).
 pub fn vm_rss_kib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
+    rss_kib_of("self").expect("VmRSS in /proc/self/status")
+}
+
+/// Resident memory of process `pid` ("self" for this one), from
+/// /proc/PID/status (KiB).
+pub fn rss_kib_of(pid: &str) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .expect("VmRSS in /proc/self/status")
 }
 
 /// Gives freed heap back to the OS, so that an RSS baseline does not hide
