@@ -8,10 +8,11 @@
 //! With `--prewarm 1` the decode is started before the prefill: it follows the
 //! engine through a subscription, prints `decode: ready`, and loads the
 //! prefill's agent when its ADDED event arrives (before any request); the
-//! request (the READ) then finds the agent loaded. It reports the time from the
-//! prefill's registration (its record's `registered_at_ms`) to the event, to
-//! the agent loaded, and to the first READ complete, and the handshake left on
-//! the request's path.
+//! request (the READ) then finds the agent loaded. Without it a decode started
+//! first waits for the engine and loads the agent on the request's path. Both
+//! print a `FIRST` line: ms from the prefill's registration (its record's
+//! `registered_at_ms`) to the decode knowing of it, to the agent loaded, and to
+//! the first READ complete, and the handshake left on the request's path.
 //!
 //! The prefill allocates its KV blocks with cuMemAlloc (1 GiB by default: 512
 //! blocks of 2 MiB), fills every 32-bit word with a value that depends on the
@@ -525,7 +526,10 @@ fn decode(args: &Args, client: &Client) -> Result<(), String> {
     // Pre-warm: the prefill's agent is loaded when it appears, before the request.
     let warm = match args.prewarm {
         true => Some(prewarm(args, client, &agent)?),
-        false => None,
+        false => {
+            println!("decode: ready, waiting for {}", args.engine);
+            None
+        }
     };
     // The handshake: everything decode needs from the prefill, through etcd
     // (with pre-warm, only finding the agent loaded).
@@ -534,6 +538,7 @@ fn decode(args: &Args, client: &Client) -> Result<(), String> {
         .wait(&args.engine, 0, Some(args.timeout))
         .map_err(|e| e.to_string())?;
     let waited = started.elapsed();
+    let known_ms = epoch_ms();
     let remote = match &warm {
         Some(w) => w.remote.clone(),
         None => agent
@@ -541,6 +546,7 @@ fn decode(args: &Args, client: &Client) -> Result<(), String> {
             .map_err(|e| e.to_string())?,
     };
     let handshake = started.elapsed();
+    let loaded_ms = epoch_ms();
     let layout = client
         .wait(&layout_engine(&args.engine), 0, Some(args.timeout))
         .map_err(|e| e.to_string())?;
@@ -670,26 +676,31 @@ fn decode(args: &Args, client: &Client) -> Result<(), String> {
         "decode: verified {} of {} bytes twice ({check}); checksum {} matches the prefill's",
         total, total, layout.checksum
     );
-    if let Some(w) = &warm {
-        let reg = found.record.registered_at_ms as f64;
-        println!(
-            "decode: pre-warm: prefill registered -> ADDED event {:.3} ms -> agent loaded {:.3} ms \
-             -> first READ complete {:.3} ms; handshake on the request's path {:.3} ms",
-            w.seen_ms - reg,
-            w.loaded_ms - reg,
-            first_done_ms - reg,
-            handshake.as_secs_f64() * 1e3
-        );
-        println!(
-            "PREWARM event_ms={:.3} loaded_ms={:.3} first_read_done_ms={:.3} on_path_ms={:.3} \
-             nixl_load_ms={:.3}",
-            w.seen_ms - reg,
-            w.loaded_ms - reg,
-            first_done_ms - reg,
-            handshake.as_secs_f64() * 1e3,
-            w.loaded_ms - w.seen_ms
-        );
-    }
+    // From the prefill's registration (meaningful when the decode started
+    // first): when the decode knew of it, had its agent loaded, and had the
+    // first READ complete; and the handshake left on the request's path.
+    let reg = found.record.registered_at_ms as f64;
+    let (mode, known, loaded, nixl_load) = match &warm {
+        Some(w) => ("prewarm", w.seen_ms, w.loaded_ms, w.loaded_ms - w.seen_ms),
+        None => ("cold", known_ms, loaded_ms, loaded_ms - known_ms),
+    };
+    println!(
+        "decode: {mode}: prefill registered -> known {:.3} ms -> agent loaded {:.3} ms \
+         -> first READ complete {:.3} ms; handshake on the request's path {:.3} ms",
+        known - reg,
+        loaded - reg,
+        first_done_ms - reg,
+        handshake.as_secs_f64() * 1e3
+    );
+    println!(
+        "FIRST mode={mode} known_ms={:.3} loaded_ms={:.3} first_read_done_ms={:.3} on_path_ms={:.3} \
+         nixl_load_ms={:.3}",
+        known - reg,
+        loaded - reg,
+        first_done_ms - reg,
+        handshake.as_secs_f64() * 1e3,
+        nixl_load
+    );
     println!(
         "RESULT bytes={total} blocks={blocks} block_bytes={bb} verified_bytes={} \
          handshake_ms={:.3} etcd_wait_ms={:.3} nixl_load_ms={:.3} layout_ms={:.3} md_bytes={} \

@@ -15,7 +15,8 @@
 # (machine probe, every process's output). OUT defaults to ./gpu-out.
 #
 #   bash run.sh            environment: GPU_KV_BUNDLE (tarball), GPU_KV_WORK (scratch dir),
-#                          GPU_RUN=short (one UCX setting, then pre-warm, stock NIXL, P2P)
+#                          GPU_RUN=short (one UCX setting, then first transfer with and
+#                          without pre-warm, stock NIXL, P2P)
 set -u
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 OUT="${OUT:-$PWD/gpu-out}"
@@ -156,13 +157,15 @@ if [ -n "$best_name" ] && [ "${GPU_RUN:-}" != short ]; then
   run_case "$best_name-1g" "$best_env" "--blocks 1 --block-kib 1048576"
 fi
 
-# Pre-warm: the decode starts first and follows the engine; it loads the
-# prefill's agent when the prefill appears, before its request (the READ).
-prewarm_rows=""
-run_prewarm() {
-  local name="$1" envs="$2" eng="gpu-kv-$1" dp pp rc r
+# First transfer after a prefill appears, the decode started first in both
+# modes: "cold" waits for the engine and loads its agent on the request's
+# path; "prewarm" follows it and loads the agent on its ADDED event, before
+# the request (the READ). Alternated, twice each.
+first_rows=""
+run_first() {
+  local name="$1" envs="$2" warm="$3" eng="gpu-kv-$1" dp pp rc r
   # shellcheck disable=SC2086
-  env $envs CUDA_VISIBLE_DEVICES=$D_GPU timeout 100 "$BIN" decode "$eng" --prewarm 1 --timeout-s 60 >"$W/$name.decode" 2>&1 &
+  env $envs CUDA_VISIBLE_DEVICES=$D_GPU timeout 100 "$BIN" decode "$eng" --prewarm "$warm" --timeout-s 60 >"$W/$name.decode" 2>&1 &
   dp=$!
   wait_line "$W/$name.decode" '^decode: ready' "$dp"
   # shellcheck disable=SC2086
@@ -173,20 +176,22 @@ run_prewarm() {
   for _ in $(seq 200); do kill -0 "$pp" 2>/dev/null || break; sleep 0.1; done
   kill "$pp" 2>/dev/null
   wait "$pp"
-  { echo "== pre-warm case $name (${envs:-UCX defaults}): decode exit $rc"
+  { echo "== first-transfer case $name (${envs:-UCX defaults}; --prewarm $warm): decode exit $rc"
     echo "-- prefill"; cat "$W/$name.prefill"; echo "-- decode"; cat "$W/$name.decode"; } >>"$LOG"
-  r="$(grep '^PREWARM' "$W/$name.decode" | tail -n 1)"
+  r="$(grep '^FIRST' "$W/$name.decode" | tail -n 1)"
   get() { sed -n "s/.* $1=\([^ ]*\).*/\1/p" <<<" $r"; }
   if [ "$rc" -eq 0 ] && [ -n "$r" ]; then
-    prewarm_rows="$prewarm_rows| $name | \`${envs:-UCX defaults}\` | $(get event_ms) | $(get nixl_load_ms) | $(get loaded_ms) | $(get first_read_done_ms) | $(get on_path_ms) |"$'\n'
+    first_rows="$first_rows| $name | $(get mode) | $(get known_ms) | $(get nixl_load_ms) | $(get loaded_ms) | $(get first_read_done_ms) | $(get on_path_ms) |"$'\n'
   else
-    prewarm_rows="$prewarm_rows| $name | \`${envs:-UCX defaults}\` | failed (decode $rc): $(tail -n 1 "$W/$name.decode" | cut -c1-120 | tr '|' '/') | | | | |"$'\n'
+    first_rows="$first_rows| $name | --prewarm $warm | failed (decode $rc): $(tail -n 1 "$W/$name.decode" | cut -c1-120 | tr '|' '/') | | | | |"$'\n'
   fi
-  say "pre-warm $name: ${r:-failed}"
+  say "first transfer $name: ${r:-failed}"
 }
 if [ -n "$best_name" ]; then
-  run_prewarm "$best_name-prewarm" "$best_env"
-  run_prewarm "$best_name-prewarm2" "$best_env"
+  run_first "$best_name-cold1" "$best_env" 0
+  run_first "$best_name-prewarm1" "$best_env" 1
+  run_first "$best_name-cold2" "$best_env" 0
+  run_first "$best_name-prewarm2" "$best_env" 1
 fi
 
 # Stock NIXL agents, metadata only through `nixl-etcd serve` (etcd behind it).
@@ -255,13 +260,11 @@ say "p2p: $p2p"
     grep -h '^decode: ' "$W/$best_name.decode" | sed 's/^/    /'
   fi
   echo
-  echo "Pre-warm (decode started first, following the engine; it loads the prefill's agent on the ADDED event, then READs 1 GiB): ms after the prefill's registration (its record's registered_at_ms, same host clock)"
+  echo "First transfer after the prefill appears, with and without pre-warm (decode started first in both; cold: it waits for the engine and loads the agent on the request's path; prewarm: it loads the agent on the ADDED event, then READs 1 GiB). ms after the prefill's registration (its record's registered_at_ms, same host clock); settings \`${best_env:-UCX defaults}\`:"
   echo
-  echo "| case | UCX settings | ADDED event | NIXL load | agent loaded | first READ complete | handshake on the request's path |"
+  echo "| case | mode | decode knows of it | NIXL load | agent loaded | first READ complete | handshake on the request's path |"
   echo "| --- | --- | --- | --- | --- | --- | --- |"
-  printf '%s' "$prewarm_rows"
-  echo
-  echo "Without pre-warm the request's path carries the whole handshake: the 'handshake ms' column of the table above."
+  printf '%s' "$first_rows"
   echo
   echo "Stock NIXL (nixl-cu13 Python API, no nixl-etcd code in the agents; their only link NIXL_TCPSTORE_ENDPOINT -> \`nixl-etcd serve\` -> etcd), 256 MiB VRAM READ, every byte checked on the GPU:"
   echo
