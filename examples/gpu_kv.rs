@@ -5,8 +5,8 @@
 //!   gpu_kv prefill ENGINE_ID [--blocks N] [--block-kib K] [--device D] [--timeout-s S]
 //!   gpu_kv decode  ENGINE_ID [--device D] [--iters N] [--timeout-s S] [--prewarm 1]
 //!
-//! With `--prewarm 1` the decode is started before the prefill: it follows the
-//! engine through a subscription, prints `decode: ready`, and loads the
+//! With `--prewarm 1` the decode is started before the prefill: the library's
+//! pre-warm (`nixl_etcd::prewarm`) follows the engine, and loads the
 //! prefill's agent when its ADDED event arrives (before any request); the
 //! request (the READ) then finds the agent loaded. Without it a decode started
 //! first waits for the engine and loads the agent on the request's path. Both
@@ -47,6 +47,7 @@ use cudarc::driver::{result as cu, sys as cusys, CudaContext, CudaFunction, Laun
 use cudarc::driver::{DriverError, PushKernelArg};
 use cudarc::nvrtc::{result as rtc, sys as rtcsys, Ptx};
 use nixl_etcd::nixl::nixl_sys::{Agent, Backend, MemType, XferOp};
+use nixl_etcd::prewarm::{Prewarm, PrewarmOptions, Ranks};
 use nixl_etcd::Client;
 
 const DONE: &[u8] = b"gpu-kv-blocks-read";
@@ -523,7 +524,21 @@ fn decode(args: &Args, client: &Client) -> Result<(), String> {
         .create_backend("UCX", &[])
         .map_err(|e| e.to_string())?;
 
-    // Pre-warm: the prefill's agent is loaded when it appears, before the request.
+    // The decode's KV memory, registered before any prefill exists (as an
+    // engine registers its KV cache at start): sized by --blocks and
+    // --block-kib, the prefill's layout must fit.
+    let cap = args.blocks * args.block_bytes;
+    let local = GpuBuf::new(&ctx, cap)?;
+    let reg = agent
+        .register(
+            MemType::Vram,
+            &[(local.ptr as usize, cap, args.device as u64)],
+            &ucx,
+        )
+        .map_err(|e| e.to_string())?;
+
+    // Pre-warm (the library's): the prefill's agent is loaded when it
+    // appears, before the request.
     let warm = match args.prewarm {
         true => Some(prewarm(args, client, &agent)?),
         false => {
@@ -534,6 +549,7 @@ fn decode(args: &Args, client: &Client) -> Result<(), String> {
     // The handshake: everything decode needs from the prefill, through etcd
     // (with pre-warm, only finding the agent loaded).
     let started = Instant::now();
+    let started_ms = epoch_ms();
     let found = client
         .wait(&args.engine, 0, Some(args.timeout))
         .map_err(|e| e.to_string())?;
@@ -554,16 +570,13 @@ fn decode(args: &Args, client: &Client) -> Result<(), String> {
     let layout = parse_layout(&layout.metadata)?;
     let (bb, blocks) = (layout.block_bytes, layout.blocks);
     let total = bb * blocks;
-
-    let local = GpuBuf::new(&ctx, total)?;
+    if total > cap {
+        return Err(format!(
+            "the prefill's KV ({blocks} blocks of {bb} bytes) does not fit this decode's \
+             {cap} bytes: give the decode the same --blocks and --block-kib"
+        ));
+    }
     local.poison()?;
-    let reg = agent
-        .register(
-            MemType::Vram,
-            &[(local.ptr as usize, total, args.device as u64)],
-            &ucx,
-        )
-        .map_err(|e| e.to_string())?;
     let locals: Vec<_> = (0..blocks)
         .map(|b| (local.ptr as usize + b * bb, bb, args.device as u64))
         .collect();
@@ -684,13 +697,16 @@ fn decode(args: &Args, client: &Client) -> Result<(), String> {
         Some(w) => ("prewarm", w.seen_ms, w.loaded_ms, w.loaded_ms - w.seen_ms),
         None => ("cold", known_ms, loaded_ms, loaded_ms - known_ms),
     };
+    // The request's path starts when the decode asks, or when the prefill
+    // registered if the decode asked before it existed.
+    let on_path = loaded_ms - started_ms.max(reg);
     println!(
         "decode: {mode}: prefill registered -> known {:.3} ms -> agent loaded {:.3} ms \
          -> first READ complete {:.3} ms; handshake on the request's path {:.3} ms",
         known - reg,
         loaded - reg,
         first_done_ms - reg,
-        handshake.as_secs_f64() * 1e3
+        on_path
     );
     println!(
         "FIRST mode={mode} known_ms={:.3} loaded_ms={:.3} first_read_done_ms={:.3} on_path_ms={:.3} \
@@ -698,7 +714,7 @@ fn decode(args: &Args, client: &Client) -> Result<(), String> {
         known - reg,
         loaded - reg,
         first_done_ms - reg,
-        handshake.as_secs_f64() * 1e3,
+        on_path,
         nixl_load
     );
     println!(
@@ -742,36 +758,39 @@ struct Warm {
     loaded_ms: f64,
 }
 
-/// Follows the prefill's engine; when its rank 0 is ADDED, loads its agent.
+/// Pre-warms `agent` with the library's [`Prewarm`] following the prefill's
+/// engine until its rank 0 is loaded, then stops it.
 fn prewarm(args: &Args, client: &Client, agent: &Agent) -> Result<Warm, String> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let tx = std::sync::Mutex::new(tx);
-    let sub = client
-        .subscribe(
-            Some(&args.engine),
-            Box::new(move |ev| {
-                if ev.kind == nixl_etcd::EventKind::Added && ev.rank == 0 {
-                    let sent = tx.lock().map(|t| t.send((ev.metadata.clone(), epoch_ms())));
-                    drop(sent);
-                }
-            }),
-        )
-        .map_err(|e| e.to_string())?;
+    let opts = PrewarmOptions {
+        engines: vec![args.engine.clone()],
+        ranks: Ranks::All,
+        max_engines: 1,
+    };
+    // SAFETY: a live agent (it has memory registered, so it is lent, not
+    // given), not used by this thread until the pre-warm is stopped below.
+    let pw =
+        unsafe { Prewarm::start_raw(client, agent.as_raw(), opts) }.map_err(|e| e.to_string())?;
     println!("decode: ready, following {} (pre-warm)", args.engine);
-    let (md, seen_ms) = rx.recv_timeout(args.timeout).map_err(|_| {
-        format!(
-            "pre-warm: {} did not appear within {:?}",
-            args.engine, args.timeout
-        )
-    })?;
-    let remote = agent.load_remote_metadata(&md).map_err(|e| e.to_string())?;
-    let loaded_ms = epoch_ms();
-    client.unsubscribe(sub).map_err(|e| e.to_string())?;
-    Ok(Warm {
+    let remote = pw
+        .wait_remote(&args.engine, 0, Some(args.timeout))
+        .map_err(|e| e.to_string())?;
+    let l = pw
+        .loaded()
+        .into_iter()
+        .find(|l| l.rank == 0)
+        .ok_or("pre-warm: rank 0 left again")?;
+    let loaded_ms = l
+        .loaded_at
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64() * 1e3)
+        .unwrap_or(0.0);
+    let warm = Warm {
         remote,
-        seen_ms,
+        seen_ms: loaded_ms - l.load_time.as_secs_f64() * 1e3,
         loaded_ms,
-    })
+    };
+    pw.stop();
+    Ok(warm)
 }
 
 fn main() -> ExitCode {

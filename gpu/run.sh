@@ -160,7 +160,7 @@ fi
 # First transfer after a prefill appears, the decode started first in both
 # modes: "cold" waits for the engine and loads its agent on the request's
 # path; "prewarm" follows it and loads the agent on its ADDED event, before
-# the request (the READ). Alternated, twice each.
+# the request (the READ). Alternated, five times each.
 first_rows=""
 run_first() {
   local name="$1" envs="$2" warm="$3" eng="gpu-kv-$1" dp pp rc r
@@ -188,10 +188,10 @@ run_first() {
   say "first transfer $name: ${r:-failed}"
 }
 if [ -n "$best_name" ]; then
-  run_first "$best_name-cold1" "$best_env" 0
-  run_first "$best_name-prewarm1" "$best_env" 1
-  run_first "$best_name-cold2" "$best_env" 0
-  run_first "$best_name-prewarm2" "$best_env" 1
+  for i in 1 2 3 4 5; do
+    run_first "$best_name-cold$i" "$best_env" 0
+    run_first "$best_name-prewarm$i" "$best_env" 1
+  done
 fi
 
 # Stock NIXL agents, metadata only through `nixl-etcd serve` (etcd behind it).

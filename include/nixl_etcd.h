@@ -24,6 +24,13 @@
  */
 typedef struct nixl_etcd_client nixl_etcd_client;
 
+#if defined(NIXL_ETCD_WITH_NIXL)
+/**
+ * A running pre-warm. Opaque: only pointers to it are handed out.
+ */
+typedef struct nixl_etcd_prewarm nixl_etcd_prewarm;
+#endif
+
 /**
  * Result of every call: `NIXL_ETCD_OK` (0) or a negative `NIXL_ETCD_ERR_*`.
  * The numbers are stable (checked against [`Status`] by a test).
@@ -393,6 +400,88 @@ nixl_etcd_status nixl_etcd_load_remote_agent(struct nixl_etcd_client *c,
                                              uint32_t rank,
                                              int64_t timeout_ms,
                                              char **remote_agent);
+#endif
+
+#if defined(NIXL_ETCD_WITH_NIXL)
+/**
+ * Starts pre-warming into the NIXL agent `agent` (a `nixl_capi_agent_t`):
+ * the client follows the engines `engines` names (comma-separated exact ids,
+ * or prefixes ending in `*`; NULL or "" for every engine) and, on a rank's
+ * ADDED event, loads its metadata into `agent` (before any request); on
+ * REMOVED it drops that remote agent, on REPLACED it drops it and loads the
+ * new one. Only the ranks that local rank `local_rank` of a `local_tp`-way
+ * engine reads under vLLM's mapping are loaded (`local_tp` 0: every rank);
+ * records this client registered itself are skipped. At most `max_engines`
+ * engines are loaded at once (0: 16); one beyond waits until one leaves.
+ * From now on use `agent` only between `nixl_etcd_prewarm_lock` and
+ * `nixl_etcd_prewarm_unlock`: the pre-warm loads into it from its own thread.
+ * Free with `nixl_etcd_prewarm_free` (before the agent and the client).
+ * Only in builds with NIXL support (`NIXL_ETCD_WITH_NIXL`).
+ *
+ * # Safety
+ * `agent` is NULL or a live NIXL agent that outlives the pre-warm;
+ * `engines` is NULL or NUL-terminated; `out` is NULL or writable.
+ */
+nixl_etcd_status nixl_etcd_prewarm_start(struct nixl_etcd_client *c,
+                                         void *agent,
+                                         const char *engines,
+                                         uint32_t local_tp,
+                                         uint32_t local_rank,
+                                         uint32_t max_engines,
+                                         struct nixl_etcd_prewarm **out);
+#endif
+
+#if defined(NIXL_ETCD_WITH_NIXL)
+/**
+ * The remote agent's name for (`engine_id`, `rank`) once the pre-warm has
+ * loaded it, in `*remote_agent` (free with `nixl_etcd_string_free`):
+ * `timeout_ms` 0 answers at once (`NIXL_ETCD_ERR_NOT_FOUND` if not loaded),
+ * > 0 waits up to that long (`NIXL_ETCD_ERR_TIMEOUT`), < 0 waits up to the
+ * client's timeout. No etcd or NIXL call.
+ *
+ * # Safety
+ * `p` is NULL or from `nixl_etcd_prewarm_start`, not freed; `engine_id` is
+ * NULL or NUL-terminated; `remote_agent` is NULL or writable.
+ */
+nixl_etcd_status nixl_etcd_prewarm_remote(struct nixl_etcd_prewarm *p,
+                                          const char *engine_id,
+                                          uint32_t rank,
+                                          int64_t timeout_ms,
+                                          char **remote_agent);
+#endif
+
+#if defined(NIXL_ETCD_WITH_NIXL)
+/**
+ * Takes the pre-warm's agent lock, waiting while it loads into the agent:
+ * call before using the agent, and `nixl_etcd_prewarm_unlock` after.
+ *
+ * # Safety
+ * `p` is NULL or from `nixl_etcd_prewarm_start`, not freed.
+ */
+nixl_etcd_status nixl_etcd_prewarm_lock(struct nixl_etcd_prewarm *p);
+#endif
+
+#if defined(NIXL_ETCD_WITH_NIXL)
+/**
+ * Releases the agent lock. `NIXL_ETCD_ERR_INVALID_ARGUMENT` if it was not
+ * held.
+ *
+ * # Safety
+ * `p` is NULL or from `nixl_etcd_prewarm_start`, not freed.
+ */
+nixl_etcd_status nixl_etcd_prewarm_unlock(struct nixl_etcd_prewarm *p);
+#endif
+
+#if defined(NIXL_ETCD_WITH_NIXL)
+/**
+ * Stops a pre-warm: no load runs after this returns; the remote agents it
+ * loaded stay loaded in the agent. NULL is a no-op. Not while holding its
+ * lock.
+ *
+ * # Safety
+ * `p` is NULL or from `nixl_etcd_prewarm_start`, freed once.
+ */
+void nixl_etcd_prewarm_free(struct nixl_etcd_prewarm *p);
 #endif
 
 /**

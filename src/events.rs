@@ -29,6 +29,9 @@ pub struct Event {
     /// The incarnation of the record added, or of the one removed.
     pub incarnation: String,
     pub host: String,
+    /// The engine's number of ranks, when its registrant declared it (open
+    /// option `world_size`).
+    pub world_size: Option<u32>,
     /// Empty for `Removed`.
     pub metadata: Arc<Vec<u8>>,
     /// etcd revision of the change.

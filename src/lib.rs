@@ -20,6 +20,8 @@ pub mod logging;
 pub mod nixl;
 pub mod nixl_layout;
 pub mod nixl_store;
+#[cfg(feature = "nixl")]
+pub mod prewarm;
 pub mod record;
 mod runtime;
 pub mod secret;

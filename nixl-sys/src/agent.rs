@@ -298,15 +298,8 @@ impl Agent {
 
     /// Forgets a remote agent (after it restarted or left).
     pub fn invalidate_remote(&self, remote: &str) -> Result<()> {
-        let c = cstring(remote, "remote agent name")?;
-        // SAFETY: live agent, valid C string.
-        check(
-            unsafe {
-                self.api
-                    .nixl_capi_invalidate_remote_md(self.raw, c.as_ptr())
-            },
-            "invalidate_remote_md",
-        )
+        // SAFETY: a live agent of ours.
+        unsafe { invalidate_remote_of(self.raw, remote) }
     }
 
     /// Whether the remote agent's metadata is loaded.
@@ -604,6 +597,22 @@ pub unsafe fn load_remote_metadata_into(
     // NIXL strdup()s the name.
     libc::free(name.cast());
     Ok(out)
+}
+
+/// Forgets a remote agent in an agent created elsewhere.
+///
+/// # Safety
+/// `agent` is a live `nixl_capi_agent_t` not used concurrently.
+pub unsafe fn invalidate_remote_of(agent: raw::nixl_capi_agent_t, remote: &str) -> Result<()> {
+    let api = api()?;
+    if agent.is_null() {
+        return Err(Error::new(-1, "NIXL agent is NULL"));
+    }
+    let c = cstring(remote, "remote agent name")?;
+    check(
+        api.nixl_capi_invalidate_remote_md(agent, c.as_ptr()),
+        "invalidate_remote_md",
+    )
 }
 
 impl Drop for Agent {

@@ -288,6 +288,7 @@ fn event(kind: EventKind, e: &Entry) -> Event {
         rank: e.record.rank,
         incarnation: e.record.incarnation.clone(),
         host: e.record.host.clone(),
+        world_size: e.record.world_size,
         metadata: if kind == EventKind::Removed {
             Arc::new(Vec::new())
         } else {

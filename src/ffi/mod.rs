@@ -18,6 +18,8 @@ mod events;
 mod handles;
 mod log;
 mod nixl;
+#[cfg(feature = "nixl")]
+mod prewarm;
 mod records;
 mod status;
 mod store;
@@ -26,6 +28,8 @@ pub use events::*;
 pub use handles::*;
 pub use log::*;
 pub use nixl::*;
+#[cfg(feature = "nixl")]
+pub use prewarm::*;
 pub use records::*;
 pub use status::*;
 pub use store::*;

@@ -43,6 +43,7 @@ mod lease;
 mod nixl_e2e;
 mod nixl_native;
 mod nixl_store;
+mod prewarm;
 mod proxy;
 mod shared_cache;
 mod signed_records;

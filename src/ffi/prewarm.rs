@@ -1,0 +1,164 @@
+//! Pre-warm (builds with NIXL support): a decode's NIXL agent loads the
+//! prefill ranks it may read as they appear, before any request needs them.
+
+use std::ffi::{c_char, c_void};
+
+use super::boundary::{c_text, ffi_export, nonnull};
+use super::handles::nixl_etcd_client;
+use super::status::nixl_etcd_status;
+use crate::error::{Error, Result};
+use crate::prewarm::{Prewarm, PrewarmOptions, Ranks, DEFAULT_MAX_ENGINES};
+
+/// A running pre-warm. Opaque: only pointers to it are handed out.
+pub struct nixl_etcd_prewarm {
+    inner: Prewarm,
+}
+
+fn prewarm<'a>(p: *mut nixl_etcd_prewarm) -> Result<&'a Prewarm> {
+    let p = nonnull(p, "prewarm")?;
+    // SAFETY: a pointer from `nixl_etcd_prewarm_start`, not yet freed (the
+    // caller's contract).
+    Ok(unsafe { &(*p).inner })
+}
+
+/// Starts pre-warming into the NIXL agent `agent` (a `nixl_capi_agent_t`):
+/// the client follows the engines `engines` names (comma-separated exact ids,
+/// or prefixes ending in `*`; NULL or "" for every engine) and, on a rank's
+/// ADDED event, loads its metadata into `agent` (before any request); on
+/// REMOVED it drops that remote agent, on REPLACED it drops it and loads the
+/// new one. Only the ranks that local rank `local_rank` of a `local_tp`-way
+/// engine reads under vLLM's mapping are loaded (`local_tp` 0: every rank);
+/// records this client registered itself are skipped. At most `max_engines`
+/// engines are loaded at once (0: 16); one beyond waits until one leaves.
+/// From now on use `agent` only between `nixl_etcd_prewarm_lock` and
+/// `nixl_etcd_prewarm_unlock`: the pre-warm loads into it from its own thread.
+/// Free with `nixl_etcd_prewarm_free` (before the agent and the client).
+/// Only in builds with NIXL support (`NIXL_ETCD_WITH_NIXL`).
+///
+/// # Safety
+/// `agent` is NULL or a live NIXL agent that outlives the pre-warm;
+/// `engines` is NULL or NUL-terminated; `out` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn nixl_etcd_prewarm_start(
+    c: *mut nixl_etcd_client,
+    agent: *mut c_void,
+    engines: *const c_char,
+    local_tp: u32,
+    local_rank: u32,
+    max_engines: u32,
+    out: *mut *mut nixl_etcd_prewarm,
+) -> nixl_etcd_status {
+    ffi_export!(
+        out = out(out),
+        client = handle(c),
+        agent = nonnull(agent),
+        engines = opt_text(engines);
+    {
+        let opts = PrewarmOptions {
+            engines: engines
+                .unwrap_or_default()
+                .split(',')
+                .map(str::trim)
+                .filter(|e| !e.is_empty())
+                .map(str::to_owned)
+                .collect(),
+            ranks: match local_tp {
+                0 => Ranks::All,
+                _ => Ranks::Tp { local_tp, local_rank },
+            },
+            max_engines: match max_engines {
+                0 => DEFAULT_MAX_ENGINES,
+                n => n as usize,
+            },
+        };
+        // SAFETY: a live agent that outlives the pre-warm, used by the caller
+        // only under the pre-warm's lock (the caller's contract); not NULL.
+        let inner = unsafe { Prewarm::start_raw(&client, agent.cast(), opts) }?;
+        *out = Box::into_raw(Box::new(nixl_etcd_prewarm { inner }));
+        Ok(())
+    })
+}
+
+/// The remote agent's name for (`engine_id`, `rank`) once the pre-warm has
+/// loaded it, in `*remote_agent` (free with `nixl_etcd_string_free`):
+/// `timeout_ms` 0 answers at once (`NIXL_ETCD_ERR_NOT_FOUND` if not loaded),
+/// > 0 waits up to that long (`NIXL_ETCD_ERR_TIMEOUT`), < 0 waits up to the
+/// client's timeout. No etcd or NIXL call.
+///
+/// # Safety
+/// `p` is NULL or from `nixl_etcd_prewarm_start`, not freed; `engine_id` is
+/// NULL or NUL-terminated; `remote_agent` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn nixl_etcd_prewarm_remote(
+    p: *mut nixl_etcd_prewarm,
+    engine_id: *const c_char,
+    rank: u32,
+    timeout_ms: i64,
+    remote_agent: *mut *mut c_char,
+) -> nixl_etcd_status {
+    ffi_export!(
+        out = out(remote_agent),
+        engine_id = text(engine_id),
+        timeout = timeout(timeout_ms);
+    {
+        let p = prewarm(p)?;
+        let name = match timeout {
+            Some(t) if t.is_zero() => p.remote(engine_id, rank).ok_or_else(|| {
+                Error::new(
+                    crate::error::Status::ErrNotFound,
+                    format!("engine {engine_id} rank {rank} is not pre-warmed (not loaded)"),
+                )
+            })?,
+            t => p.wait_remote(engine_id, rank, t)?,
+        };
+        *out = c_text(&name).into_raw();
+        Ok(())
+    })
+}
+
+/// Takes the pre-warm's agent lock, waiting while it loads into the agent:
+/// call before using the agent, and `nixl_etcd_prewarm_unlock` after.
+///
+/// # Safety
+/// `p` is NULL or from `nixl_etcd_prewarm_start`, not freed.
+#[no_mangle]
+pub unsafe extern "C" fn nixl_etcd_prewarm_lock(p: *mut nixl_etcd_prewarm) -> nixl_etcd_status {
+    ffi_export!(; {
+        prewarm(p)?.lock();
+        Ok(())
+    })
+}
+
+/// Releases the agent lock. `NIXL_ETCD_ERR_INVALID_ARGUMENT` if it was not
+/// held.
+///
+/// # Safety
+/// `p` is NULL or from `nixl_etcd_prewarm_start`, not freed.
+#[no_mangle]
+pub unsafe extern "C" fn nixl_etcd_prewarm_unlock(p: *mut nixl_etcd_prewarm) -> nixl_etcd_status {
+    ffi_export!(; {
+        match prewarm(p)?.unlock() {
+            true => Ok(()),
+            false => Err(Error::invalid(
+                "the pre-warm's agent lock is not held; call nixl_etcd_prewarm_lock first",
+            )),
+        }
+    })
+}
+
+/// Stops a pre-warm: no load runs after this returns; the remote agents it
+/// loaded stay loaded in the agent. NULL is a no-op. Not while holding its
+/// lock.
+///
+/// # Safety
+/// `p` is NULL or from `nixl_etcd_prewarm_start`, freed once.
+#[no_mangle]
+pub unsafe extern "C" fn nixl_etcd_prewarm_free(p: *mut nixl_etcd_prewarm) {
+    ffi_export!(void; {
+        if !p.is_null() {
+            // SAFETY: from Box::into_raw in `nixl_etcd_prewarm_start`, freed
+            // once (the caller's contract).
+            drop(unsafe { Box::from_raw(p) });
+        }
+    })
+}

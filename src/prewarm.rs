@@ -1,0 +1,613 @@
+//! Pre-warm (cargo feature `nixl`): a decode loads the NIXL agents of the
+//! prefill ranks it may read when their records appear, before any request
+//! needs them, so that the first transfer finds the remote agent loaded.
+//!
+//! One subscription (per named engine, or one to every engine for prefixes)
+//! feeds one worker thread, which loads, drops and reloads remote agents
+//! under a lock that the caller takes for its own use of the agent (NIXL
+//! agents made through its C API are not thread-safe).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::client::Client;
+use crate::error::{Error, Result, Status};
+use crate::events::{Event, EventKind};
+use crate::keys;
+use crate::nixl::nixl_error;
+use crate::nixl::nixl_sys::{self, raw::nixl_capi_agent_t, Agent};
+use crate::tp;
+
+/// Default of [`PrewarmOptions::max_engines`].
+pub const DEFAULT_MAX_ENGINES: usize = 16;
+
+/// Which ranks of a followed engine to load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ranks {
+    /// Every rank.
+    All,
+    /// The ranks that local rank `local_rank` of a `local_tp`-way engine reads
+    /// under vLLM's mapping ([`tp::target_ranks`]), given the remote engine's
+    /// `world_size` (taken as `local_tp` when its registrant did not declare it).
+    Tp { local_tp: u32, local_rank: u32 },
+}
+
+/// What to pre-warm.
+#[derive(Debug, Clone)]
+pub struct PrewarmOptions {
+    /// Engines to follow: exact ids, or prefixes ending in `*` (`*` alone:
+    /// every engine). Empty: every engine. Records of the client's own
+    /// incarnation (what it registered itself) are never loaded.
+    pub engines: Vec<String>,
+    pub ranks: Ranks,
+    /// At most this many engines loaded at a time; an engine beyond it waits
+    /// (its records are kept, not loaded) until one leaves.
+    pub max_engines: usize,
+}
+
+impl Default for PrewarmOptions {
+    fn default() -> Self {
+        PrewarmOptions {
+            engines: Vec::new(),
+            ranks: Ranks::All,
+            max_engines: DEFAULT_MAX_ENGINES,
+        }
+    }
+}
+
+/// One remote rank whose agent is loaded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Loaded {
+    pub engine_id: String,
+    pub rank: u32,
+    pub incarnation: String,
+    /// The remote agent's name, to use in transfers.
+    pub remote: String,
+    /// When NIXL finished loading it, and how long the load took.
+    pub loaded_at: SystemTime,
+    pub load_time: Duration,
+}
+
+/// Exact ids and prefixes, checked once.
+#[derive(Debug)]
+struct Filter {
+    ids: Vec<String>,
+    prefixes: Vec<String>,
+}
+
+impl Filter {
+    fn parse(patterns: &[String]) -> Result<Filter> {
+        let mut f = Filter {
+            ids: Vec::new(),
+            prefixes: Vec::new(),
+        };
+        for p in patterns {
+            match p.strip_suffix('*') {
+                Some("") => f.prefixes.push(String::new()),
+                Some(prefix) => {
+                    keys::validate_engine_id(prefix).map_err(|e| {
+                        Error::invalid(format!("pre-warm engine prefix {p:?}: {}", e.message))
+                    })?;
+                    f.prefixes.push(prefix.to_owned());
+                }
+                None => {
+                    keys::validate_engine_id(p).map_err(|e| {
+                        Error::invalid(format!("pre-warm engine {p:?}: {}", e.message))
+                    })?;
+                    f.ids.push(p.clone());
+                }
+            }
+        }
+        if patterns.is_empty() {
+            f.prefixes.push(String::new());
+        }
+        Ok(f)
+    }
+
+    fn matches(&self, engine: &str) -> bool {
+        self.ids.iter().any(|i| i == engine) || self.prefixes.iter().any(|p| engine.starts_with(p))
+    }
+}
+
+/// The agent, and a lock that a C caller can take and release in two calls.
+struct AgentSlot {
+    raw: nixl_capi_agent_t,
+    /// Keeps an agent given to [`Prewarm::start`] alive.
+    owned: Mutex<Option<Agent>>,
+    busy: Mutex<bool>,
+    freed: Condvar,
+}
+
+// SAFETY: the raw agent is used by one thread at a time, under `busy`.
+unsafe impl Send for AgentSlot {}
+unsafe impl Sync for AgentSlot {}
+
+impl AgentSlot {
+    fn lock(&self) {
+        let mut busy = relock(self.busy.lock());
+        while *busy {
+            busy = relock(self.freed.wait(busy));
+        }
+        *busy = true;
+    }
+
+    fn unlock(&self) -> bool {
+        let mut busy = relock(self.busy.lock());
+        let was = std::mem::replace(&mut *busy, false);
+        self.freed.notify_one();
+        was
+    }
+}
+
+fn relock<G>(r: std::result::Result<G, std::sync::PoisonError<G>>) -> G {
+    r.unwrap_or_else(|e| e.into_inner())
+}
+
+/// Exclusive use of the pre-warm's agent; released on drop.
+pub struct AgentGuard<'a> {
+    slot: &'a AgentSlot,
+    agent: &'a Agent,
+}
+
+impl std::ops::Deref for AgentGuard<'_> {
+    type Target = Agent;
+    fn deref(&self) -> &Agent {
+        self.agent
+    }
+}
+
+impl Drop for AgentGuard<'_> {
+    fn drop(&mut self) {
+        self.slot.unlock();
+    }
+}
+
+#[derive(Default)]
+struct State {
+    /// Engines holding a slot, with their loaded ranks.
+    loaded: HashMap<String, HashMap<u32, Loaded>>,
+    /// Engines seen beyond the cap, oldest first, with their latest records.
+    waiting: VecDeque<(String, HashMap<u32, Event>)>,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    changed: Condvar,
+    agent: AgentSlot,
+    filter: Filter,
+    ranks: Ranks,
+    max_engines: usize,
+    own_incarnation: String,
+}
+
+enum Msg {
+    Event(Event),
+    Stop,
+}
+
+/// A running pre-warm; stops (unsubscribes, joins its worker) on drop. The
+/// remote agents it loaded stay loaded.
+pub struct Prewarm {
+    shared: Arc<Shared>,
+    client: Client,
+    subs: Vec<u64>,
+    tx: Option<mpsc::Sender<Msg>>,
+    worker: Option<JoinHandle<()>>,
+}
+
+impl Prewarm {
+    /// Starts pre-warming into `agent`, which the pre-warm owns from now on:
+    /// use it through [`Prewarm::agent`]; [`Prewarm::stop`] gives it back.
+    pub fn start(client: &Client, agent: Agent, opts: PrewarmOptions) -> Result<Prewarm> {
+        let raw = agent.as_raw();
+        Self::start_inner(client, raw, Some(agent), opts)
+    }
+
+    /// [`Prewarm::start`] for an agent created elsewhere (a C engine's
+    /// `nixl_capi_agent_t`).
+    ///
+    /// # Safety
+    /// `agent` is a live NIXL agent that outlives the pre-warm and that the
+    /// caller uses only between [`Prewarm::lock`] and [`Prewarm::unlock`].
+    pub unsafe fn start_raw(
+        client: &Client,
+        agent: nixl_capi_agent_t,
+        opts: PrewarmOptions,
+    ) -> Result<Prewarm> {
+        if agent.is_null() {
+            return Err(Error::invalid("NIXL agent is NULL"));
+        }
+        Self::start_inner(client, agent, None, opts)
+    }
+
+    fn start_inner(
+        client: &Client,
+        raw: nixl_capi_agent_t,
+        owned: Option<Agent>,
+        opts: PrewarmOptions,
+    ) -> Result<Prewarm> {
+        // NIXL must be loadable before anything is followed.
+        nixl_sys::api().map_err(nixl_error)?;
+        let filter = Filter::parse(&opts.engines)?;
+        if opts.max_engines == 0 {
+            return Err(Error::invalid(
+                "pre-warm max_engines is 0: nothing would be loaded; give at least 1",
+            ));
+        }
+        if let Ranks::Tp {
+            local_tp,
+            local_rank,
+        } = opts.ranks
+        {
+            tp::target_ranks(local_tp, local_rank, local_tp)?;
+        }
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::default()),
+            changed: Condvar::new(),
+            agent: AgentSlot {
+                raw,
+                owned: Mutex::new(owned),
+                busy: Mutex::new(false),
+                freed: Condvar::new(),
+            },
+            filter,
+            ranks: opts.ranks,
+            max_engines: opts.max_engines,
+            own_incarnation: client.incarnation().to_owned(),
+        });
+        let (tx, rx) = mpsc::channel::<Msg>();
+        let worker = {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("nixl-etcd-prewarm".into())
+                .spawn(move || {
+                    while let Ok(Msg::Event(ev)) = rx.recv() {
+                        shared.apply(ev);
+                    }
+                })
+                .map_err(|e| Error::internal(format!("cannot start the pre-warm thread: {e}")))?
+        };
+        let mut me = Prewarm {
+            shared,
+            client: client.clone(),
+            subs: Vec::new(),
+            tx: Some(tx),
+            worker: Some(worker),
+        };
+        // Exact ids alone: one subscription each (only those engines are
+        // read); any prefix: one subscription to every engine.
+        let targets: Vec<Option<String>> = if me.shared.filter.prefixes.is_empty() {
+            me.shared.filter.ids.iter().cloned().map(Some).collect()
+        } else {
+            vec![None]
+        };
+        for engine in targets {
+            let tx = Mutex::new(me.tx.clone().expect("set above"));
+            let id = client.subscribe(
+                engine.as_deref(),
+                Box::new(move |ev: &Event| {
+                    let _ = relock(tx.lock()).send(Msg::Event(ev.clone()));
+                }),
+            )?;
+            me.subs.push(id);
+        }
+        log::info!(
+            "nixl-etcd pre-warm started: engines {:?}, ranks {:?}, max_engines {}",
+            opts.engines,
+            opts.ranks,
+            opts.max_engines
+        );
+        Ok(me)
+    }
+
+    /// The remote agent's name for (`engine_id`, `rank`) if the pre-warm has
+    /// loaded it; no etcd or NIXL call.
+    pub fn remote(&self, engine_id: &str, rank: u32) -> Option<String> {
+        let state = relock(self.shared.state.lock());
+        state
+            .loaded
+            .get(engine_id)
+            .and_then(|r| r.get(&rank))
+            .map(|l| l.remote.clone())
+    }
+
+    /// Waits up to `timeout` (`None`: the client's configured timeout) for
+    /// the pre-warm to load (`engine_id`, `rank`). `ErrTimeout` says why it
+    /// may not come.
+    pub fn wait_remote(
+        &self,
+        engine_id: &str,
+        rank: u32,
+        timeout: Option<Duration>,
+    ) -> Result<String> {
+        let timeout = timeout.unwrap_or(self.client.config().timeout);
+        let deadline = Instant::now() + timeout;
+        let mut state = relock(self.shared.state.lock());
+        loop {
+            if let Some(l) = state.loaded.get(engine_id).and_then(|r| r.get(&rank)) {
+                return Ok(l.remote.clone());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                let why = if !self.shared.filter.matches(engine_id) {
+                    "it matches none of the pre-warm's engines"
+                } else if state.waiting.iter().any(|(e, _)| e == engine_id) {
+                    "it waits for a slot (max_engines reached)"
+                } else {
+                    "check that the engine registered this rank and that this rank is one the \
+                     pre-warm's TP mapping selects"
+                };
+                return Err(Error::new(
+                    Status::ErrTimeout,
+                    format!(
+                        "pre-warm did not load engine {engine_id} rank {rank} within {timeout:?}: \
+                         {why}"
+                    ),
+                ));
+            }
+            state = relock(self.shared.changed.wait_timeout(state, left)).0;
+        }
+    }
+
+    /// Every remote rank loaded now.
+    pub fn loaded(&self) -> Vec<Loaded> {
+        let state = relock(self.shared.state.lock());
+        let mut all: Vec<Loaded> = state
+            .loaded
+            .values()
+            .flat_map(|r| r.values().cloned())
+            .collect();
+        all.sort_by(|a, b| (&a.engine_id, a.rank).cmp(&(&b.engine_id, b.rank)));
+        all
+    }
+
+    /// Exclusive use of the agent given to [`Prewarm::start`] (waits for a
+    /// load in progress). `None` for an agent given to `start_raw`.
+    pub fn agent(&self) -> Option<AgentGuard<'_>> {
+        let owned = relock(self.shared.agent.owned.lock());
+        // The agent lives in the slot until `stop` takes it back, which needs
+        // `self` by value: no guard outlives it.
+        let agent: *const Agent = owned.as_ref()?;
+        drop(owned);
+        self.shared.agent.lock();
+        Some(AgentGuard {
+            slot: &self.shared.agent,
+            // SAFETY: see above.
+            agent: unsafe { &*agent },
+        })
+    }
+
+    /// Takes the agent lock (blocks while the pre-warm loads); for callers of
+    /// `start_raw`, before they use their agent.
+    pub fn lock(&self) {
+        self.shared.agent.lock();
+    }
+
+    /// Releases the agent lock; `false` if it was not held.
+    pub fn unlock(&self) -> bool {
+        self.shared.agent.unlock()
+    }
+
+    /// Stops following (no callback runs after this returns, no load is in
+    /// progress) and gives back the agent given to [`Prewarm::start`].
+    pub fn stop(mut self) -> Option<Agent> {
+        self.halt();
+        relock(self.shared.agent.owned.lock()).take()
+    }
+
+    fn halt(&mut self) {
+        for id in self.subs.drain(..) {
+            // A closed client has ended its subscriptions already.
+            let _ = self.client.unsubscribe(id);
+        }
+        // Subscriptions' callbacks may keep a sender alive: stop explicitly.
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send(Msg::Stop);
+        }
+        if let Some(w) = self.worker.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+impl Drop for Prewarm {
+    fn drop(&mut self) {
+        self.halt();
+    }
+}
+
+impl Shared {
+    /// Which ranks of an engine of `world_size` ranks this pre-warm loads.
+    fn wants_rank(&self, rank: u32, world_size: Option<u32>) -> bool {
+        match self.ranks {
+            Ranks::All => true,
+            Ranks::Tp {
+                local_tp,
+                local_rank,
+            } => tp::target_ranks(local_tp, local_rank, world_size.unwrap_or(local_tp))
+                .map(|r| r.contains(&rank))
+                .unwrap_or(false),
+        }
+    }
+
+    fn apply(&self, ev: Event) {
+        if ev.incarnation == self.own_incarnation
+            || !self.filter.matches(&ev.engine_id)
+            || !self.wants_rank(ev.rank, ev.world_size)
+        {
+            return;
+        }
+        if self.admit(&ev) {
+            self.load_or_drop(&ev);
+        }
+        // A slot may be free (an engine left, or a load failed): it goes to
+        // the oldest waiting engine.
+        loop {
+            let mut state = relock(self.state.lock());
+            if state.loaded.len() >= self.max_engines {
+                break;
+            }
+            let Some((engine, records)) = state.waiting.pop_front() else {
+                break;
+            };
+            state.loaded.insert(engine, HashMap::new());
+            drop(state);
+            for ev in records.into_values() {
+                self.load_or_drop(&ev);
+            }
+        }
+        self.changed.notify_all();
+    }
+
+    /// Whether the event's engine holds a slot (taking a free one for a new
+    /// engine); otherwise keeps its latest records until one frees.
+    fn admit(&self, ev: &Event) -> bool {
+        let mut state = relock(self.state.lock());
+        if state.loaded.contains_key(&ev.engine_id) {
+            return true;
+        }
+        let pos = state.waiting.iter().position(|(e, _)| *e == ev.engine_id);
+        match (pos, ev.kind) {
+            (Some(i), EventKind::Removed) => {
+                state.waiting[i].1.remove(&ev.rank);
+                if state.waiting[i].1.is_empty() {
+                    state.waiting.remove(i);
+                }
+            }
+            (Some(i), _) => {
+                state.waiting[i].1.insert(ev.rank, ev.clone());
+            }
+            (None, EventKind::Removed) => {}
+            (None, _) if state.loaded.len() < self.max_engines => {
+                state.loaded.insert(ev.engine_id.clone(), HashMap::new());
+                return true;
+            }
+            (None, _) => {
+                log::info!(
+                    "nixl-etcd pre-warm: engine {} appeared but {} engines are loaded already \
+                     (max_engines); it is loaded when one leaves, or on a request's path",
+                    ev.engine_id,
+                    self.max_engines
+                );
+                let e = ev.engine_id.clone();
+                state
+                    .waiting
+                    .push_back((e, HashMap::from([(ev.rank, ev.clone())])));
+            }
+        }
+        false
+    }
+
+    /// Applies one event of an engine holding a slot: drops the rank's old
+    /// agent (REMOVED, REPLACED, UPDATED), loads the new one, and frees the
+    /// slot when the engine has no rank left.
+    fn load_or_drop(&self, ev: &Event) {
+        let old = {
+            let state = relock(self.state.lock());
+            state
+                .loaded
+                .get(&ev.engine_id)
+                .and_then(|r| r.get(&ev.rank))
+                .cloned()
+        };
+        self.agent.lock();
+        if let Some(old) = &old {
+            // SAFETY: a live agent (the caller's contract), under the lock.
+            if let Err(e) = unsafe { nixl_sys::invalidate_remote_of(self.agent.raw, &old.remote) } {
+                log::warn!(
+                    "nixl-etcd pre-warm: could not drop the NIXL agent {} of engine {} rank {} \
+                     ({}): {}",
+                    old.remote,
+                    ev.engine_id,
+                    ev.rank,
+                    old.incarnation,
+                    e.message
+                );
+            }
+        }
+        let started = Instant::now();
+        let loaded = match ev.kind {
+            EventKind::Removed => None,
+            // SAFETY: as above.
+            _ => match unsafe { nixl_sys::load_remote_metadata_into(self.agent.raw, &ev.metadata) }
+            {
+                Ok(remote) => Some(remote),
+                Err(e) => {
+                    log::warn!(
+                        "nixl-etcd pre-warm: could not load engine {} rank {} (incarnation {}) \
+                         into NIXL: {}; the first request to it loads it on its path",
+                        ev.engine_id,
+                        ev.rank,
+                        ev.incarnation,
+                        e.message
+                    );
+                    None
+                }
+            },
+        };
+        self.agent.unlock();
+        let mut state = relock(self.state.lock());
+        let Some(ranks) = state.loaded.get_mut(&ev.engine_id) else {
+            return;
+        };
+        match loaded {
+            Some(remote) => {
+                log::debug!(
+                    "nixl-etcd pre-warmed engine {} rank {}: NIXL agent {remote} loaded",
+                    ev.engine_id,
+                    ev.rank
+                );
+                ranks.insert(
+                    ev.rank,
+                    Loaded {
+                        engine_id: ev.engine_id.clone(),
+                        rank: ev.rank,
+                        incarnation: ev.incarnation.clone(),
+                        remote,
+                        loaded_at: SystemTime::now(),
+                        load_time: started.elapsed(),
+                    },
+                );
+            }
+            None => {
+                ranks.remove(&ev.rank);
+            }
+        }
+        if ranks.is_empty() {
+            state.loaded.remove(&ev.engine_id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn filter(p: &[&str]) -> Result<Filter> {
+        Filter::parse(&p.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn ids_and_prefixes_select_engines() {
+        let f = filter(&["prefill_a", "pool-*"]).unwrap();
+        assert!(f.matches("prefill_a"));
+        assert!(!f.matches("prefill_ab"));
+        assert!(f.matches("pool-1"));
+        assert!(f.matches("pool-"));
+        assert!(!f.matches("pool"));
+        assert!(filter(&[]).unwrap().matches("anything"));
+        assert!(filter(&["*"]).unwrap().matches("anything"));
+    }
+
+    #[test]
+    fn ids_that_could_escape_the_namespace_are_refused() {
+        for bad in ["../x", "a/b", "a/*", ""] {
+            let e = filter(&[bad]).unwrap_err();
+            assert_eq!(e.status, Status::ErrInvalidArgument, "{bad}");
+            assert!(e.message.starts_with("pre-warm engine"), "{}", e.message);
+        }
+    }
+}
