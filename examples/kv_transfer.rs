@@ -3,13 +3,17 @@
 //! decode READs the prefill's "KV blocks", notifies it, and checks every byte.
 //!
 //!   kv_transfer prefill ENGINE_ID [--blocks N] [--block-kib K] [--timeout-s S]
-//!   kv_transfer decode  ENGINE_ID [--timeout-s S]
+//!   kv_transfer decode  ENGINE_ID [--timeout-s S] [--prewarm 1]
 //!
 //! etcd and the namespace come from the guide's environment
 //! (VLLM_NIXL_ETCD_ENDPOINTS, ...). The prefill publishes its agent metadata
 //! as (ENGINE_ID, rank 0) and its KV layout (address, block size, count) as
 //! (ENGINE_ID.kv, rank 0), like vLLM's handshake payload; it exits once the
 //! decode side's notification arrives.
+//!
+//! With `--prewarm 1` the decode starts the library's pre-warm
+//! (`nixl_etcd::prewarm`) on the engine, prints `decode: ready`, and its
+//! request finds the prefill's agent loaded on its ADDED event.
 
 #[path = "common/mod.rs"]
 mod common;
@@ -19,6 +23,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use nixl_etcd::nixl::nixl_sys::{Agent, MemType, XferOp};
+use nixl_etcd::prewarm::{Prewarm, PrewarmOptions};
 use nixl_etcd::Client;
 
 const DONE: &[u8] = b"kv-blocks-read";
@@ -34,12 +39,14 @@ struct Args {
     blocks: usize,
     block_bytes: usize,
     timeout: Duration,
+    prewarm: bool,
 }
 
 fn parse() -> Result<Args, String> {
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let usage =
-        "usage: kv_transfer prefill|decode ENGINE_ID [--blocks N] [--block-kib K] [--timeout-s S]";
+        "usage: kv_transfer prefill|decode ENGINE_ID [--blocks N] [--block-kib K] [--timeout-s S] \
+         [--prewarm 0|1]";
     let (role, engine) = match (argv.first(), argv.get(1)) {
         (Some(r), Some(e)) if r == "prefill" || r == "decode" => (r.clone(), e.clone()),
         _ => return Err(usage.into()),
@@ -50,6 +57,7 @@ fn parse() -> Result<Args, String> {
         blocks: 64,
         block_bytes: 1 << 20,
         timeout: Duration::from_secs(60),
+        prewarm: false,
     };
     let mut rest = argv[2..].iter();
     while let Some(flag) = rest.next() {
@@ -59,6 +67,7 @@ fn parse() -> Result<Args, String> {
             "--blocks" if n > 0 => args.blocks = n as usize,
             "--block-kib" if n > 0 => args.block_bytes = n as usize * 1024,
             "--timeout-s" => args.timeout = Duration::from_secs(n),
+            "--prewarm" => args.prewarm = n != 0,
             _ => return Err(format!("bad option {flag} {value}\n{usage}")),
         }
     }
@@ -118,10 +127,31 @@ fn decode(args: &Args, client: &Client) -> Result<(), String> {
         .create_backend("UCX", &[])
         .map_err(|e| e.to_string())?;
 
+    // Pre-warm: the agent is given to the pre-warm until the prefill's rank
+    // 0 is loaded into it, then taken back.
+    let (agent, warm) = match args.prewarm {
+        true => {
+            let opts = PrewarmOptions {
+                engines: vec![args.engine.clone()],
+                ..Default::default()
+            };
+            let pw = Prewarm::start(client, agent, opts).map_err(|e| e.to_string())?;
+            println!("decode: ready, pre-warming {}", args.engine);
+            let name = pw
+                .wait_remote(&args.engine, 0, Some(args.timeout))
+                .map_err(|e| e.to_string())?;
+            (pw.stop().ok_or("the pre-warm kept the agent")?, Some(name))
+        }
+        false => (agent, None),
+    };
+
     let started = Instant::now();
-    let remote = client
-        .load_remote_agent(&agent, &args.engine, 0, Some(args.timeout))
-        .map_err(|e| e.to_string())?;
+    let remote = match &warm {
+        Some(name) => name.clone(),
+        None => client
+            .load_remote_agent(&agent, &args.engine, 0, Some(args.timeout))
+            .map_err(|e| e.to_string())?,
+    };
     let layout = client
         .wait(&layout_engine(&args.engine), 0, Some(args.timeout))
         .map_err(|e| e.to_string())?;
@@ -181,7 +211,12 @@ fn decode(args: &Args, client: &Client) -> Result<(), String> {
     if bad > 0 {
         return Err(format!("{bad} of {total} bytes differ"));
     }
-    println!("decode: loaded remote agent {remote} through nixl-etcd");
+    match warm {
+        Some(_) => {
+            println!("decode: remote agent {remote} was pre-warmed (loaded before the request)")
+        }
+        None => println!("decode: loaded remote agent {remote} through nixl-etcd"),
+    }
     println!(
         "decode: ETCD handshake completed in {:.4} seconds",
         handshake.as_secs_f64()

@@ -435,9 +435,9 @@ nixl_etcd_status nixl_etcd_prewarm_start(struct nixl_etcd_client *c,
 /**
  * The remote agent's name for (`engine_id`, `rank`) once the pre-warm has
  * loaded it, in `*remote_agent` (free with `nixl_etcd_string_free`):
- * `timeout_ms` 0 answers at once (`NIXL_ETCD_ERR_NOT_FOUND` if not loaded),
- * > 0 waits up to that long (`NIXL_ETCD_ERR_TIMEOUT`), < 0 waits up to the
- * client's timeout. No etcd or NIXL call.
+ * with `timeout_ms` 0 it answers at once (`NIXL_ETCD_ERR_NOT_FOUND` if not
+ * loaded), above 0 it waits up to that long (`NIXL_ETCD_ERR_TIMEOUT`), below
+ * 0 up to the client's timeout. No etcd or NIXL call.
  *
  * # Safety
  * `p` is NULL or from `nixl_etcd_prewarm_start`, not freed; `engine_id` is

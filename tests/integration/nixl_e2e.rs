@@ -70,6 +70,77 @@ fn decode_reads_64_mib_of_kv_blocks_from_prefill_found_through_etcd() {
     }));
 }
 
+/// With pre-warm the decode starts first; the prefill's agent is loaded on
+/// its ADDED event, and the request (the READ) finds it loaded.
+#[test]
+fn a_decode_started_first_with_prewarm_finds_the_prefill_loaded_at_its_request() {
+    use std::io::{BufRead, BufReader, Read};
+
+    let etcd = EtcdServer::start();
+    let ns = unique_namespace("kv-prewarm");
+    let env = [
+        ("VLLM_NIXL_ETCD_ENDPOINTS", etcd.endpoint()),
+        ("VLLM_NIXL_ETCD_NAMESPACE", ns.clone()),
+    ];
+    let mut decode = Command::new(example())
+        .args([
+            "decode",
+            "prefill_engine",
+            "--timeout-s",
+            "60",
+            "--prewarm",
+            "1",
+        ])
+        .envs(env.clone())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(decode.stdout.take().unwrap());
+    let mut first = String::new();
+    out.read_line(&mut first).unwrap();
+    assert_eq!(first, "decode: ready, pre-warming prefill_engine\n");
+    let prefill = Command::new(example())
+        .args([
+            "prefill",
+            "prefill_engine",
+            "--blocks",
+            "16",
+            "--timeout-s",
+            "60",
+        ])
+        .envs(env)
+        .output()
+        .unwrap();
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    let status = decode.wait().unwrap();
+    let mut err = String::new();
+    decode
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(status.success(), "decode failed:\n{rest}\n{err}");
+    let pout = String::from_utf8_lossy(&prefill.stdout);
+    let agent = pout
+        .split_whitespace()
+        .nth(2)
+        .expect("prefill: agent NAME published ...");
+    assert!(
+        rest.contains(&format!(
+            "decode: remote agent {agent} was pre-warmed (loaded before the request)"
+        )),
+        "{rest}"
+    );
+    assert!(
+        rest.contains("decode: verified 16777216 of 16777216 bytes"),
+        "{rest}"
+    );
+    assert!(prefill.status.success(), "{pout}");
+}
+
 use crate::capi;
 
 /// The C exports take the `nixl_capi_agent_t` a C engine already has.

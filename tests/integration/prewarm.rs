@@ -36,8 +36,10 @@ fn a_decode_loads_the_ranks_it_reads_as_they_appear_drops_them_as_they_leave_and
     let ns = unique_namespace("prewarm");
     let decode = open(&etcd, &ns, "");
     let (d, _d_ucx) = agent("pw-decode");
-    // The decode's own record: never loaded into itself.
-    decode.publish_agent("prefill_self", 0, &d).unwrap();
+    // What the decode's client registered itself (rank 1: one it would read,
+    // another agent of its process): never pre-warmed.
+    let (own, _own_ucx) = agent("pw-own");
+    decode.publish_agent("prefill_self", 1, &own).unwrap();
     // Local rank 1 of a TP-2 decode reads ranks 2 and 3 of a TP-4 prefill.
     let pw = Prewarm::start(
         &decode,
@@ -57,6 +59,8 @@ fn a_decode_loads_the_ranks_it_reads_as_they_appear_drops_them_as_they_leave_and
     let p: Vec<(Agent, Backend)> = (0..4).map(|r| agent(&format!("pw-p{r}"))).collect();
     let (other, _other_ucx) = agent("pw-other");
     prefill.publish_agent("other", 0, &other).unwrap();
+    // Metadata NIXL refuses: logged, left to the request's path.
+    prefill.register("prefill_junk", 2, b"junk").unwrap();
     for (rank, (a, _)) in p.iter().enumerate() {
         prefill.publish_agent("prefill_a", rank as u32, a).unwrap();
     }
@@ -69,13 +73,14 @@ fn a_decode_loads_the_ranks_it_reads_as_they_appear_drops_them_as_they_leave_and
         pw.wait_remote("prefill_a", 3, Some(LONG)).unwrap(),
         p[3].0.name()
     );
-    // Events arrive in order: "other", "prefill_self" and ranks 0-1 were seen
-    // before rank 3 and left alone.
+    // Events arrive in order: "other", "prefill_self", the junk and ranks 0-1
+    // were seen before rank 3 and left alone.
     for (engine, rank) in [
         ("prefill_a", 0),
         ("prefill_a", 1),
         ("other", 0),
-        ("prefill_self", 0),
+        ("prefill_self", 1),
+        ("prefill_junk", 2),
     ] {
         assert_eq!(pw.remote(engine, rank), None, "{engine} {rank}");
     }
@@ -94,7 +99,7 @@ fn a_decode_loads_the_ranks_it_reads_as_they_appear_drops_them_as_they_leave_and
         let d = pw.agent().expect("an agent given to start");
         assert!(d.has_remote(p[2].0.name()) && d.has_remote(p[3].0.name()));
         assert!(!d.has_remote(p[0].0.name()) && !d.has_remote(p[1].0.name()));
-        assert!(!d.has_remote(other.name()));
+        assert!(!d.has_remote(other.name()) && !d.has_remote(own.name()));
     }
 
     // Rank 2 leaves: its agent is dropped from the decode's.
