@@ -7,16 +7,23 @@
 //! under a lock that the caller takes for its own use of the agent (NIXL
 //! agents made through its C API are not thread-safe).
 
-use std::collections::{HashMap, VecDeque};
+mod agent_lock;
+mod select;
+mod worker;
+
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
+pub use agent_lock::AgentGuard;
+use agent_lock::{relock, AgentSlot};
+use select::Filter;
+use worker::{Shared, State};
+
 use crate::client::Client;
 use crate::error::{Error, Result, Status};
-use crate::events::{Event, EventKind};
-use crate::keys;
+use crate::events::Event;
 use crate::nixl::nixl_error;
 use crate::nixl::nixl_sys::{self, raw::nixl_capi_agent_t, Agent};
 use crate::tp;
@@ -69,118 +76,6 @@ pub struct Loaded {
     /// When NIXL finished loading it, and how long the load took.
     pub loaded_at: SystemTime,
     pub load_time: Duration,
-}
-
-/// Exact ids and prefixes, checked once.
-#[derive(Debug)]
-struct Filter {
-    ids: Vec<String>,
-    prefixes: Vec<String>,
-}
-
-impl Filter {
-    fn parse(patterns: &[String]) -> Result<Filter> {
-        let mut f = Filter {
-            ids: Vec::new(),
-            prefixes: Vec::new(),
-        };
-        for p in patterns {
-            match p.strip_suffix('*') {
-                Some("") => f.prefixes.push(String::new()),
-                Some(prefix) => {
-                    keys::validate_engine_id(prefix).map_err(|e| {
-                        Error::invalid(format!("pre-warm engine prefix {p:?}: {}", e.message))
-                    })?;
-                    f.prefixes.push(prefix.to_owned());
-                }
-                None => {
-                    keys::validate_engine_id(p).map_err(|e| {
-                        Error::invalid(format!("pre-warm engine {p:?}: {}", e.message))
-                    })?;
-                    f.ids.push(p.clone());
-                }
-            }
-        }
-        if patterns.is_empty() {
-            f.prefixes.push(String::new());
-        }
-        Ok(f)
-    }
-
-    fn matches(&self, engine: &str) -> bool {
-        self.ids.iter().any(|i| i == engine) || self.prefixes.iter().any(|p| engine.starts_with(p))
-    }
-}
-
-/// The agent, and a lock that a C caller can take and release in two calls.
-struct AgentSlot {
-    raw: nixl_capi_agent_t,
-    /// Keeps an agent given to [`Prewarm::start`] alive.
-    owned: Mutex<Option<Agent>>,
-    busy: Mutex<bool>,
-    freed: Condvar,
-}
-
-// SAFETY: the raw agent is used by one thread at a time, under `busy`.
-unsafe impl Send for AgentSlot {}
-unsafe impl Sync for AgentSlot {}
-
-impl AgentSlot {
-    fn lock(&self) {
-        let mut busy = relock(self.busy.lock());
-        while *busy {
-            busy = relock(self.freed.wait(busy));
-        }
-        *busy = true;
-    }
-
-    fn unlock(&self) -> bool {
-        let mut busy = relock(self.busy.lock());
-        let was = std::mem::replace(&mut *busy, false);
-        self.freed.notify_one();
-        was
-    }
-}
-
-fn relock<G>(r: std::result::Result<G, std::sync::PoisonError<G>>) -> G {
-    r.unwrap_or_else(|e| e.into_inner())
-}
-
-/// Exclusive use of the pre-warm's agent; released on drop.
-pub struct AgentGuard<'a> {
-    slot: &'a AgentSlot,
-    agent: &'a Agent,
-}
-
-impl std::ops::Deref for AgentGuard<'_> {
-    type Target = Agent;
-    fn deref(&self) -> &Agent {
-        self.agent
-    }
-}
-
-impl Drop for AgentGuard<'_> {
-    fn drop(&mut self) {
-        self.slot.unlock();
-    }
-}
-
-#[derive(Default)]
-struct State {
-    /// Engines holding a slot, with their loaded ranks.
-    loaded: HashMap<String, HashMap<u32, Loaded>>,
-    /// Engines seen beyond the cap, oldest first, with their latest records.
-    waiting: VecDeque<(String, HashMap<u32, Event>)>,
-}
-
-struct Shared {
-    state: Mutex<State>,
-    changed: Condvar,
-    agent: AgentSlot,
-    filter: Filter,
-    ranks: Ranks,
-    max_engines: usize,
-    own_incarnation: String,
 }
 
 enum Msg {
@@ -416,198 +311,5 @@ impl Prewarm {
 impl Drop for Prewarm {
     fn drop(&mut self) {
         self.halt();
-    }
-}
-
-impl Shared {
-    /// Which ranks of an engine of `world_size` ranks this pre-warm loads.
-    fn wants_rank(&self, rank: u32, world_size: Option<u32>) -> bool {
-        match self.ranks {
-            Ranks::All => true,
-            Ranks::Tp {
-                local_tp,
-                local_rank,
-            } => tp::target_ranks(local_tp, local_rank, world_size.unwrap_or(local_tp))
-                .map(|r| r.contains(&rank))
-                .unwrap_or(false),
-        }
-    }
-
-    fn apply(&self, ev: Event) {
-        if ev.incarnation == self.own_incarnation
-            || !self.filter.matches(&ev.engine_id)
-            || !self.wants_rank(ev.rank, ev.world_size)
-        {
-            return;
-        }
-        if self.admit(&ev) {
-            self.load_or_drop(&ev);
-        }
-        // A slot may be free (an engine left, or a load failed): it goes to
-        // the oldest waiting engine.
-        loop {
-            let mut state = relock(self.state.lock());
-            if state.loaded.len() >= self.max_engines {
-                break;
-            }
-            let Some((engine, records)) = state.waiting.pop_front() else {
-                break;
-            };
-            state.loaded.insert(engine, HashMap::new());
-            drop(state);
-            for ev in records.into_values() {
-                self.load_or_drop(&ev);
-            }
-        }
-        self.changed.notify_all();
-    }
-
-    /// Whether the event's engine holds a slot (taking a free one for a new
-    /// engine); otherwise keeps its latest records until one frees.
-    fn admit(&self, ev: &Event) -> bool {
-        let mut state = relock(self.state.lock());
-        if state.loaded.contains_key(&ev.engine_id) {
-            return true;
-        }
-        let pos = state.waiting.iter().position(|(e, _)| *e == ev.engine_id);
-        match (pos, ev.kind) {
-            (Some(i), EventKind::Removed) => {
-                state.waiting[i].1.remove(&ev.rank);
-                if state.waiting[i].1.is_empty() {
-                    state.waiting.remove(i);
-                }
-            }
-            (Some(i), _) => {
-                state.waiting[i].1.insert(ev.rank, ev.clone());
-            }
-            (None, EventKind::Removed) => {}
-            (None, _) if state.loaded.len() < self.max_engines => {
-                state.loaded.insert(ev.engine_id.clone(), HashMap::new());
-                return true;
-            }
-            (None, _) => {
-                log::info!(
-                    "nixl-etcd pre-warm: engine {} appeared but {} engines are loaded already \
-                     (max_engines); it is loaded when one leaves, or on a request's path",
-                    ev.engine_id,
-                    self.max_engines
-                );
-                let e = ev.engine_id.clone();
-                state
-                    .waiting
-                    .push_back((e, HashMap::from([(ev.rank, ev.clone())])));
-            }
-        }
-        false
-    }
-
-    /// Applies one event of an engine holding a slot: drops the rank's old
-    /// agent (REMOVED, REPLACED, UPDATED), loads the new one, and frees the
-    /// slot when the engine has no rank left.
-    fn load_or_drop(&self, ev: &Event) {
-        let old = {
-            let state = relock(self.state.lock());
-            state
-                .loaded
-                .get(&ev.engine_id)
-                .and_then(|r| r.get(&ev.rank))
-                .cloned()
-        };
-        self.agent.lock();
-        if let Some(old) = &old {
-            // SAFETY: a live agent (the caller's contract), under the lock.
-            if let Err(e) = unsafe { nixl_sys::invalidate_remote_of(self.agent.raw, &old.remote) } {
-                log::warn!(
-                    "nixl-etcd pre-warm: could not drop the NIXL agent {} of engine {} rank {} \
-                     ({}): {}",
-                    old.remote,
-                    ev.engine_id,
-                    ev.rank,
-                    old.incarnation,
-                    e.message
-                );
-            }
-        }
-        let started = Instant::now();
-        let loaded = match ev.kind {
-            EventKind::Removed => None,
-            // SAFETY: as above.
-            _ => match unsafe { nixl_sys::load_remote_metadata_into(self.agent.raw, &ev.metadata) }
-            {
-                Ok(remote) => Some(remote),
-                Err(e) => {
-                    log::warn!(
-                        "nixl-etcd pre-warm: could not load engine {} rank {} (incarnation {}) \
-                         into NIXL: {}; the first request to it loads it on its path",
-                        ev.engine_id,
-                        ev.rank,
-                        ev.incarnation,
-                        e.message
-                    );
-                    None
-                }
-            },
-        };
-        self.agent.unlock();
-        let mut state = relock(self.state.lock());
-        let Some(ranks) = state.loaded.get_mut(&ev.engine_id) else {
-            return;
-        };
-        match loaded {
-            Some(remote) => {
-                log::debug!(
-                    "nixl-etcd pre-warmed engine {} rank {}: NIXL agent {remote} loaded",
-                    ev.engine_id,
-                    ev.rank
-                );
-                ranks.insert(
-                    ev.rank,
-                    Loaded {
-                        engine_id: ev.engine_id.clone(),
-                        rank: ev.rank,
-                        incarnation: ev.incarnation.clone(),
-                        remote,
-                        loaded_at: SystemTime::now(),
-                        load_time: started.elapsed(),
-                    },
-                );
-            }
-            None => {
-                ranks.remove(&ev.rank);
-            }
-        }
-        if ranks.is_empty() {
-            state.loaded.remove(&ev.engine_id);
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn filter(p: &[&str]) -> Result<Filter> {
-        Filter::parse(&p.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-    }
-
-    #[test]
-    fn ids_and_prefixes_select_engines() {
-        let f = filter(&["prefill_a", "pool-*"]).unwrap();
-        assert!(f.matches("prefill_a"));
-        assert!(!f.matches("prefill_ab"));
-        assert!(f.matches("pool-1"));
-        assert!(f.matches("pool-"));
-        assert!(!f.matches("pool"));
-        assert!(filter(&[]).unwrap().matches("anything"));
-        assert!(filter(&["*"]).unwrap().matches("anything"));
-    }
-
-    #[test]
-    fn ids_that_could_escape_the_namespace_are_refused() {
-        for bad in ["../x", "a/b", "a/*", ""] {
-            let e = filter(&[bad]).unwrap_err();
-            assert_eq!(e.status, Status::ErrInvalidArgument, "{bad}");
-            assert!(e.message.starts_with("pre-warm engine"), "{}", e.message);
-        }
     }
 }
