@@ -207,6 +207,35 @@ _SIGNATURES = [
         False,
     ),
     (
+        "nixl_etcd_prewarm_start",
+        c_status,
+        [
+            c_client_p,
+            ctypes.c_void_p,
+            ctypes.c_char_p,
+            ctypes.c_uint32,
+            ctypes.c_uint32,
+            ctypes.c_uint32,
+            ctypes.POINTER(ctypes.c_void_p),  # nixl_etcd_prewarm **
+        ],
+        False,
+    ),
+    (
+        "nixl_etcd_prewarm_remote",
+        c_status,
+        [
+            ctypes.c_void_p,
+            ctypes.c_char_p,
+            ctypes.c_uint32,
+            ctypes.c_int64,
+            ctypes.POINTER(ctypes.c_void_p),  # char **, freed by nixl_etcd_string_free
+        ],
+        False,
+    ),
+    ("nixl_etcd_prewarm_lock", c_status, [ctypes.c_void_p], False),
+    ("nixl_etcd_prewarm_unlock", c_status, [ctypes.c_void_p], False),
+    ("nixl_etcd_prewarm_free", None, [ctypes.c_void_p], False),
+    (
         "nixl_etcd_serve_nixl_store",
         c_status,
         [c_client_p, ctypes.c_char_p, ctypes.POINTER(ctypes.c_uint16)],
