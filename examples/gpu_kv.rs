@@ -745,8 +745,11 @@ fn decode(args: &Args, client: &Client) -> Result<(), String> {
 /// Wall-clock milliseconds since the epoch (the record's `registered_at_ms`
 /// is one; both processes run on one host).
 fn epoch_ms() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
+    ms_since_epoch(std::time::SystemTime::now())
+}
+
+fn ms_since_epoch(t: std::time::SystemTime) -> f64 {
+    t.duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs_f64() * 1e3)
         .unwrap_or(0.0)
 }
@@ -779,11 +782,7 @@ fn prewarm(args: &Args, client: &Client, agent: &Agent) -> Result<Warm, String> 
         .into_iter()
         .find(|l| l.rank == 0)
         .ok_or("pre-warm: rank 0 left again")?;
-    let loaded_ms = l
-        .loaded_at
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs_f64() * 1e3)
-        .unwrap_or(0.0);
+    let loaded_ms = ms_since_epoch(l.loaded_at);
     let warm = Warm {
         remote,
         seen_ms: loaded_ms - l.load_time.as_secs_f64() * 1e3,

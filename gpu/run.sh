@@ -93,6 +93,17 @@ wait_line() {
   return 1
 }
 
+# stop_prefill PID: lets the prefill exit on its own (up to 20 s), then
+# ends it; returns its exit status.
+stop_prefill() {
+  for _ in $(seq 200); do kill -0 "$1" 2>/dev/null || break; sleep 0.1; done
+  kill "$1" 2>/dev/null
+  wait "$1"
+}
+
+# field KEY: the value of KEY=... in the caller's result line $r.
+field() { sed -n "s/.* $1=\([^ ]*\).*/\1/p" <<<" $r"; }
+
 rows=""
 best_name="" best_env="" best_gbps=0
 # run_case NAME "ENV=VALUE ..." "prefill options"
@@ -114,9 +125,7 @@ run_case() {
     echo "decode not started: the prefill did not get ready" >"$W/$name.decode"
     rc=125
   fi
-  for _ in $(seq 200); do kill -0 "$pp" 2>/dev/null || break; sleep 0.1; done
-  kill "$pp" 2>/dev/null
-  wait "$pp"
+  stop_prefill "$pp"
   prc=$?
   {
     echo "== case $name (${envs:-UCX defaults}; $opts): decode exit $rc, prefill exit $prc"
@@ -124,12 +133,11 @@ run_case() {
     echo "-- decode"; cat "$W/$name.decode"
   } >>"$LOG"
   r="$(grep '^RESULT' "$W/$name.decode" | tail -n 1)"
-  get() { sed -n "s/.* $1=\([^ ]*\).*/\1/p" <<<" $r"; }
   if [ "$rc" -eq 0 ] && [ -n "$r" ]; then
     status="moved, verified"
-    rows="$rows| $name | \`${envs:-UCX defaults}\` | $status | $(get blocks) x $(get block_bytes) B | $(get first_gbps) | $(get median_gbps) | $(get best_gbps) | $(get handshake_ms) | $(get verified_bytes) |"$'\n'
-    if [ "$(awk -v a="$(get median_gbps)" -v b="$best_gbps" 'BEGIN { print (a > b) }')" = 1 ] && [ "$opts" = "" ]; then
-      best_gbps="$(get median_gbps)" best_name="$name" best_env="$envs"
+    rows="$rows| $name | \`${envs:-UCX defaults}\` | $status | $(field blocks) x $(field block_bytes) B | $(field first_gbps) | $(field median_gbps) | $(field best_gbps) | $(field handshake_ms) | $(field verified_bytes) |"$'\n'
+    if [ "$(awk -v a="$(field median_gbps)" -v b="$best_gbps" 'BEGIN { print (a > b) }')" = 1 ] && [ "$opts" = "" ]; then
+      best_gbps="$(field median_gbps)" best_name="$name" best_env="$envs"
     fi
   else
     status="failed (decode $rc, prefill $prc): $(grep -hE 'gpu_kv|rror' "$W/$name.decode" "$W/$name.prefill" | tail -n 1 | cut -c1-160 | tr '|' '/')"
@@ -173,15 +181,12 @@ run_first() {
   pp=$!
   wait "$dp"
   rc=$?
-  for _ in $(seq 200); do kill -0 "$pp" 2>/dev/null || break; sleep 0.1; done
-  kill "$pp" 2>/dev/null
-  wait "$pp"
+  stop_prefill "$pp"
   { echo "== first-transfer case $name (${envs:-UCX defaults}; --prewarm $warm): decode exit $rc"
     echo "-- prefill"; cat "$W/$name.prefill"; echo "-- decode"; cat "$W/$name.decode"; } >>"$LOG"
   r="$(grep '^FIRST' "$W/$name.decode" | tail -n 1)"
-  get() { sed -n "s/.* $1=\([^ ]*\).*/\1/p" <<<" $r"; }
   if [ "$rc" -eq 0 ] && [ -n "$r" ]; then
-    first_rows="$first_rows| $name | $(get mode) | $(get known_ms) | $(get nixl_load_ms) | $(get loaded_ms) | $(get first_read_done_ms) | $(get on_path_ms) |"$'\n'
+    first_rows="$first_rows| $name | $(field mode) | $(field known_ms) | $(field nixl_load_ms) | $(field loaded_ms) | $(field first_read_done_ms) | $(field on_path_ms) |"$'\n'
   else
     first_rows="$first_rows| $name | --prewarm $warm | failed (decode $rc): $(tail -n 1 "$W/$name.decode" | cut -c1-120 | tr '|' '/') | | | | |"$'\n'
   fi

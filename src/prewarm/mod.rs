@@ -181,10 +181,13 @@ impl Prewarm {
         };
         for engine in targets {
             let tx = Mutex::new(me.tx.clone().expect("set above"));
+            let shared = me.shared.clone();
             let id = client.subscribe(
                 engine.as_deref(),
                 Box::new(move |ev: &Event| {
-                    let _ = relock(tx.lock()).send(Msg::Event(ev.clone()));
+                    if shared.wants(ev) {
+                        let _ = relock(tx.lock()).send(Msg::Event(ev.clone()));
+                    }
                 }),
             )?;
             me.subs.push(id);

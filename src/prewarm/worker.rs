@@ -30,13 +30,16 @@ pub(super) struct Shared {
 }
 
 impl Shared {
+    /// Whether an event concerns a rank this pre-warm loads: checked in the
+    /// subscription's callback, before the event goes to the worker.
+    pub(super) fn wants(&self, ev: &Event) -> bool {
+        ev.incarnation != self.own_incarnation
+            && self.filter.matches(&ev.engine_id)
+            && wants_rank(self.ranks, ev.rank, ev.world_size)
+    }
+
+    /// Applies an event [`Shared::wants`].
     pub(super) fn apply(&self, ev: Event) {
-        if ev.incarnation == self.own_incarnation
-            || !self.filter.matches(&ev.engine_id)
-            || !wants_rank(self.ranks, ev.rank, ev.world_size)
-        {
-            return;
-        }
         if self.admit(&ev) {
             self.load_or_drop(&ev);
         }

@@ -258,6 +258,14 @@ impl EtcdServer {
         s
     }
 
+    /// A library client of this server in `namespace` (`extra` as for
+    /// [`EtcdServer::options_json`]).
+    pub fn client(&self, namespace: &str, extra: &str) -> nixl_etcd::Client {
+        let opts = self.options_json(namespace, extra);
+        nixl_etcd::Client::open(nixl_etcd::Config::from_sources(|_| None, Some(&opts)).unwrap())
+            .unwrap()
+    }
+
     pub fn client_port(&self) -> u16 {
         self.client_port
     }

@@ -11,16 +11,11 @@ use std::time::Duration;
 
 use nixl_etcd::nixl::nixl_sys::{Agent, Backend};
 use nixl_etcd::prewarm::{Prewarm, PrewarmOptions, Ranks};
-use nixl_etcd::{Client, Config, Status};
+use nixl_etcd::Status;
 
 use crate::common::{unique_namespace, EtcdServer};
 
 const LONG: Duration = Duration::from_secs(60);
-
-fn open(etcd: &EtcdServer, ns: &str, extra: &str) -> Client {
-    Client::open(Config::from_sources(|_| None, Some(&etcd.options_json(ns, extra))).unwrap())
-        .unwrap()
-}
 
 /// An agent with a UCX backend (its metadata then says how to reach it).
 fn agent(name: &str) -> (Agent, Backend) {
@@ -34,7 +29,7 @@ fn a_decode_loads_the_ranks_it_reads_as_they_appear_drops_them_as_they_leave_and
 {
     let etcd = EtcdServer::start();
     let ns = unique_namespace("prewarm");
-    let decode = open(&etcd, &ns, "");
+    let decode = etcd.client(&ns, "");
     let (d, _d_ucx) = agent("pw-decode");
     // What the decode's client registered itself (rank 1: one it would read,
     // another agent of its process): never pre-warmed.
@@ -55,7 +50,7 @@ fn a_decode_loads_the_ranks_it_reads_as_they_appear_drops_them_as_they_leave_and
     )
     .unwrap();
 
-    let prefill = open(&etcd, &ns, "\"world_size\":4");
+    let prefill = etcd.client(&ns, "\"world_size\":4");
     let p: Vec<(Agent, Backend)> = (0..4).map(|r| agent(&format!("pw-p{r}"))).collect();
     let (other, _other_ucx) = agent("pw-other");
     prefill.publish_agent("other", 0, &other).unwrap();
@@ -111,7 +106,7 @@ fn a_decode_loads_the_ranks_it_reads_as_they_appear_drops_them_as_they_leave_and
 
     // Rank 3 restarts (a new client: a new incarnation, a new agent): the old
     // agent is dropped and the new one loaded.
-    let restarted = open(&etcd, &ns, "\"world_size\":4");
+    let restarted = etcd.client(&ns, "\"world_size\":4");
     let (p3b, _p3b_ucx) = agent("pw-p3b");
     restarted.publish_agent("prefill_a", 3, &p3b).unwrap();
     assert!(common::wait_until(LONG, || {
@@ -135,7 +130,7 @@ fn a_decode_loads_the_ranks_it_reads_as_they_appear_drops_them_as_they_leave_and
 fn engines_beyond_the_cap_wait_for_a_slot() {
     let etcd = EtcdServer::start();
     let ns = unique_namespace("prewarm-cap");
-    let decode = open(&etcd, &ns, "");
+    let decode = etcd.client(&ns, "");
     let (d, _d_ucx) = agent("pwc-decode");
     let pw = Prewarm::start(
         &decode,
@@ -147,7 +142,7 @@ fn engines_beyond_the_cap_wait_for_a_slot() {
         },
     )
     .unwrap();
-    let prefill = open(&etcd, &ns, "");
+    let prefill = etcd.client(&ns, "");
     let (x, _x_ucx) = agent("pwc-x");
     let (y, _y_ucx) = agent("pwc-y");
     prefill.publish_agent("cap_1", 0, &x).unwrap();
@@ -187,7 +182,7 @@ fn engines_beyond_the_cap_wait_for_a_slot() {
 fn bad_options_are_refused_before_anything_is_followed() {
     let etcd = EtcdServer::start();
     let ns = unique_namespace("prewarm-bad");
-    let decode = open(&etcd, &ns, "");
+    let decode = etcd.client(&ns, "");
     for (opts, want) in [
         (
             PrewarmOptions {

@@ -16,11 +16,6 @@ use crate::common::{unique_namespace, wait_until, EtcdServer};
 const STREAMS: &str = "etcd_debugging_mvcc_watch_stream_total";
 const WATCHERS: &str = "etcd_debugging_mvcc_watcher_total";
 
-fn open(etcd: &EtcdServer, ns: &str, extra: &str) -> Client {
-    Client::open(Config::from_sources(|_| None, Some(&etcd.options_json(ns, extra))).unwrap())
-        .unwrap()
-}
-
 fn md(engine: u32, rank: u32) -> Vec<u8> {
     blob(engine * 100 + rank, 512)
 }
@@ -38,11 +33,11 @@ fn register_fleet(prefill: &Client, engines: u32) {
 fn clients_of_one_process_share_one_watch_stream_and_one_copy_of_each_record() {
     let etcd = EtcdServer::start();
     let ns = unique_namespace("shared");
-    let prefill = open(&etcd, &ns, "");
+    let prefill = etcd.client(&ns, "");
     register_fleet(&prefill, 10);
     // Eight decode ranks in this process, each reading both ranks of 6 of
     // the 10 engines.
-    let decode: Vec<Client> = (0..8).map(|_| open(&etcd, &ns, "")).collect();
+    let decode: Vec<Client> = (0..8).map(|_| etcd.client(&ns, "")).collect();
     for d in &decode {
         for e in 0..6u32 {
             for r in 0..2 {
@@ -96,7 +91,7 @@ fn clients_of_one_process_share_one_watch_stream_and_one_copy_of_each_record() {
 fn changes_from_another_process_reach_every_client_through_the_one_stream() {
     let etcd = EtcdServer::start();
     let ns = unique_namespace("sharedwatch");
-    let decode: Vec<Client> = (0..4).map(|_| open(&etcd, &ns, "")).collect();
+    let decode: Vec<Client> = (0..4).map(|_| etcd.client(&ns, "")).collect();
     for d in &decode {
         assert_eq!(d.lookup("p0", 0).unwrap_err().status, Status::ErrNotFound);
     }
@@ -127,9 +122,9 @@ fn an_engine_nobody_reads_leaves_the_cache_with_its_watch() {
     let etcd = EtcdServer::start();
     let ns = unique_namespace("idle");
     // The process's first client of this identity sets the idle time.
-    let prefill = open(&etcd, &ns, r#""cache_idle_s":1"#);
+    let prefill = etcd.client(&ns, r#""cache_idle_s":1"#);
     register_fleet(&prefill, 3);
-    let decode = open(&etcd, &ns, r#""cache_idle_s":1"#);
+    let decode = etcd.client(&ns, r#""cache_idle_s":1"#);
     for e in 0..3u32 {
         assert_eq!(
             *decode.lookup(&format!("p{e}"), 0).unwrap().metadata,
