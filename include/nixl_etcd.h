@@ -649,6 +649,22 @@ nixl_etcd_status nixl_etcd_serve_nixl_store(struct nixl_etcd_client *c,
                                             const char *listen,
                                             uint16_t *port);
 
+/**
+ * [`nixl_etcd_serve_nixl_store`] with the store's options as a JSON object
+ * (NULL or "": the defaults), the keys of `nixl-etcd serve`'s store flags:
+ * `{"max_connections": 64, "remote_grace": 5, "liveness": "connection"}`
+ * (docs/nixl-store.md lists every key). A bad key or value is
+ * `NIXL_ETCD_ERR_INVALID_ARGUMENT`, naming it.
+ *
+ * # Safety
+ * `listen` and `options_json` are NULL or NUL-terminated; `port` is NULL
+ * or writable.
+ */
+nixl_etcd_status nixl_etcd_serve_nixl_store_opts(struct nixl_etcd_client *c,
+                                                 const char *listen,
+                                                 const char *options_json,
+                                                 uint16_t *port);
+
 #ifdef __cplusplus
 }  // extern "C"
 #endif  // __cplusplus

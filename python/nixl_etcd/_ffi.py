@@ -241,6 +241,12 @@ _SIGNATURES = [
         [c_client_p, ctypes.c_char_p, ctypes.POINTER(ctypes.c_uint16)],
         True,
     ),
+    (
+        "nixl_etcd_serve_nixl_store_opts",
+        c_status,
+        [c_client_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.POINTER(ctypes.c_uint16)],
+        True,
+    ),
     ("nixl_etcd_set_log_callback", c_status, [LOG_CALLBACK, ctypes.c_void_p], True),
     ("nixl_etcd_string_free", None, [ctypes.c_void_p], True),
     ("nixl_etcd_buffer_free", None, [_buffer_p], True),

@@ -869,15 +869,27 @@ class Client:
         """
         check(_ffi.lib().nixl_etcd_unpublish_nixl(self._h(), _text_arg(agent_name, "agent_name")))
 
-    def serve_nixl_store(self, listen: str = "127.0.0.1:0") -> str:
+    def serve_nixl_store(self, listen: str = "127.0.0.1:0", **options: Any) -> str:
         """Serves the NIXL TCPStore metadata store in this process, with etcd
         behind it, and returns the ``host:port`` to put in
         ``NIXL_TCPSTORE_ENDPOINT`` before NIXL agents are created. Stock NIXL
         agents then publish and fetch through etcd, each writing process under a
-        lease of its own. Stopped (its leases revoked) by :meth:`close`."""
+        lease of its own. Stopped (its leases revoked) by :meth:`close`.
+
+        Keyword options are the store's (``max_connections=64``,
+        ``remote_grace=5``, ``liveness="connection"``, ...: the keys of
+        ``nixl-etcd serve``'s store flags); a bad one raises ``InvalidArgument``."""
         port = ctypes.c_uint16(0)
         text = _text_arg(listen, "listen")
-        check(_ffi.lib().nixl_etcd_serve_nixl_store(self._h(), text, ctypes.byref(port)))
+        if options:
+            opts = _text_arg(json.dumps(options), "options")
+            check(
+                _ffi.lib().nixl_etcd_serve_nixl_store_opts(
+                    self._h(), text, opts, ctypes.byref(port)
+                )
+            )
+        else:
+            check(_ffi.lib().nixl_etcd_serve_nixl_store(self._h(), text, ctypes.byref(port)))
         host = listen.rsplit(":", 1)[0] if ":" in listen else "127.0.0.1"
         return f"{host}:{port.value}"
 

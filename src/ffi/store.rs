@@ -31,3 +31,29 @@ pub unsafe extern "C" fn nixl_etcd_serve_nixl_store(
         Ok(())
     })
 }
+
+/// [`nixl_etcd_serve_nixl_store`] with the store's options as a JSON object
+/// (NULL or "": the defaults), the keys of `nixl-etcd serve`'s store flags:
+/// `{"max_connections": 64, "remote_grace": 5, "liveness": "connection"}`
+/// (docs/nixl-store.md lists every key). A bad key or value is
+/// `NIXL_ETCD_ERR_INVALID_ARGUMENT`, naming it.
+///
+/// # Safety
+/// `listen` and `options_json` are NULL or NUL-terminated; `port` is NULL
+/// or writable.
+#[no_mangle]
+pub unsafe extern "C" fn nixl_etcd_serve_nixl_store_opts(
+    c: *mut nixl_etcd_client,
+    listen: *const c_char,
+    options_json: *const c_char,
+    port: *mut u16,
+) -> nixl_etcd_status {
+    ffi_export!(port = out(port), client = handle(c), listen = opt_text(listen),
+                options_json = opt_text(options_json);
+    {
+        let opts = StoreOptions::from_json(options_json.unwrap_or(""))?;
+        let store = NixlStore::start(&client, listen.unwrap_or("127.0.0.1:0"), opts)?;
+        *port = store.local_addr().port();
+        Ok(())
+    })
+}

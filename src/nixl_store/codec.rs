@@ -73,6 +73,8 @@ pub enum Stop {
     },
     /// The rest of a query did not arrive in time.
     Stalled(&'static str, Duration),
+    /// A first query that is not VALIDATE (its type byte).
+    NotValidate(u8),
     Io(std::io::Error),
 }
 
@@ -98,12 +100,20 @@ impl fmt::Display for Stop {
                 "the rest of a {q} query did not arrive within {:.1} s",
                 d.as_secs_f64()
             ),
+            Stop::NotValidate(t) => {
+                write!(
+                    f,
+                    "a first query of type {t} ({}), not VALIDATE",
+                    query_name(*t)
+                )
+            }
             Stop::Io(e) => write!(f, "read error: {e}"),
         }
     }
 }
 
-fn query_name(t: u8) -> &'static str {
+/// The name of query type `t`, or "unknown".
+pub fn query_name(t: u8) -> &'static str {
     match t {
         VALIDATE => "VALIDATE",
         SET => "SET",
@@ -112,6 +122,25 @@ fn query_name(t: u8) -> &'static str {
         DELETE_KEY => "DELETE_KEY",
         PING => "PING",
         _ => "unknown",
+    }
+}
+
+/// Reads the first query, which must be VALIDATE, and returns its magic.
+/// Anything else is refused at its type byte: before VALIDATE at most its
+/// 5 bytes are read, never a length a stranger chose.
+pub async fn read_validate<R: AsyncRead + Unpin>(r: &mut R, stall: Duration) -> Result<u32, Stop> {
+    let mut t = [0u8; 1];
+    match r.read(&mut t).await {
+        Ok(0) => return Err(Stop::Closed),
+        Ok(_) => {}
+        Err(e) => return Err(Stop::Io(e)),
+    }
+    if t[0] != VALIDATE {
+        return Err(Stop::NotValidate(t[0]));
+    }
+    match tokio::time::timeout(stall, read_u32(r, "VALIDATE")).await {
+        Ok(m) => m,
+        Err(_) => Err(Stop::Stalled("VALIDATE", stall)),
     }
 }
 
@@ -343,6 +372,16 @@ mod tests {
                 read_query(&mut &huge[..], &l).await,
                 Err(Stop::TooLong { .. })
             ));
+            // Before VALIDATE, only VALIDATE: refused at the type byte.
+            let set = encode(&Query::Set(b"k".to_vec(), vec![0; 1 << 20]));
+            let mut r = &set[..];
+            assert!(matches!(
+                read_validate(&mut r, l.stall).await,
+                Err(Stop::NotValidate(SET))
+            ));
+            assert_eq!(r.len(), set.len() - 1, "read past the type byte");
+            let v = encode(&Query::Validate(MAGIC));
+            assert_eq!(read_validate(&mut &v[..], l.stall).await.unwrap(), MAGIC);
             let whole = encode(&Query::Set(b"key".to_vec(), b"value".to_vec()));
             for cut in 1..whole.len() {
                 let got = read_query(&mut &whole[..cut], &l).await;

@@ -111,9 +111,10 @@ pub fn pid_of_socket(inode: u64, hint: Option<u32>) -> Option<u32> {
     pids.into_iter().find(|&pid| holds(pid, &target))
 }
 
-/// The process at the other end of a loopback TCP connection.
+/// The process at the other end of a loopback TCP connection, if this
+/// store can see it (same PID namespace, permission to read its fds).
 pub fn loopback_peer_pid(local: SocketAddr, peer: SocketAddr, hint: Option<u32>) -> Option<u32> {
-    if !peer.ip().is_loopback() && !is_mapped_loopback(peer.ip()) {
+    if !is_loopback(peer.ip()) {
         return None;
     }
     // The peer's socket: its local address is our peer address.
@@ -121,12 +122,25 @@ pub fn loopback_peer_pid(local: SocketAddr, peer: SocketAddr, hint: Option<u32>)
     pid_of_socket(inode, hint)
 }
 
-fn is_mapped_loopback(ip: IpAddr) -> bool {
-    matches!(ip, IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()))
+/// A loopback address, its IPv4-mapped IPv6 form included.
+pub fn is_loopback(ip: IpAddr) -> bool {
+    ip.is_loopback()
+        || matches!(ip, IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()))
 }
+
+/// Test-only: `NIXL_ETCD_STORE_TEST_PIDFD_ERRNO=38` makes every
+/// `pidfd_open` fail with that errno (38 is ENOSYS, as before Linux 5.3), so
+/// tests can run the store as on a kernel or seccomp profile without pidfd.
+const TEST_PIDFD_ERRNO: &str = "NIXL_ETCD_STORE_TEST_PIDFD_ERRNO";
 
 /// A pidfd for `pid`: readable once the process has exited.
 pub fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
+    if let Some(errno) = std::env::var(TEST_PIDFD_ERRNO)
+        .ok()
+        .and_then(|v| v.parse::<i32>().ok())
+    {
+        return Err(std::io::Error::from_raw_os_error(errno));
+    }
     // SAFETY: a plain syscall with integer arguments; a non-negative result
     // is a new file descriptor that we then own.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
@@ -137,20 +151,10 @@ pub fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
-/// Waits until process `pid` has exited (at once if it already has).
-pub async fn exited(pid: u32) {
-    let fd = match pidfd_open(pid) {
-        Ok(fd) => fd,
-        Err(e) => {
-            if e.raw_os_error() != Some(libc::ESRCH) {
-                log::warn!(
-                    "nixl-etcd store: cannot watch process {pid} (pidfd_open: {e}); treating it \
-                     as gone"
-                );
-            }
-            return;
-        }
-    };
+/// Waits until process `pid`, whose pidfd is `fd`, has exited. If the pidfd
+/// cannot be polled, never returns: the process is not known to be gone, and
+/// its keys stay (the store's own lease bounds them if the store dies).
+pub async fn exited(pid: u32, fd: OwnedFd) {
     // SAFETY: `fd` is an open pidfd owned by the AsyncFd for its whole
     // lifetime, and always reports the same descriptor.
     match unsafe {
@@ -159,7 +163,13 @@ pub async fn exited(pid: u32) {
         Ok(afd) => {
             let _ = afd.readable().await;
         }
-        Err(e) => log::warn!("nixl-etcd store: cannot poll the pidfd of process {pid}: {e}"),
+        Err(e) => {
+            log::warn!(
+                "nixl-etcd store: cannot poll the pidfd of process {pid}: {e}; its keys stay \
+                 until the store stops"
+            );
+            std::future::pending::<()>().await
+        }
     }
 }
 

@@ -76,38 +76,45 @@ impl Session {
         let endpoints = cfg.endpoints.join(",");
         let connect = async {
             let etcd = crate::connect::connect(&cfg).await?;
-            // The first request: a member that is down is skipped (retried).
-            let ttl = cfg.lease_ttl_s;
-            let granted = etcd_error::retry_transient(&cfg, || {
-                let mut leases = etcd.lease_client();
-                async move { leases.grant(ttl, None).await }
-            })
-            .await
-            .map_err(|e| etcd_error::map(e, Op::Connect, &cfg))?;
-            Ok::<_, Error>((etcd, granted.id(), granted.ttl()))
+            // Connect and grant: two requests.
+            let conn = Conn {
+                etcd,
+                cfg: cfg.clone(),
+                requests: Arc::new(AtomicU64::new(1)),
+            };
+            Session::grant_on(&conn).await
         };
-        let (etcd, lease_id, ttl) = match tokio::time::timeout(timeout, connect).await {
-            Ok(r) => r?,
-            Err(_) => {
-                return Err(Error::new(
-                    Status::ErrConnection,
-                    format!(
-                        "ETCD connection failed: no answer from {endpoints} within {:.1} s; \
-                         check that etcd is running and reachable, and \
-                         VLLM_NIXL_ETCD_ENDPOINTS",
-                        timeout.as_secs_f64()
-                    ),
-                ))
-            }
-        };
+        match tokio::time::timeout(timeout, connect).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::new(
+                Status::ErrConnection,
+                format!(
+                    "ETCD connection failed: no answer from {endpoints} within {:.1} s; \
+                     check that etcd is running and reachable, and \
+                     VLLM_NIXL_ETCD_ENDPOINTS",
+                    timeout.as_secs_f64()
+                ),
+            )),
+        }
+    }
+
+    /// A session of its own (a lease, renewed in the background) over an
+    /// existing connection: the NIXL store's writers share the store's
+    /// connection. Returns the session, its lease and the TTL etcd granted.
+    pub async fn grant_on(conn: &Conn) -> Result<(Arc<Session>, i64, i64)> {
+        let cfg = conn.cfg();
+        // The first request: a member that is down is skipped (retried).
+        let ttl = cfg.lease_ttl_s;
+        let granted = etcd_error::retry_transient(cfg, || {
+            let mut leases = conn.etcd().lease_client();
+            async move { leases.grant(ttl, None).await }
+        })
+        .await
+        .map_err(|e| etcd_error::map(e, Op::Connect, cfg))?;
+        let (lease_id, ttl) = (granted.id(), granted.ttl());
         let (closed_tx, _) = watch::channel(false);
         let session = Arc::new(Session {
-            // Connect and grant: two requests.
-            conn: Conn {
-                etcd,
-                cfg,
-                requests: Arc::new(AtomicU64::new(2)),
-            },
+            conn: conn.clone(),
             pid: std::process::id(),
             lease: Mutex::new(LeaseState::new(lease_id)),
             closed_tx,

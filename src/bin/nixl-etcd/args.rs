@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use nixl_etcd::nixl_store::{StoreOptions, OPTIONS};
+
 use crate::fail::{CliError, EXIT_USAGE};
 
 pub const USAGE: &str = "\
@@ -25,7 +27,7 @@ Commands:
   health                        every endpoint: reachable, leader, version,
                                 round-trip time, and whether a linearizable
                                 read through it succeeds (a quorum)
-  serve [--listen HOST:PORT] [--check-wait-ms N] [--remote-grace S]
+  serve [--listen HOST:PORT] [STORE OPTIONS]
                                 the metadata store behind stock NIXL's
                                 NIXL_TCPSTORE_ENDPOINT, with etcd behind it
                                 (default 127.0.0.1:29479); prints one ready
@@ -89,8 +91,24 @@ pub enum Command {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServeArgs {
     pub listen: String,
-    pub check_wait_ms: Option<u64>,
-    pub remote_grace: Option<Duration>,
+    pub store: StoreOptions,
+}
+
+/// The usage text, with the store's options from their one table.
+pub fn usage() -> String {
+    let mut out = USAGE.to_owned();
+    out.push_str("\nStore options (serve; the same keys in the in-process store's JSON):\n");
+    for o in OPTIONS {
+        let flag = format!("  --{} {}", o.flag(), o.value);
+        out.push_str(&format!("{flag:<32}{}\n", o.doc));
+    }
+    out
+}
+
+/// The `--flag` of a store option, if `flag` is one: its option name.
+fn store_option(flag: &str) -> Option<&'static str> {
+    let name = flag.strip_prefix("--")?;
+    OPTIONS.iter().find(|o| o.flag() == name).map(|o| o.name)
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -150,8 +168,8 @@ pub fn parse(argv: Vec<String>) -> Result<Args, CliError> {
     let mut version = false;
     let mut only_positional = false;
     let mut listen: Option<String> = None;
-    let mut check_wait_ms: Option<u64> = None;
-    let mut remote_grace: Option<Duration> = None;
+    let mut store = StoreOptions::default();
+    let mut store_flags: Vec<String> = Vec::new();
     while let Some(word) = words.next() {
         if only_positional || !word.starts_with('-') || word == "-" {
             positional.push(word);
@@ -202,29 +220,18 @@ pub fn parse(argv: Vec<String>) -> Result<Args, CliError> {
             }
             "--raw" => raw = Some(words.value(&flag, inline)?),
             "--listen" => listen = Some(words.value(&flag, inline)?),
-            "--check-wait-ms" => {
-                let v = words.value(&flag, inline)?;
-                check_wait_ms = Some(v.parse::<u64>().ok().filter(|&n| n <= 4000).ok_or_else(
-                    || {
-                        usage_err(format!(
-                            "--check-wait-ms {v:?}: give milliseconds from 0 to 4000"
-                        ))
-                    },
-                )?);
-            }
-            "--remote-grace" => {
-                let v = words.value(&flag, inline)?;
-                remote_grace = Some(parse_seconds(&v).map_err(|_| {
-                    usage_err(format!(
-                        "--remote-grace {v:?}: give seconds from 0 to 86400"
-                    ))
-                })?);
-            }
             "--timeout" => {
                 let v = words.value(&flag, inline)?;
                 timeout = Some(parse_seconds(&v)?);
             }
-            _ => return Err(usage_err(format!("unknown option {flag}"))),
+            _ => match store_option(&flag) {
+                Some(name) => {
+                    let v = words.value(&flag, inline)?;
+                    store.set(name, &v).map_err(|e| usage_err(e.message))?;
+                    store_flags.push(flag);
+                }
+                None => return Err(usage_err(format!("unknown option {flag}"))),
+            },
         }
     }
     let options = if base_options.is_none() && overrides.is_empty() {
@@ -265,11 +272,9 @@ pub fn parse(argv: Vec<String>) -> Result<Args, CliError> {
     refuse("--timeout", timeout.is_none() || name == "wait")?;
     refuse("--raw", raw.is_none() || name == "get")?;
     refuse("--listen", listen.is_none() || name == "serve")?;
-    refuse(
-        "--check-wait-ms",
-        check_wait_ms.is_none() || name == "serve",
-    )?;
-    refuse("--remote-grace", remote_grace.is_none() || name == "serve")?;
+    for f in &store_flags {
+        refuse(f, name == "serve")?;
+    }
     let max_args = |n: usize| {
         if rest.len() > n {
             Err(usage_err(format!(
@@ -330,8 +335,7 @@ pub fn parse(argv: Vec<String>) -> Result<Args, CliError> {
                 listen: listen.unwrap_or_else(|| {
                     format!("127.0.0.1:{}", nixl_etcd::nixl_store::DEFAULT_PORT)
                 }),
-                check_wait_ms,
-                remote_grace,
+                store: store.clone(),
             })
         }
         "help" => Command::Help,
@@ -398,18 +402,24 @@ mod tests {
             p("serve").unwrap().command,
             Command::Serve(ServeArgs {
                 listen: "127.0.0.1:29479".into(),
-                check_wait_ms: None,
-                remote_grace: None
+                store: StoreOptions::default(),
             })
         );
+        let mut store = StoreOptions::default();
+        store.check_wait = Duration::ZERO;
+        store.remote_grace = Duration::from_millis(2500);
+        store.max_connections = 64;
+        store.liveness = nixl_etcd::nixl_store::Liveness::Connection;
         assert_eq!(
-            p("serve --listen 0.0.0.0:7000 --check-wait-ms 0 --remote-grace 2.5")
-                .unwrap()
-                .command,
+            p(
+                "serve --listen 0.0.0.0:7000 --check-wait-ms 0 --remote-grace 2.5 \
+               --max-connections=64 --liveness connection"
+            )
+            .unwrap()
+            .command,
             Command::Serve(ServeArgs {
                 listen: "0.0.0.0:7000".into(),
-                check_wait_ms: Some(0),
-                remote_grace: Some(Duration::from_millis(2500))
+                store,
             })
         );
     }
@@ -450,6 +460,10 @@ mod tests {
             "serve --check-wait-ms 9999",
             "serve --check-wait-ms x",
             "serve --remote-grace -1",
+            "serve --max-connections 0",
+            "serve --liveness pid",
+            "serve --keepalive-idle 0",
+            "list --max-writers 5",
         ] {
             let e = p(bad).unwrap_err();
             assert_eq!(e.code, EXIT_USAGE, "{bad:?}");

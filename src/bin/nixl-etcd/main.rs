@@ -49,7 +49,7 @@ fn print(bytes: &[u8]) -> Result<(), CliError> {
 fn run(args: args::Args, signals: Option<libc::sigset_t>) -> Result<i32, CliError> {
     match args.command {
         Command::Help => {
-            print(args::USAGE.as_bytes())?;
+            print(args::usage().as_bytes())?;
             return Ok(EXIT_OK);
         }
         Command::Version => {

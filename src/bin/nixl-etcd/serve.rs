@@ -1,10 +1,9 @@
-//! `serve [--listen HOST:PORT]`: the metadata store behind stock NIXL's
+//! `serve [--listen HOST:PORT] [store options]`: the metadata store behind stock NIXL's
 //! `NIXL_TCPSTORE_ENDPOINT`, with etcd behind it, until SIGINT or SIGTERM.
 
 use std::io::Write;
-use std::time::Duration;
 
-use nixl_etcd::nixl_store::{NixlStore, StoreOptions};
+use nixl_etcd::nixl_store::NixlStore;
 use nixl_etcd::{Client, Config};
 
 use crate::args::ServeArgs;
@@ -12,14 +11,7 @@ use crate::fail::{CliError, EXIT_FAILURE};
 
 pub fn run(cfg: &Config, args: &ServeArgs, signals: libc::sigset_t) -> Result<(), CliError> {
     let client = Client::open(cfg.clone())?;
-    let mut opts = StoreOptions::default();
-    if let Some(ms) = args.check_wait_ms {
-        opts.check_wait = Duration::from_millis(ms);
-    }
-    if let Some(g) = args.remote_grace {
-        opts.remote_grace = g;
-    }
-    let store = match NixlStore::start(&client, &args.listen, opts) {
+    let store = match NixlStore::start(&client, &args.listen, args.store.clone()) {
         Ok(s) => s,
         Err(e) => {
             let _ = client.close();
