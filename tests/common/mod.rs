@@ -621,6 +621,19 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     }
 }
 
+/// Poll `cond` every 10 ms for `period`; returns false the moment it fails.
+/// For what must stay true (keys a live writer keeps), not a sleep.
+pub fn holds_for(period: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + period;
+    while Instant::now() < deadline {
+        if !cond() {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    cond()
+}
+
 /// Read a whole file as text (for logs written by child processes).
 pub fn read_to_string_lossy(path: &Path) -> String {
     let mut buf = Vec::new();

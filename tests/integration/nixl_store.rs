@@ -8,9 +8,9 @@ use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use crate::common::{etcdctl_ok, keys_under, unique_namespace, wait_until, EtcdServer};
+use crate::common::{etcdctl_ok, holds_for, keys_under, unique_namespace, wait_until, EtcdServer};
 use nixl_etcd::nixl_store::codec::{self, Query};
-use nixl_etcd::nixl_store::{NixlStore, StoreOptions};
+use nixl_etcd::nixl_store::{Liveness, NixlStore, StoreOptions};
 use nixl_etcd::{Client, Config};
 
 const BIN: &str = env!("CARGO_BIN_EXE_nixl-etcd");
@@ -201,9 +201,10 @@ fn bad_input_closes_that_connection_only() {
     let ns = unique_namespace("bad");
     let opts = StoreOptions {
         stall: Duration::from_millis(300),
+        max_value_bytes: Some(4096),
         ..StoreOptions::default()
     };
-    let (client, store) = store(&etcd, &ns, r#""max_metadata_bytes":4096"#, opts);
+    let (client, store) = store(&etcd, &ns, "", opts);
     let addr = store.local_addr();
     let mut good = Peer::connect(addr);
     good.set(MD_A, b"ok");
@@ -220,9 +221,20 @@ fn bad_input_closes_that_connection_only() {
         ("garbage", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec()),
         ("unknown type", with_validate(&[42, 0, 0, 0])),
         ("no VALIDATE first", codec::encode(&Query::Get(MD_A.into()))),
+        (
+            // Refused at its first byte: the 64 MiB are never read.
+            "a SET of 64 MiB before VALIDATE",
+            [
+                &[codec::SET][..],
+                &1u64.to_ne_bytes(),
+                b"k",
+                &(64u64 << 20).to_ne_bytes(),
+            ]
+            .concat(),
+        ),
         ("wrong magic", codec::encode(&Query::Validate(0x1234))),
         (
-            "value over max_metadata_bytes",
+            "value over max_value_bytes",
             with_validate(&codec::encode(&Query::Set(MD_A.into(), vec![1; 4097]))),
         ),
         (
@@ -339,21 +351,7 @@ fn spawn_serve(etcd: &EtcdServer, ns: &str, extra: &str) -> (Child, SocketAddr) 
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.as_mut().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert!(
-        line.starts_with("nixl-etcd serve: ready, NIXL_TCPSTORE_ENDPOINT=127.0.0.1:"),
-        "{line:?}"
-    );
-    let addr = line
-        .split("NIXL_TCPSTORE_ENDPOINT=")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .unwrap()
-        .parse()
-        .unwrap();
+    let addr = ready_addr(&mut child);
     (child, addr)
 }
 
@@ -416,18 +414,36 @@ fn with_etcd_down_reads_come_from_the_copy_and_writes_resume_after() {
     let mut r = Peer::connect(addr);
     assert_eq!(r.get(MD_A), b"before");
     assert_eq!(r.check(&[MD_A]), codec::READY);
-    // A write is refused: the connection closes, as NIXL sees a failure.
+    // A write during the outage is queued, not refused: the connection
+    // stays open (no grace clock starts), readers of the store see it, and
+    // it reaches etcd once etcd is back.
     let mut w = Peer::connect(addr);
+    assert_eq!(w.ping(4242), 4242);
     w.set("/nixl/agents/metadata/D/NULL_AGENT", b"during");
-    assert!(w.closed_by_store());
+    assert_eq!(
+        w.check(&["/nixl/agents/metadata/D/NULL_AGENT"]),
+        codec::READY
+    );
+    assert_eq!(r.get("/nixl/agents/metadata/D/NULL_AGENT"), b"during");
     etcd.restart();
-    // Writes work again once etcd answers; the earlier key is still there.
-    assert!(wait_until(LONG, || {
-        let mut w = Peer::connect(addr);
-        w.set("/nixl/agents/metadata/E/NULL_AGENT", b"after");
-        w.check(&["/nixl/agents/metadata/E/NULL_AGENT"]) == codec::READY
-            && etcd_get(&etcd, &format!("{ns}/E/metadata")).is_some()
-    }));
+    assert!(wait_until(LONG, || etcd_get(
+        &etcd,
+        &format!("{ns}/D/metadata")
+    )
+    .is_some_and(|(v, lease)| v == b"during" && lease != 0)));
+    assert_eq!(w.ping(4243), 4243);
+    // Writes go straight through again; the earlier keys are still there.
+    let mut e = Peer::connect(addr);
+    e.set("/nixl/agents/metadata/E/NULL_AGENT", b"after");
+    assert_eq!(
+        e.check(&["/nixl/agents/metadata/E/NULL_AGENT"]),
+        codec::READY
+    );
+    assert!(wait_until(LONG, || etcd_get(
+        &etcd,
+        &format!("{ns}/E/metadata")
+    )
+    .is_some()));
     assert_eq!(
         etcd_get(&etcd, &format!("{ns}/A/metadata")).unwrap().0,
         b"before"
@@ -472,10 +488,215 @@ fn a_remote_writer_keeps_its_keys_across_a_reconnect_and_loses_them_after_the_gr
     let mut again = Peer::connect(addr);
     assert_eq!(again.ping(777), 777);
     assert!(wait_until(LONG, || store.connections() == 1));
-    std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(keys_under(&etcd, &a).len(), 2);
+    // Past the grace of the first connection, the keys are still there.
+    assert!(holds_for(Duration::from_secs(3), || keys_under(&etcd, &a)
+        .len()
+        == 2));
     drop(again);
     assert!(wait_until(LONG, || keys_under(&etcd, &a).is_empty()));
     store.stop().unwrap();
     client.close().unwrap();
+}
+
+/// Writers followed by their connections: each PING nonce is a writer of
+/// its own, though every peer of this test is one process.
+fn by_connection(opts: StoreOptions) -> StoreOptions {
+    StoreOptions {
+        liveness: Liveness::Connection,
+        ..opts
+    }
+}
+
+#[test]
+fn etcd_paused_during_one_writers_first_write_stalls_no_other_writer() {
+    let mut etcd = EtcdServer::start();
+    let ns = unique_namespace("stall");
+    // A long timeout: in the first store, a writer's connect to a paused
+    // etcd held the store-wide lock for all of it.
+    let (client, store) = store(
+        &etcd,
+        &ns,
+        r#""timeout_s":60,"lease_ttl_s":600"#,
+        by_connection(StoreOptions::default()),
+    );
+    let addr = store.local_addr();
+    let mut a = Peer::connect(addr);
+    assert_eq!(a.ping(1), 1);
+    a.set(MD_A, b"a1");
+    assert_eq!(a.check(&[MD_A]), codec::READY);
+    assert!(wait_until(LONG, || etcd_get(
+        &etcd,
+        &format!("{ns}/A/metadata")
+    )
+    .is_some()));
+
+    etcd.pause();
+    // B's first write needs a lease: etcd does not answer.
+    let mut b = Peer::connect(addr);
+    assert_eq!(b.ping(2), 2);
+    b.set("/nixl/agents/metadata/B/NULL_AGENT", b"b1");
+    // Meanwhile A and every reader are answered, from the store's copy.
+    assert_eq!(a.ping(1), 1);
+    a.set(MD_A, b"a2");
+    assert_eq!(a.check(&[MD_A]), codec::READY);
+    let mut reader = Peer::connect(addr);
+    assert_eq!(reader.ping(3), 3);
+    assert_eq!(reader.get(MD_A), b"a2");
+    assert_eq!(reader.get("/nixl/agents/metadata/B/NULL_AGENT"), b"b1");
+    // B's connection is open and answers too.
+    assert_eq!(b.ping(2), 2);
+    assert!(etcd.is_paused());
+
+    etcd.resume();
+    assert!(wait_until(LONG, || {
+        let a = etcd_get(&etcd, &format!("{ns}/A/metadata"));
+        let b = etcd_get(&etcd, &format!("{ns}/B/metadata"));
+        matches!((a, b), (Some((va, la)), Some((vb, lb)))
+            if va == b"a2" && vb == b"b1" && la != 0 && lb != 0 && la != lb)
+    }));
+    assert_eq!(store.writers(), 2);
+    store.stop().unwrap();
+    client.close().unwrap();
+}
+
+#[test]
+fn a_get_after_a_set_sees_it_on_any_connection() {
+    let etcd = EtcdServer::start();
+    let ns = unique_namespace("race");
+    let (client, store) = store(&etcd, &ns, "", by_connection(StoreOptions::default()));
+    let addr = store.local_addr();
+    let (mut x, mut y) = (Peer::connect(addr), Peer::connect(addr));
+    assert_eq!(x.ping(10), 10);
+    assert_eq!(y.ping(11), 11);
+    // Two writers overwrite one key in turn; each write is read back at once
+    // on the other connection. A watch event lagging behind an acknowledged
+    // write must never show the older value.
+    for i in 0..300u32 {
+        let v = format!("value {i}");
+        let (w, r) = if i % 2 == 0 {
+            (&mut x, &mut y)
+        } else {
+            (&mut y, &mut x)
+        };
+        w.set(MD_A, v.as_bytes());
+        assert_eq!(w.check(&[MD_A]), codec::READY);
+        assert_eq!(r.get(MD_A), v.as_bytes(), "write {i}");
+    }
+    let last = b"value 299".to_vec();
+    assert!(wait_until(LONG, || etcd_get(
+        &etcd,
+        &format!("{ns}/A/metadata")
+    )
+    .is_some_and(|(v, _)| v == last)));
+    // Deleted, then read back at once: absent, and it stays absent.
+    assert_eq!(x.delete(MD_A), 1);
+    assert_eq!(y.get(MD_A), b"");
+    assert_eq!(y.check(&[MD_A]), codec::NOT_READY);
+    store.stop().unwrap();
+    client.close().unwrap();
+}
+
+#[test]
+fn connections_and_writers_past_their_caps_are_refused_and_others_go_on() {
+    let etcd = EtcdServer::start();
+    let ns = unique_namespace("caps");
+    let opts = by_connection(StoreOptions {
+        max_connections: 4,
+        max_writers: 2,
+        ..StoreOptions::default()
+    });
+    let (client, store) = store(&etcd, &ns, "", opts);
+    let addr = store.local_addr();
+    let mut w1 = Peer::connect(addr);
+    assert_eq!(w1.ping(1), 1);
+    w1.set(MD_A, b"one");
+    let mut w2 = Peer::connect(addr);
+    assert_eq!(w2.ping(2), 2);
+    w2.set("/nixl/agents/metadata/B/NULL_AGENT", b"two");
+    assert_eq!(
+        w2.check(&["/nixl/agents/metadata/B/NULL_AGENT"]),
+        codec::READY
+    );
+    // A third writer is refused: its connection is closed.
+    let mut w3 = Peer::connect(addr);
+    assert_eq!(w3.ping(3), 3);
+    w3.set("/nixl/agents/metadata/C/NULL_AGENT", b"three");
+    assert!(w3.closed_by_store());
+    // Four connections are open: a fifth is closed at once.
+    let _r1 = Peer::connect(addr);
+    let _r2 = Peer::connect(addr);
+    assert!(wait_until(LONG, || store.connections() == 4));
+    let mut over = Peer::connect(addr);
+    assert!(over.closed_by_store());
+    // The writers within the caps go on.
+    w1.set(MD_A, b"one again");
+    assert_eq!(w2.get(MD_A), b"one again");
+    assert_eq!(keys_under(&etcd, &format!("{ns}/C/")), Vec::<String>::new());
+    store.stop().unwrap();
+    client.close().unwrap();
+}
+
+#[test]
+fn without_pidfd_a_local_writer_keeps_its_keys_while_it_lives() {
+    let etcd = EtcdServer::start();
+    let ns = unique_namespace("nopidfd");
+    let opts = etcd.options_json(&unique_namespace("ranks"), r#""lease_ttl_s":600"#);
+    // As on Linux before 5.3 (ENOSYS): the first store revoked the lease of
+    // every local writer right after its write.
+    let mut serve = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--nixl-namespace", &ns])
+        .args(["--remote-grace", "2", "--options", &opts])
+        .env("NIXL_ETCD_STORE_TEST_PIDFD_ERRNO", "38")
+        .env("VLLM_LOGGING_LEVEL", "INFO")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let addr = ready_addr(&mut serve);
+    let log = drain(serve.stderr.take().unwrap());
+    let a = format!("{ns}/A/");
+    let mut writer = writer_process(addr, &[MD_A], false);
+    assert_eq!(keys_under(&etcd, &a).len(), 2);
+    // Kept past the grace while the process lives.
+    assert!(holds_for(Duration::from_secs(4), || keys_under(&etcd, &a)
+        .len()
+        == 2));
+    writer.kill().unwrap();
+    writer.wait().unwrap();
+    assert!(wait_until(LONG, || keys_under(&etcd, &a).is_empty()));
+    // SAFETY: a plain kill(2) of our own child.
+    unsafe { libc::kill(serve.id() as i32, libc::SIGTERM) };
+    serve.wait().unwrap();
+    let log = log.join().unwrap();
+    assert!(
+        log.contains("cannot watch process") && log.contains("Function not implemented"),
+        "{log}"
+    );
+}
+
+/// The endpoint from `serve`'s ready line.
+fn ready_addr(serve: &mut Child) -> SocketAddr {
+    let mut line = String::new();
+    BufReader::new(serve.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(
+        line.starts_with("nixl-etcd serve: ready, NIXL_TCPSTORE_ENDPOINT="),
+        "{line:?}"
+    );
+    line.split("NIXL_TCPSTORE_ENDPOINT=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// Reads a child's stream to its end in the background.
+fn drain(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut out = String::new();
+        let _ = r.read_to_string(&mut out);
+        out
+    })
 }
