@@ -10,128 +10,17 @@ beside the library (target/release), or $NIXL_ETCD_CLI.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import sys
 import uuid
-from pathlib import Path
-from typing import Dict, List, Optional
+from typing import List
 
 import pytest
 
 import nixl_etcd
-from conftest import REPO, Etcd, wait_until
-
-try:
-    import nixl._api  # noqa: F401
-
-    HAVE_NIXL = True
-except Exception:  # pragma: no cover - the wheel is installed by .ci/install
-    HAVE_NIXL = False
+from conftest import Etcd, wait_until
+from store_helpers import HAVE_NIXL, Agent, Serve, key_lease, keys, names
 
 pytestmark = pytest.mark.skipif(not HAVE_NIXL, reason="NIXL (pip nixl-cu12) is not installed")
-
-AGENT = Path(__file__).resolve().parent / "stock_nixl_agent.py"
-SIZE = 1 << 20
-
-
-def cli() -> str:
-    env = os.environ.get("NIXL_ETCD_CLI")
-    if env:
-        return env
-    path = REPO / "target" / "release" / "nixl-etcd"
-    if not path.exists():
-        pytest.fail(f"{path} is missing: cargo build --release --all-features")
-    return str(path)
-
-
-class Agent:
-    """A stock NIXL agent in its own process."""
-
-    def __init__(self, name: str, env: Dict[str, str], seed: int = 1) -> None:
-        self.name = name
-        self.seed = seed
-        full = dict(os.environ)
-        for k in ("NIXL_TCPSTORE_ENDPOINT", "NIXL_ETCD_ENDPOINTS", "NIXL_ETCD_NAMESPACE"):
-            full.pop(k, None)
-        full.update(env)
-        full.setdefault("NIXL_LOG_LEVEL", "WARN")
-        self.proc = subprocess.Popen(
-            [sys.executable, str(AGENT), name, str(SIZE), str(seed)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            env=full,
-            text=True,
-        )
-        hello = self._line()
-        self.pid, self.addr = hello["pid"], hello["addr"]
-
-    def _line(self) -> dict:
-        line = self.proc.stdout.readline()
-        if not line:
-            raise AssertionError(f"agent {self.name} exited ({self.proc.poll()})")
-        return json.loads(line)
-
-    def do(self, *words) -> dict:
-        self.proc.stdin.write(" ".join(str(w) for w in words) + "\n")
-        self.proc.stdin.flush()
-        r = self._line()
-        assert "error" not in r, f"{self.name} {words[0]}: {r['error']}"
-        return r
-
-    def sees(self, other: "Agent | str", label: Optional[str] = None, timeout: float = 20) -> bool:
-        name = other if isinstance(other, str) else other.name
-        self.do("fetch", name, *([label] if label else []))
-        return self.do("check", name, timeout)["ok"]
-
-    def reads(self, other: "Agent") -> dict:
-        return self.do("read", other.name, other.addr, SIZE, other.seed)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.stdin.close()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-
-class Serve:
-    """`nixl-etcd serve` on a free port."""
-
-    def __init__(self, etcd: Etcd, nixl_ns: str, *extra: str) -> None:
-        self.proc = subprocess.Popen(
-            [cli(), "serve", "--listen", "127.0.0.1:0", "--endpoints", etcd.endpoint,
-             "--nixl-namespace", nixl_ns, *extra],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            stdin=subprocess.DEVNULL,
-            text=True,
-        )
-        line = self.proc.stdout.readline()
-        assert line.startswith("nixl-etcd serve: ready, NIXL_TCPSTORE_ENDPOINT="), line
-        self.endpoint = line.split("NIXL_TCPSTORE_ENDPOINT=")[1].split()[0]
-
-    @property
-    def env(self) -> Dict[str, str]:
-        return {"NIXL_TCPSTORE_ENDPOINT": self.endpoint}
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-
-    def terminate(self) -> str:
-        self.proc.send_signal(signal.SIGTERM)
-        rest, _ = self.proc.communicate(timeout=30)
-        return rest
 
 
 @pytest.fixture
@@ -146,21 +35,6 @@ def fleet():
     yield started
     for x in reversed(started):
         x.kill()
-
-
-def names() -> str:
-    return uuid.uuid4().hex[:6]
-
-
-def keys(etcd: Etcd, prefix: str) -> List[str]:
-    out = etcd.ctl("get", "--prefix", prefix, "--keys-only").decode()
-    return [k for k in out.splitlines() if k.strip()]
-
-
-def key_lease(etcd: Etcd, key: str) -> int:
-    doc = json.loads(etcd.ctl("get", key, "-w", "json"))
-    kvs = doc.get("kvs") or []
-    return int(kvs[0].get("lease", 0)) if kvs else -1
 
 
 def test_two_stock_agents_find_each_other_and_move_verified_bytes(etcd, nixl_ns, fleet):

@@ -405,11 +405,13 @@ mod tests {
                 store: StoreOptions::default(),
             })
         );
-        let mut store = StoreOptions::default();
-        store.check_wait = Duration::ZERO;
-        store.remote_grace = Duration::from_millis(2500);
-        store.max_connections = 64;
-        store.liveness = nixl_etcd::nixl_store::Liveness::Connection;
+        let store = StoreOptions {
+            check_wait: Duration::ZERO,
+            remote_grace: Duration::from_millis(2500),
+            max_connections: 64,
+            liveness: nixl_etcd::nixl_store::Liveness::Connection,
+            ..StoreOptions::default()
+        };
         assert_eq!(
             p(
                 "serve --listen 0.0.0.0:7000 --check-wait-ms 0 --remote-grace 2.5 \
