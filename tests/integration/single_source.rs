@@ -159,3 +159,30 @@ fn every_listed_option_is_accepted_and_no_other() {
         )
     );
 }
+
+#[test]
+fn the_store_options_are_the_same_in_serve_help_and_the_docs() {
+    use nixl_etcd::nixl_store::OPTIONS as STORE;
+    let doc = read("docs/nixl-store.md");
+    let rows = table_rows(&block(&doc, "store-options"));
+    let documented: Vec<(String, String)> = rows
+        .iter()
+        .map(|r| {
+            let flag = r[0].split_whitespace().next().unwrap_or("").to_owned();
+            (flag, r[1].clone())
+        })
+        .collect();
+    let want: Vec<(String, String)> = STORE
+        .iter()
+        .map(|o| (format!("--{}", o.flag()), o.name.to_owned()))
+        .collect();
+    assert_eq!(documented, want, "docs/nixl-store.md, store-options");
+    let help = std::process::Command::new(env!("CARGO_BIN_EXE_nixl-etcd"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    for (flag, _) in &want {
+        assert!(help.contains(&format!("  {flag} ")), "nixl-etcd --help lacks {flag}");
+    }
+}
