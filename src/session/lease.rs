@@ -246,16 +246,23 @@ async fn write_values_once(
     Ok(revision.unwrap_or(0))
 }
 
-/// Grants a new lease and re-writes every registration under it.
-async fn regrant(conn: &Conn, st: &mut LeaseState, why: &str) -> Result<()> {
+/// Grants a lease of the configured TTL; a member that is down is skipped
+/// (retried). A failure is reported as part of `op`.
+pub(super) async fn grant(conn: &Conn, op: Op) -> Result<etcd_client::LeaseGrantResponse> {
     let cfg = conn.cfg();
     let ttl = cfg.lease_ttl_s;
-    let granted = etcd_error::retry_transient(cfg, || {
+    etcd_error::retry_transient(cfg, || {
         let mut leases = conn.etcd().lease_client();
         async move { leases.grant(ttl, None).await }
     })
     .await
-    .map_err(|e| etcd_error::map(e, Op::KeepAlive, cfg))?;
+    .map_err(|e| etcd_error::map(e, op, cfg))
+}
+
+/// Grants a new lease and re-writes every registration under it.
+async fn regrant(conn: &Conn, st: &mut LeaseState, why: &str) -> Result<()> {
+    let cfg = conn.cfg();
+    let granted = grant(conn, Op::KeepAlive).await?;
     let old = st.lease_id;
     // Metadata chunks first, so every record is back after the chunks it
     // names; then the rest in reverse key order: a key sorts after every

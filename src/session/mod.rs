@@ -14,7 +14,7 @@ use tokio::sync::{watch, Mutex};
 
 use crate::config::Config;
 use crate::error::{Error, Result, Status};
-use crate::etcd_error::{self, Op};
+use crate::etcd_error::Op;
 use crate::runtime;
 
 use lease::{keep_alive, revoke, LeaseState};
@@ -102,15 +102,7 @@ impl Session {
     /// existing connection: the NIXL store's writers share the store's
     /// connection. Returns the session, its lease and the TTL etcd granted.
     pub async fn grant_on(conn: &Conn) -> Result<(Arc<Session>, i64, i64)> {
-        let cfg = conn.cfg();
-        // The first request: a member that is down is skipped (retried).
-        let ttl = cfg.lease_ttl_s;
-        let granted = etcd_error::retry_transient(cfg, || {
-            let mut leases = conn.etcd().lease_client();
-            async move { leases.grant(ttl, None).await }
-        })
-        .await
-        .map_err(|e| etcd_error::map(e, Op::Connect, cfg))?;
+        let granted = lease::grant(conn, Op::Connect).await?;
         let (lease_id, ttl) = (granted.id(), granted.ttl());
         let (closed_tx, _) = watch::channel(false);
         let session = Arc::new(Session {
