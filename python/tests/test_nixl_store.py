@@ -12,29 +12,15 @@ from __future__ import annotations
 import json
 import subprocess
 import uuid
-from typing import List
 
 import pytest
 
 import nixl_etcd
 from conftest import Etcd, wait_until
 from store_helpers import HAVE_NIXL, Agent, Serve, key_lease, keys, names
+from store_helpers import fleet, nixl_ns  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.skipif(not HAVE_NIXL, reason="NIXL (pip nixl-cu12) is not installed")
-
-
-@pytest.fixture
-def nixl_ns() -> str:
-    return f"/pytest-nixl/{uuid.uuid4().hex[:10]}"
-
-
-@pytest.fixture
-def fleet():
-    """Agents and stores started by a test; stopped after it."""
-    started: List = []
-    yield started
-    for x in reversed(started):
-        x.kill()
 
 
 def test_two_stock_agents_find_each_other_and_move_verified_bytes(etcd, nixl_ns, fleet):

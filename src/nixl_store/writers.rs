@@ -378,12 +378,9 @@ pub(super) async fn retire(s: &Arc<Shared>, id: &WriterId, why: &str) {
 /// Stops `w`'s task, forgets its queued writes and revokes its lease.
 async fn close(s: &Shared, w: &Writer) -> Result<()> {
     w.retired.send_replace(true);
-    for write in w.queue().drain() {
-        if let Write::Put { kvs } = write {
-            for (k, _) in kvs {
-                s.mirror_for(&k).forget_pending(&k);
-            }
-        }
+    let dropped = w.queue().drain();
+    for write in dropped {
+        forget(s, write);
     }
     let Some(session) = w.session.get() else {
         return Ok(());
@@ -392,6 +389,18 @@ async fn close(s: &Shared, w: &Writer) -> Result<()> {
         return Ok(());
     }
     session.revoke().await
+}
+
+/// A write that will never reach etcd leaves the store's copy.
+fn forget(s: &Shared, write: Write) {
+    match write {
+        Write::Put { kvs } => {
+            for (k, _) in kvs {
+                s.mirror_for(&k).forget_pending(&k);
+            }
+        }
+        Write::Delete { key, .. } => s.mirror_for(&key).forget_pending(&key),
+    }
 }
 
 /// Revokes every writer's lease (the store is stopping). Returns how many
@@ -441,6 +450,7 @@ async fn flush_loop(s: Arc<Shared>, w: Arc<Writer>) {
                             w.id,
                             write.key()
                         );
+                        forget(&s, write);
                         finish(&w, seq, Some(e));
                     }
                 }
