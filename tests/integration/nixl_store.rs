@@ -40,6 +40,8 @@ impl Peer {
     fn connect(addr: SocketAddr) -> Peer {
         let s = TcpStream::connect(addr).unwrap();
         s.set_read_timeout(Some(LONG)).unwrap();
+        // As NIXL's client: a query right after a SET is not held back.
+        s.set_nodelay(true).unwrap();
         let mut p = Peer { s };
         p.send(&Query::Validate(codec::MAGIC));
         p

@@ -183,6 +183,9 @@ fn the_store_options_are_the_same_in_serve_help_and_the_docs() {
         .unwrap();
     let help = String::from_utf8_lossy(&help.stdout);
     for (flag, _) in &want {
-        assert!(help.contains(&format!("  {flag} ")), "nixl-etcd --help lacks {flag}");
+        assert!(
+            help.contains(&format!("  {flag} ")),
+            "nixl-etcd --help lacks {flag}"
+        );
     }
 }
