@@ -10,6 +10,8 @@ beside the library (target/release), or $NIXL_ETCD_CLI.
 from __future__ import annotations
 
 import json
+import socket
+import struct
 import subprocess
 import uuid
 
@@ -152,6 +154,31 @@ def test_in_process_store_of_the_python_client(etcd, nixl_ns, fleet):
         api.close()
     # Closing the client stops the store and revokes its writers' leases.
     assert wait_until(lambda: keys(etcd, f"{nixl_ns}/") == [], timeout=10)
+
+
+def test_in_process_store_options_are_checked_and_applied(etcd, nixl_ns):
+    api = nixl_etcd.Client(endpoints=etcd.endpoint, namespace=f"/pytest-ranks/{names()}",
+                           nixl_namespace=nixl_ns, timeout_s=10)
+    try:
+        with pytest.raises(nixl_etcd.InvalidArgument, match="unknown NIXL store option"):
+            api.serve_nixl_store(max_conections=4)
+        with pytest.raises(nixl_etcd.InvalidArgument,
+                           match=r"max_connections \(--max-connections\)"):
+            api.serve_nixl_store(max_connections=0)
+        host, port = api.serve_nixl_store(max_connections=1, liveness="connection").rsplit(":", 1)
+        first = socket.create_connection((host, int(port)), timeout=30)
+        first.sendall(bytes([0]) + struct.pack("=I", 0x3C85F7CE) + bytes([13]) + struct.pack("=I", 7))
+        assert first.recv(4) == struct.pack("=I", 7)
+        # The cap is one connection: the second is closed by the store.
+        second = socket.create_connection((host, int(port)), timeout=30)
+        try:
+            assert second.recv(1) == b""
+        except ConnectionResetError:
+            pass
+        first.close()
+        second.close()
+    finally:
+        api.close()
 
 
 def _restart_same_ports(server: Etcd) -> None:

@@ -599,6 +599,24 @@ fn every_output_parameter_is_cleared_when_the_call_fails() {
             NIXL_ETCD_ERR_INVALID_ARGUMENT
         );
         assert_eq!(port, 0);
+        let mut port = 99u16;
+        let bad_opts = CString::new(r#"{"max_connections": 0}"#).unwrap();
+        assert_eq!(
+            nixl_etcd_serve_nixl_store_opts(c, null(), bad_opts.as_ptr(), &mut port),
+            NIXL_ETCD_ERR_INVALID_ARGUMENT
+        );
+        assert_eq!(port, 0);
+        let err = last_error();
+        assert!(err.contains("max_connections (--max-connections)"), "{err}");
+        let not_json = CString::new("max_connections=4").unwrap();
+        assert_eq!(
+            nixl_etcd_serve_nixl_store_opts(c, null(), not_json.as_ptr(), &mut port),
+            NIXL_ETCD_ERR_INVALID_ARGUMENT
+        );
+        assert_eq!(
+            nixl_etcd_serve_nixl_store_opts(c, null(), bad_opts.as_ptr(), null_mut()),
+            NIXL_ETCD_ERR_INVALID_ARGUMENT
+        );
 
         #[cfg(feature = "nixl")]
         {
