@@ -567,11 +567,21 @@ class _SideChannelProbe:
     thread, while etcd is waited on (a prefill without nixl-etcd answers only
     there). Cancellable; never raises."""
 
-    def __init__(self, host: str, port: int, pp_rank: int, tp_rank: int, timeout: float):
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        pp_rank: int,
+        tp_rank: int,
+        timeout: float,
+        notify: Optional[threading.Event] = None,
+    ):
         self.addr = f"{host}:{port}"
         self.reply: Optional[_Reply] = None
         self.error: Optional[str] = None
         self.done = threading.Event()
+        # Set too when the probe ends, so a waiter sleeps on one event.
+        self._notify = notify
         self._cancel = threading.Event()
         self._args = (host, port, pp_rank, tp_rank, timeout)
         threading.Thread(target=self._run, name="nixl-etcd-zmq-probe", daemon=True).start()
@@ -609,6 +619,8 @@ class _SideChannelProbe:
             self.error = f"{type(e).__name__}: {e}"
         finally:
             self.done.set()
+            if self._notify is not None:
+                self._notify.set()
 
 
 def _fetch(
@@ -659,7 +671,14 @@ def _wait_or_side_channel(
     port: Optional[int],
     timeout: float,
 ) -> _Reply:
-    probe = _SideChannelProbe(host, int(port), pp, tp, timeout) if host and port else None
+    # One event for both ends (the etcd wait, the probe): the handshake thread
+    # sleeps until one of them has something to say, never polls.
+    changed = threading.Event()
+    probe = (
+        _SideChannelProbe(host, int(port), pp, tp, timeout, notify=changed)
+        if host and port
+        else None
+    )
     result: Dict[str, Any] = {}
     done = threading.Event()
 
@@ -670,16 +689,17 @@ def _wait_or_side_channel(
             result["error"] = e
         finally:
             done.set()
+            changed.set()
 
     waiter = threading.Thread(target=wait_etcd, name="nixl-etcd-wait", daemon=True)
     waiter.start()
     try:
         while True:
-            if done.wait(0.02 if probe is not None else timeout + 1.0):
-                if "payload" in result:
-                    return _Reply(result["payload"], None, "ETCD")
-                if probe is None or probe.done.is_set() and probe.reply is None:
-                    break
+            changed.wait()
+            changed.clear()
+            # Read after clearing: an end that comes meanwhile sets it again.
+            if "payload" in result:
+                return _Reply(result["payload"], None, "ETCD")
             if probe is not None and probe.reply is not None:
                 logger.info(
                     "nixl-etcd: engine %s is not registered in ETCD; reached it through "
@@ -688,7 +708,7 @@ def _wait_or_side_channel(
                     probe.addr,
                 )
                 return probe.reply
-            if done.is_set() and probe is not None and probe.done.is_set():
+            if done.is_set() and (probe is None or probe.done.is_set()):
                 break
     finally:
         if probe is not None:

@@ -1,0 +1,63 @@
+"""The decode's wait for a remote engine (etcd, with vLLM's ZMQ side channel
+asked meanwhile) sleeps: no busy-wait on vLLM's handshake thread.
+
+The case that used to spin: the etcd wait has already ended with an error
+(etcd unreachable) while the side-channel probe still waits for an answer;
+the handshake thread then polled with a 20 ms wait that returned at once, a
+core at 100 % holding the GIL for up to VLLM_NIXL_ETCD_TIMEOUT. Measured here
+as the handshake thread's CPU time against the time the probe ran, in a
+subprocess of the vLLM venv (the probe speaks vLLM's ZMQ message)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from test_vllm_plugin import VPY  # skips, loudly, without the vLLM venv
+
+SCRIPT = r'''
+import json, threading, time, zmq
+from nixl_etcd import errors
+from nixl_etcd.vllm import hooks
+from vllm.distributed.kv_transfer.kv_connector.v1.nixl import metadata
+hooks._orig.setdefault("GET_META_MSG", metadata.GET_META_MSG)
+
+class EtcdDown:
+    """A client whose etcd cannot be reached: its wait fails at once."""
+    def wait(self, engine_id, rank, timeout):
+        raise errors.ConnectionFailed("ETCD connection failed: test")
+
+ctx = zmq.Context()
+silent = ctx.socket(zmq.ROUTER)  # a side channel that never answers
+port = silent.bind_to_random_port("tcp://127.0.0.1")
+probe_s = 1.5
+cpu0, wall0 = time.thread_time(), time.monotonic()
+try:
+    hooks._wait_or_side_channel(EtcdDown(), "engine", 0, 0, 0, "127.0.0.1", port, probe_s)
+    raised = None
+except errors.ConnectionFailed as e:
+    raised = str(e)
+cpu, wall = time.thread_time() - cpu0, time.monotonic() - wall0
+print("@@" + json.dumps({"raised": raised, "cpu_s": cpu, "wall_s": wall, "probe_s": probe_s}))
+'''
+
+
+def test_waiting_on_the_side_channel_after_etcd_failed_does_not_spin() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_")}
+    env["VLLM_TARGET_DEVICE"] = "cpu"
+    proc = subprocess.run(
+        [str(VPY), "-c", SCRIPT], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r = json.loads([x for x in proc.stdout.splitlines() if x.startswith("@@")][-1][2:])
+    print(f"handshake thread: {r['cpu_s'] * 1000:.1f} ms CPU over {r['wall_s']:.2f} s of wait")
+    # etcd's error is the one reported, once the probe has had its time.
+    assert r["raised"] == "ETCD connection failed: test"
+    assert r["wall_s"] >= r["probe_s"]
+    # Asleep while the probe runs: a spinning thread burns about as much CPU
+    # as the time it waits.
+    assert r["cpu_s"] < 0.1 * r["wall_s"], r
