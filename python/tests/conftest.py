@@ -151,6 +151,20 @@ class Etcd:
             self.proc.wait(timeout=10)
         self.proc = None
 
+    def restart(self) -> None:
+        """Starts a stopped etcd again on its ports, with its data dir."""
+        c = f"http://127.0.0.1:{self.client_port}"
+        p = f"http://127.0.0.1:{self.peer_port}"
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [ETCD_BIN, "--name", "nixl-etcd-pytest", "--data-dir", str(self.data_dir / "data"),
+             "--listen-client-urls", c, "--advertise-client-urls", c, "--listen-peer-urls", p,
+             "--initial-advertise-peer-urls", p, "--initial-cluster", f"nixl-etcd-pytest={p}",
+             "--log-level", "warn"],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        log.close()
+        assert wait_until(lambda: _healthy(self.client_port), timeout=30)
+
     def cleanup(self) -> None:
         self.stop()
         shutil.rmtree(self.data_dir, ignore_errors=True)

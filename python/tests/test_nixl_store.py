@@ -181,23 +181,6 @@ def test_in_process_store_options_are_checked_and_applied(etcd, nixl_ns):
         api.close()
 
 
-def _restart_same_ports(server: Etcd) -> None:
-    """Starts a stopped etcd again on its ports, with its data dir."""
-    from conftest import ETCD_BIN, _healthy
-
-    c = f"http://127.0.0.1:{server.client_port}"
-    p = f"http://127.0.0.1:{server.peer_port}"
-    log = open(server.log_path, "ab")
-    server.proc = subprocess.Popen(
-        [ETCD_BIN, "--name", "nixl-etcd-pytest", "--data-dir", str(server.data_dir / "data"),
-         "--listen-client-urls", c, "--advertise-client-urls", c, "--listen-peer-urls", p,
-         "--initial-advertise-peer-urls", p, "--initial-cluster", f"nixl-etcd-pytest={p}",
-         "--log-level", "warn"],
-        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    log.close()
-    assert wait_until(lambda: _healthy(server.client_port), timeout=30)
-
-
 def _store_writes(endpoint: str, etcd: Etcd) -> bool:
     """One TCPStore SET + CHECK through the store, as NIXL sends them; true
     when it was written to etcd (a refused write closes the connection)."""
@@ -234,7 +217,7 @@ def test_etcd_restart_reads_from_the_copy_then_recovers(private_etcd, nixl_ns, f
     fleet.append(b)
     assert b.sees(a)
     assert b.reads(a)["bad"] == 0
-    _restart_same_ports(etcd)
+    etcd.restart()
     # Back: once the store writes again, a publish made now is found, and A's
     # keys are still there.
     assert wait_until(lambda: _store_writes(store.endpoint, etcd), timeout=30)

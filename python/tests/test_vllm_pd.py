@@ -500,7 +500,7 @@ def test_etcd_down_falls_back_to_zmq(cluster: Cluster) -> None:
     """etcd stopped: a new prefill with the plugin cannot publish (one WARNING,
     it serves ZMQ); the decode, whose etcd calls now fail, handshakes with it
     through vLLM's ZMQ side channel after one WARNING naming the cause; same
-    result."""
+    result. Once etcd is back, the prefill is published (it kept trying)."""
     d1 = cluster.named["D1"]  # type: ignore[attr-defined]
     cluster.etcd.stop()
     p6 = cluster.start(
@@ -521,3 +521,10 @@ def test_etcd_down_falls_back_to_zmq(cluster: Cluster) -> None:
     log = d1.log_text()
     assert count(log, "ETCD coordination failed (") == 1
     assert "using vLLM's direct ZMQ handshake with engine prefill_zmq at 127.0.0.1:" in log
+    # etcd back: the prefill, which kept trying in the background, is published.
+    cluster.etcd.restart()
+    zmq_keys = [f"{cluster.ns}/prefill_zmq/rank_0"]
+    assert wait_until(lambda: cluster.keys(f"{cluster.ns}/prefill_zmq/") == zmq_keys, timeout=60)
+    assert count(
+        p6.log_text(), "nixl-etcd: engine prefill_zmq published 1 rank(s) in ETCD (world size 1) after "
+    ) == 1

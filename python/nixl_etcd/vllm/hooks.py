@@ -81,7 +81,7 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from .. import errors
 from ..client import Client, Event, EventKind
-from . import SUPPORTED_VLLM, use_etcd_from_env
+from . import SUPPORTED_VLLM, publish, use_etcd_from_env
 
 logger = logging.getLogger("vllm.nixl_etcd")
 
@@ -302,56 +302,10 @@ def _set_xfer_handshake_metadata(self: Any, metadata: Dict[Tuple[int, int], Any]
         _rank_of(pp, tp, tp_size): encoder.encode(payload)
         for (pp, tp), payload in metadata.items()
     }
-    world = max(ranks) + 1
-    engine_id = self.engine_id
-    old = getattr(self, "_nixl_etcd_client", None)
-    client: Optional[Client] = None
-    try:
-        client = old if old is not None and not old.closed else Client(world_size=world)
-        for rank in sorted(ranks):
-            client.register(engine_id, rank, ranks[rank])
-    except (errors.ConnectionFailed, errors.Timeout) as e:
-        logger.warning(
-            "ETCD coordination failed (%s); engine %s is NOT published in ETCD and is "
-            "reachable only through vLLM's ZMQ side channel at %s:%s. Check "
-            "VLLM_NIXL_ETCD_ENDPOINTS and that etcd is running",
-            e,
-            engine_id,
-            self.side_channel_host,
-            self.side_channel_port,
-        )
-        if client is not None:
-            with contextlib.suppress(Exception):
-                client.close()
-        return
-    self._nixl_etcd_client = client
-    with _publishers_lock:
-        _publishers.add(client)
-    logger.info(
-        "nixl-etcd: engine %s published %d rank(s) in ETCD (world size %d); vLLM's ZMQ "
-        "side channel keeps serving at %s:%s",
-        engine_id,
-        len(ranks),
-        world,
-        self.side_channel_host,
-        self.side_channel_port,
+    publish.close(getattr(self, "_nixl_etcd_publisher", None))
+    self._nixl_etcd_publisher = publish.start(
+        self.engine_id, ranks, f"{self.side_channel_host}:{self.side_channel_port}"
     )
-
-
-# The publishing clients of this process (one per engine core).
-_publishers: Set[Client] = set()
-_publishers_lock = threading.Lock()
-
-
-def _close_publisher(client: Optional[Client]) -> None:
-    if client is None:
-        return
-    with _publishers_lock:
-        _publishers.discard(client)
-    try:
-        client.close()  # revokes the lease: this engine's keys vanish now
-    except Exception as e:
-        logger.warning("nixl-etcd: closing the ETCD client failed: %s", e)
 
 
 def _engine_core_shutdown(self: Any) -> None:
@@ -359,10 +313,7 @@ def _engine_core_shutdown(self: Any) -> None:
     # workers, which it may kill after a few seconds (the scheduler's shutdown
     # never runs then): withdraw this engine from etcd first, so that peers stop
     # being sent to it at once instead of within the lease TTL.
-    with _publishers_lock:
-        clients = list(_publishers)
-    for client in clients:
-        _close_publisher(client)
+    publish.close_all()
     _orig["engine_core_shutdown"](self)
 
 
@@ -370,9 +321,9 @@ def _scheduler_shutdown(self: Any) -> None:
     try:
         _orig["scheduler_shutdown"](self)
     finally:
-        client = getattr(self, "_nixl_etcd_client", None)
-        self._nixl_etcd_client = None
-        _close_publisher(client)
+        publisher = getattr(self, "_nixl_etcd_publisher", None)
+        self._nixl_etcd_publisher = None
+        publish.close(publisher)
 
 
 # ---------------------------------------------------------------------------
