@@ -28,6 +28,7 @@ import os
 import time
 from typing import Any, Callable, Dict, List, Optional
 
+from . import unsigned
 from .client import BytesLike, Client, enabled, target_ranks
 from .errors import ConnectionFailed, InvalidArgument, NixlEtcdError, NotFound, Timeout
 
@@ -217,6 +218,9 @@ class EtcdHandshake:
             reason = e
         if remote_tp is None:
             raise reason
+        refused = unsigned.refusal(self._options)
+        if refused is not None:
+            raise type(reason)(f"ETCD coordination failed ({reason}) and {refused}") from reason
         ranks = target_ranks(local_tp, local_rank, remote_tp)
         logger.warning(
             "ETCD coordination failed (%s: %s); using the direct handshake for engine %s "

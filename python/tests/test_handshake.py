@@ -204,3 +204,31 @@ def test_bad_sizes_are_not_a_fallback(monkeypatch):
     hs = EtcdHandshake(direct=Direct("x"), endpoints=dead_endpoint(), timeout_s=1)
     with pytest.raises(nixl_etcd.InvalidArgument):
         hs.fetch(engine(), 3, 0, 2)
+
+
+def test_with_signed_records_the_unsigned_direct_handshake_is_off_unless_allowed(
+    monkeypatch, tmp_path
+):
+    """Records are signed: etcd unreachable does not open the door to an
+    unauthenticated payload from the network, unless allowed on purpose."""
+    monkeypatch.setenv("VLLM_NIXL_USE_ETCD", "1")
+    monkeypatch.delenv("VLLM_NIXL_ETCD_ALLOW_UNSIGNED", raising=False)
+    key = tmp_path / "hmac.key"
+    key.write_bytes(b"0123456789abcdef0123456789abcdef")
+    e = engine("prefill")
+    direct = Direct(e)
+    hs = EtcdHandshake(direct=direct, endpoints=dead_endpoint(), timeout_s=1,
+                       hmac_key_file=str(key))
+    with pytest.raises(nixl_etcd.ConnectionFailed) as exc:
+        hs.fetch(e, 1, 0, 1)
+    assert str(exc.value).startswith("ETCD coordination failed (ETCD connection failed")
+    assert str(exc.value).endswith(
+        "and records are signed here (VLLM_NIXL_ETCD_HMAC_KEY_FILE) while vLLM's direct ZMQ "
+        "handshake is not authenticated, so it is not used; set "
+        "VLLM_NIXL_ETCD_ALLOW_UNSIGNED=1 to allow it anyway")
+    assert direct.calls == []
+    monkeypatch.setenv("VLLM_NIXL_ETCD_ALLOW_UNSIGNED", "maybe")
+    with pytest.raises(nixl_etcd.ConnectionFailed, match="'maybe' is not a boolean"):
+        hs.fetch(e, 1, 0, 1)
+    monkeypatch.setenv("VLLM_NIXL_ETCD_ALLOW_UNSIGNED", "1")
+    assert hs.fetch(e, 1, 0, 1) == {0: direct(0)}

@@ -79,7 +79,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
-from .. import errors
+from .. import errors, unsigned
 from ..client import Client, Event, EventKind
 from . import SUPPORTED_VLLM, publish, use_etcd_from_env
 
@@ -625,9 +625,11 @@ def _wait_or_side_channel(
     # One event for both ends (the etcd wait, the probe): the handshake thread
     # sleeps until one of them has something to say, never polls.
     changed = threading.Event()
+    # Signed records: an unauthenticated payload from the network is not
+    # taken in their place (unless allowed, see nixl_etcd.unsigned).
     probe = (
         _SideChannelProbe(host, int(port), pp, tp, timeout, notify=changed)
-        if host and port
+        if host and port and unsigned.refusal() is None
         else None
     )
     result: Dict[str, Any] = {}
@@ -744,6 +746,9 @@ def _nixl_handshake(
     except _EtcdUnavailable as e:
         d.mark_down()
         cause = str(e.cause)
+        refused = unsigned.refusal()
+        if refused is not None:
+            raise RuntimeError(f"ETCD coordination failed ({cause}) and {refused}") from e.cause
         key = cause.split(";")[0]
         if e.recent:
             logger.debug(
