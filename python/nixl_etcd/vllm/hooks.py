@@ -396,6 +396,8 @@ class _Discovery:
         self.via_etcd: Set[str] = set()
         self.stale: Set[str] = set()
         self.gone: Set[str] = set()
+        # engine -> when it was last seen leaving (monotonic seconds)
+        self.gone_since: Dict[str, float] = {}
         # engine -> ranks whose record was deleted since the agents were loaded
         self.missing: Dict[str, Set[int]] = {}
         # engines with a rank replaced by a new incarnation since then
@@ -473,21 +475,25 @@ class _Discovery:
             if not missing and ev.engine_id not in self.replaced:
                 self.stale.discard(ev.engine_id)
                 self.gone.discard(ev.engine_id)
+                self.gone_since.pop(ev.engine_id, None)
             return "back"
         self.stale.add(ev.engine_id)
         if ev.kind == EventKind.REMOVED:
             missing.add(ev.rank)
             self.gone.add(ev.engine_id)
+            self.gone_since[ev.engine_id] = time.monotonic()
         else:
             missing.discard(ev.rank)
             self.replaced.add(ev.engine_id)
             self.gone.discard(ev.engine_id)
+            self.gone_since.pop(ev.engine_id, None)
         return "stale"
 
     def watch(self, client: Client, engine_id: str, incarnations: Dict[int, str]) -> None:
         with self.lock:
             self.incarnations[engine_id] = dict(incarnations)
             self.gone.discard(engine_id)
+            self.gone_since.pop(engine_id, None)
             self.missing.pop(engine_id, None)
             self.replaced.discard(engine_id)
             self.via_etcd.add(engine_id)
@@ -817,13 +823,20 @@ def _track_remote_engine_replacement(self: Any, engine_id: str, host: str, port:
     _orig["_track_remote_engine_replacement"](self, engine_id, host, port)
 
 
+#: An engine that left (its records deleted) and has not come back for this
+#: long is released with everything the decode kept for it, its
+#: subscription included: a long-lived decode whose prefills restart under
+#: fresh engine ids keeps no trace of the old ones.
+GONE_RELEASE_S = 60.0
+
+
 def _evict_stale(self: Any, wanted: Optional[Set[str]] = None) -> None:
     """Releases the NIXL state of stale remote engines that no transfer uses.
 
     A restarted engine (a new incarnation) is released at once. One that only
-    left is released when a request needs it (``wanted``): until then its
-    record may come back unchanged (a lease lost and re-granted while the
-    engine lives), and its agents stay."""
+    left is released when a request needs it (``wanted``), or once it has been
+    gone for ``GONE_RELEASE_S``: until then its record may come back unchanged
+    (a lease lost and re-granted while the engine lives), and its agents stay."""
     d = self.__dict__.get("_nixl_etcd_discovery")
     if d is None or not d.stale:
         return
@@ -835,17 +848,37 @@ def _evict_stale(self: Any, wanted: Optional[Set[str]] = None) -> None:
         for meta in self._recving_metadata.values()
         if getattr(meta, "remote", None) is not None
     }
+    now = time.monotonic()
     with d.lock:
         ready = [
             e
             for e in d.stale
-            if e not in pending and e not in busy and (e in d.replaced or e in wanted)
+            if e not in pending
+            and e not in busy
+            and (
+                e in d.replaced
+                or e in wanted
+                or (e in d.gone and now - d.gone_since.get(e, now) >= GONE_RELEASE_S)
+            )
         ]
+        subs = []
         for e in ready:
             d.stale.discard(e)
             d.incarnations.pop(e, None)
             d.missing.pop(e, None)
             d.replaced.discard(e)
+            d.gone_since.pop(e, None)
+            if e in d.gone:
+                # Left for good (vLLM's engine ids are fresh at each start):
+                # nothing of it is kept, its subscription included.
+                d.gone.discard(e)
+                d.via_etcd.discard(e)
+                sub = d.subs.pop(e, None)
+                if sub is not None:
+                    subs.append(sub)
+    for sub in subs:
+        with contextlib.suppress(Exception):
+            sub.unsubscribe()
     for engine_id in ready:
         if engine_id in self._remote_agents:
             self._cleanup_remote_engine(engine_id, log_eviction=False)
