@@ -4,9 +4,13 @@ Two ways in, both with no change to vLLM's code:
 
 * **The plugin** (automatic). ``pip install nixl-etcd`` registers
   :func:`register` under vLLM's ``vllm.general_plugins`` entry point group, which
-  vLLM calls in every process it starts. With ``VLLM_NIXL_USE_ETCD`` true
-  (1/true/yes/on) it hooks vLLM's stock ``NixlConnector``; otherwise it does
-  nothing at all (vLLM behaves as stock, nothing is written to etcd).
+  vLLM calls in every process it starts. It first checks every variable the
+  plugin reads (:mod:`.config`): a bad value (``VLLM_NIXL_USE_ETCD=ture``,
+  ``VLLM_NIXL_ETCD_TIMEOUT=ten``, ...) raises :class:`~.config.ConfigError`
+  naming the variable, the value and what is accepted, and vLLM does not
+  start. With ``VLLM_NIXL_USE_ETCD`` true (1/true/yes/on) it then hooks vLLM's
+  stock ``NixlConnector``; with it false (0/false/no/off) or unset it does
+  nothing more (vLLM behaves as stock, nothing is written to etcd).
 * **The explicit connector**, for deployments that do not auto-load plugins
   (``VLLM_PLUGINS`` set without ``nixl_etcd``)::
 
@@ -39,45 +43,66 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["register", "SUPPORTED_VLLM", "use_etcd_from_env"]
+from . import config
+from .config import ConfigError
+
+__all__ = ["register", "SUPPORTED_VLLM", "use_etcd_from_env", "ConfigError", "ENV_VARS"]
 
 #: vLLM releases whose NixlConnector the hooks are written for.
 SUPPORTED_VLLM = ("0.32",)
 
-_TRUE = ("1", "true", "yes", "on")
-
 
 def use_etcd_from_env() -> bool:
-    """``VLLM_NIXL_USE_ETCD`` as the library reads it (1/true/yes/on, any case),
-    without loading the library."""
-    return os.environ.get("VLLM_NIXL_USE_ETCD", "").strip().lower() in _TRUE
+    """``VLLM_NIXL_USE_ETCD``: True for 1/true/yes/on (any case), False for
+    0/false/no/off, empty or unset, without loading the library.
+
+    Raises:
+        ConfigError: any other value (a typo must not silently mean stock vLLM).
+    """
+    return config.parse_bool(os.environ, config.USE_ETCD)
 
 
 def register() -> None:
-    """vLLM's ``vllm.general_plugins`` entry point: installs the hooks into
-    NixlConnector when ``VLLM_NIXL_USE_ETCD`` is true; else nothing.
+    """vLLM's ``vllm.general_plugins`` entry point: checks the plugin's
+    variables, then installs the hooks into NixlConnector when
+    ``VLLM_NIXL_USE_ETCD`` is true; else nothing more.
+
+    Every variable of :data:`config.VARIABLES` is checked whether etcd is on or
+    off (an unset or empty one is its default, always valid).
 
     Raises:
+        ConfigError: a bad value of one of the plugin's variables (a
+            ``RuntimeError``; one line per bad variable, naming it, its value
+            and what is accepted); vLLM then refuses to start.
         RuntimeError: the installed vLLM lacks what the hooks need (the message
             names the vLLM version); vLLM then refuses to start, rather than
             running silently without etcd.
     """
+    settings = config.load()
     _declare_env_vars()
-    if not use_etcd_from_env():
+    if not settings.use_etcd:
         return
     from . import hooks
 
     hooks.install()
 
 
-#: The guide's variables (and the library's), declared to vLLM so that the
-#: processes it starts after loading plugins do not warn "Unknown vLLM
-#: environment variable detected" for them.
+#: Every variable the plugin or the library reads whose name vLLM would take for
+#: its own (``VLLM_``), declared to vLLM so that the processes it starts after
+#: loading plugins do not warn "Unknown vLLM environment variable detected" for
+#: them. ``python/tests/test_vllm_config.py`` checks it against the plugin's
+#: sources and the library's (``src/config.rs``, docs/configuration.md).
 ENV_VARS = (
+    # The plugin's own (config.VARIABLES); the library reads the first two too.
     "VLLM_NIXL_USE_ETCD",
+    "VLLM_NIXL_ETCD_TIMEOUT",
+    "VLLM_NIXL_ETCD_PREWARM",
+    "VLLM_NIXL_ETCD_PREWARM_ENGINES",
+    "VLLM_NIXL_ETCD_PREWARM_MAX",
+    "VLLM_NIXL_ETCD_ALLOW_UNSIGNED",  # nixl_etcd.unsigned's
+    # The library's (docs/configuration.md).
     "VLLM_NIXL_ETCD_ENDPOINTS",
     "VLLM_NIXL_ETCD_NAMESPACE",
-    "VLLM_NIXL_ETCD_TIMEOUT",
     "VLLM_NIXL_ETCD_LEASE_TTL",
     "VLLM_NIXL_ETCD_CA_CERT",
     "VLLM_NIXL_ETCD_CERT",
@@ -87,6 +112,8 @@ ENV_VARS = (
     "VLLM_NIXL_ETCD_PASSWORD_FILE",
     "VLLM_NIXL_ETCD_HMAC_KEY_FILE",
     "VLLM_NIXL_ETCD_HMAC_PREVIOUS_KEY_FILE",
+    # vLLM's own (declared by vLLM already: setdefault leaves its entry).
+    "VLLM_NIXL_SIDE_CHANNEL_HOST",
 )
 
 

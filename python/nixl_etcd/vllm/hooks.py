@@ -81,7 +81,7 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from .. import errors, unsigned
 from ..client import Client, Event, EventKind
-from . import SUPPORTED_VLLM, publish, use_etcd_from_env
+from . import SUPPORTED_VLLM, config, publish
 
 logger = logging.getLogger("vllm.nixl_etcd")
 
@@ -97,7 +97,6 @@ _orig: Dict[str, Callable[..., Any]] = {}
 # Attribute naming the explicit connector's choice on scheduler/worker objects.
 FORCE_ATTR = "_nixl_etcd_use"
 
-_FALSE = ("0", "false", "no", "off")
 
 
 def _vllm_version() -> str:
@@ -208,6 +207,9 @@ def install() -> None:
     with _install_lock:
         if _installed:
             return
+        # Every setting checked before anything is hooked (the explicit
+        # connector installs without register()).
+        config.load()
         check_supported()
         base_scheduler, base_worker, metadata, pull_worker, push_worker = _modules()
         S = base_scheduler.NixlBaseConnectorScheduler
@@ -263,23 +265,14 @@ def installed() -> bool:
 
 def _active(obj: Any) -> bool:
     """Whether etcd coordination is on for this scheduler/worker object."""
-    forced = getattr(obj, FORCE_ATTR, None)
-    if forced is not None:
-        if os.environ.get("VLLM_NIXL_USE_ETCD", "").strip().lower() in _FALSE and (
-            "VLLM_NIXL_USE_ETCD" in os.environ
-        ):
-            return False
-        return bool(forced)
-    return use_etcd_from_env()
+    settings = config.load()
+    if getattr(obj, FORCE_ATTR, None) is not None:
+        return bool(getattr(obj, FORCE_ATTR)) and settings.etcd_for_explicit_connector
+    return settings.use_etcd
 
 
 def _etcd_timeout_s() -> float:
-    raw = os.environ.get("VLLM_NIXL_ETCD_TIMEOUT")
-    try:
-        value = float(raw) if raw else 10.0
-    except ValueError:
-        value = 10.0
-    return value if value > 0 else 10.0
+    return config.load().timeout_s
 
 
 # ---------------------------------------------------------------------------
@@ -921,54 +914,8 @@ def _worker_shutdown(self: Any) -> None:
 # ---------------------------------------------------------------------------
 # Decode side, worker process: pre-warm (VLLM_NIXL_ETCD_PREWARM=1).
 
-_TRUE = ("1", "true", "yes", "on")
-
-
-class PrewarmConfig:
-    """What to pre-warm, from the environment: ``VLLM_NIXL_ETCD_PREWARM`` (on
-    or off), ``VLLM_NIXL_ETCD_PREWARM_ENGINES`` (comma-separated engine ids,
-    or prefixes ending in ``*``; empty: every engine but the worker's own),
-    ``VLLM_NIXL_ETCD_PREWARM_MAX`` (engines pre-warmed at most, default 16)."""
-
-    DEFAULT_MAX = 16
-
-    def __init__(self, patterns: List[str], cap: int) -> None:
-        self.patterns = patterns
-        self.cap = cap
-
-    @classmethod
-    def from_env(cls) -> Optional["PrewarmConfig"]:
-        if os.environ.get("VLLM_NIXL_ETCD_PREWARM", "").strip().lower() not in _TRUE:
-            return None
-        raw = os.environ.get("VLLM_NIXL_ETCD_PREWARM_ENGINES", "")
-        patterns = [p.strip() for p in raw.split(",") if p.strip()]
-        cap_raw = os.environ.get("VLLM_NIXL_ETCD_PREWARM_MAX", "").strip()
-        try:
-            cap = int(cap_raw) if cap_raw else cls.DEFAULT_MAX
-        except ValueError:
-            cap = -1
-        if cap < 1:
-            raise ValueError(
-                f"VLLM_NIXL_ETCD_PREWARM_MAX must be a positive integer (engines), got "
-                f"{cap_raw!r}"
-            )
-        return cls(patterns, cap)
-
-    def wants(self, engine_id: str, own: str) -> bool:
-        if engine_id == own:
-            return False
-        if not self.patterns:
-            return True
-        return any(
-            engine_id.startswith(p[:-1]) if p.endswith("*") else engine_id == p
-            for p in self.patterns
-        )
-
-    def exact(self) -> Optional[List[str]]:
-        """The engine ids to subscribe to one by one, or None for all engines."""
-        if not self.patterns or any(p.endswith("*") for p in self.patterns):
-            return None
-        return list(self.patterns)
+# The pre-warm's settings, parsed and checked with every other variable.
+PrewarmConfig = config.PrewarmConfig
 
 
 class _Prewarm:
@@ -976,10 +923,10 @@ class _Prewarm:
     etcd. Events arrive on the library's event thread: nothing here blocks
     (the handshake itself runs on vLLM's handshake thread)."""
 
-    def __init__(self, worker: Any, client: Client, config: PrewarmConfig) -> None:
+    def __init__(self, worker: Any, client: Client, settings: PrewarmConfig) -> None:
         self.worker = worker
         self.client = client
-        self.config = config
+        self.config = settings
         self.lock = threading.Lock()
         self.started: Set[str] = set()
         self.capped = False
@@ -1085,16 +1032,12 @@ def _register_kv_caches(self: Any, kv_caches: Any) -> Any:
     worker = getattr(self, "connector_worker", None)
     if worker is None or not _active(worker):
         return result
-    try:
-        config = PrewarmConfig.from_env()
-    except ValueError as e:
-        logger.warning("nixl-etcd: pre-warm off: %s", e)
-        return result
-    if config is None:
+    settings = config.load().prewarm  # checked at engine start (register, install)
+    if settings is None:
         return result
     d = _discovery(worker)
     try:
-        prewarm = _Prewarm(worker, d.get_client(), config)
+        prewarm = _Prewarm(worker, d.get_client(), settings)
         d.prewarm = prewarm
         prewarm.start()
     except Exception as e:  # etcd down: requests handshake as they come
