@@ -428,3 +428,33 @@ def test_the_explicit_connector_path_checks_the_settings_before_hooking(
     with pytest.raises(ConfigError, match="VLLM_NIXL_ETCD_TIMEOUT=ten is not a timeout"):
         hooks.install()
     assert not hooks.installed()
+
+
+def test_a_decode_with_a_setting_the_library_refuses_fails_at_start_not_per_request(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The decode worker's etcd client opens as its KV caches are registered
+    # (engine start): a bad library setting is an error there; an unreachable
+    # etcd is not (each request falls back as it comes).
+    from types import SimpleNamespace
+
+    from nixl_etcd.vllm import hooks
+
+    monkeypatch.setitem(hooks._orig, "register_kv_caches", lambda self, kv: "registered")
+    monkeypatch.setenv("VLLM_NIXL_USE_ETCD", "1")
+
+    def connector(role: str) -> SimpleNamespace:
+        return SimpleNamespace(
+            connector_worker=SimpleNamespace(),
+            kv_transfer_config=SimpleNamespace(kv_role=role),
+        )
+
+    monkeypatch.setenv("VLLM_NIXL_ETCD_ENDPOINTS", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("VLLM_NIXL_ETCD_LEASE_TTL", "forever")
+    with pytest.raises(nixl_etcd.InvalidArgument, match="VLLM_NIXL_ETCD_LEASE_TTL"):
+        hooks._register_kv_caches(connector("kv_consumer"), {})
+    # A prefill never reads: nothing is opened for it.
+    assert hooks._register_kv_caches(connector("kv_producer"), {}) == "registered"
+    monkeypatch.setenv("VLLM_NIXL_ETCD_LEASE_TTL", "10")
+    monkeypatch.setenv("VLLM_NIXL_ETCD_TIMEOUT", "1")
+    assert hooks._register_kv_caches(connector("kv_consumer"), {}) == "registered"

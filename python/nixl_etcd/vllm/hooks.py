@@ -1032,12 +1032,27 @@ def _register_kv_caches(self: Any, kv_caches: Any) -> Any:
     worker = getattr(self, "connector_worker", None)
     if worker is None or not _active(worker):
         return result
+    role = getattr(getattr(self, "kv_transfer_config", None), "kv_role", None)
+    if role == "kv_producer":
+        return result  # it never reads from another engine
+    d = _discovery(worker)
+    try:
+        # Connect at start: a bad setting, refused credentials or
+        # permissions fail the engine's start here (the error names the
+        # variable), instead of every P/D request later.
+        client = d.get_client()
+    except _EtcdUnavailable as e:
+        # Unreachable: the first handshake tries again, and falls back with
+        # the WARNING, as each one after it does.
+        with d.lock:
+            d.down_until = 0.0
+        logger.info("nixl-etcd: ETCD not reachable at engine start (%s); retried per request", e)
+        return result
     settings = config.load().prewarm  # checked at engine start (register, install)
     if settings is None:
         return result
-    d = _discovery(worker)
     try:
-        prewarm = _Prewarm(worker, d.get_client(), settings)
+        prewarm = _Prewarm(worker, client, settings)
         d.prewarm = prewarm
         prewarm.start()
     except Exception as e:  # etcd down: requests handshake as they come
