@@ -421,13 +421,13 @@ def test_the_explicit_connector_path_checks_the_settings_before_hooking(
 ) -> None:
     # EtcdNixlConnector installs the hooks without vLLM's plugin loader
     # (register()): install() itself refuses a bad value, before any hook.
-    from nixl_etcd.vllm import hooks
+    from nixl_etcd.vllm import install
 
     monkeypatch.setenv("VLLM_NIXL_ETCD_TIMEOUT", "ten")
-    monkeypatch.setattr(hooks, "_installed", False)
+    monkeypatch.setattr(install, "_installed", False)
     with pytest.raises(ConfigError, match="VLLM_NIXL_ETCD_TIMEOUT=ten is not a timeout"):
-        hooks.install()
-    assert not hooks.installed()
+        install.install()
+    assert not install.installed()
 
 
 def test_a_decode_with_a_setting_the_library_refuses_fails_at_start_not_per_request(

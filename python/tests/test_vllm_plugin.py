@@ -50,7 +50,37 @@ try:
 except RuntimeError as e:
     out["missing"] = str(e)
 S.set_xfer_handshake_metadata = saved
+# A hook point whose signature changed: refused, saying what differs.
+saved_hs = W._nixl_handshake
+def changed(self, host, port, remote_tp_size):
+    pass
+W._nixl_handshake = changed
+try:
+    plugin.register()
+    out["changed"] = None
+except RuntimeError as e:
+    out["changed"] = str(e)
+W._nixl_handshake = saved_hs
+# A release the plugin was not tested with: refused unless allowed.
+import logging, vllm
+real_version = vllm.__version__
+vllm.__version__ = "0.99.0"
+try:
+    plugin.register()
+    out["untested"] = None
+except RuntimeError as e:
+    out["untested"] = str(e)
+warnings = []
+class Catch(logging.Handler):
+    def emit(self, record):
+        if record.levelno == logging.WARNING:
+            warnings.append(record.getMessage())
+logging.getLogger("vllm.nixl_etcd").addHandler(Catch())
+os.environ["VLLM_NIXL_ETCD_ALLOW_UNTESTED_VLLM"] = "1"
 plugin.register()
+out["untested_allowed"] = [w for w in warnings if "not a release" in w]
+vllm.__version__ = real_version
+del os.environ["VLLM_NIXL_ETCD_ALLOW_UNTESTED_VLLM"]
 plugin.register()  # vLLM may load plugins more than once
 out["on"] = [W._nixl_handshake.__module__, S.set_xfer_handshake_metadata.__module__,
              base_worker.zmq_ctx.__module__]
@@ -96,6 +126,32 @@ def test_missing_hook_point_is_a_clear_error_naming_the_version(result: dict) ->
         "supports vLLM 0.32.x. Install a supported vLLM, or unset VLLM_NIXL_USE_ETCD to run "
         "vLLM's stock ZMQ handshake (see docs/vllm.md)"
     )
+
+
+def test_a_hook_point_whose_signature_changed_is_refused_saying_what_differs(
+    result: dict,
+) -> None:
+    assert result["changed"] == (
+        f"nixl-etcd: vLLM {result['vllm']} lacks what the nixl-etcd plugin hooks in its "
+        "NixlConnector (NixlBaseConnectorWorker._nixl_handshake(self, host, port, "
+        "remote_tp_size) where (self, host, port, remote_tp_size, expected_engine_id, "
+        "remote_dcp_size=, remote_pp_size=, notif_agents_only=) is needed); the plugin "
+        "supports vLLM 0.32.x. Install a supported vLLM, or unset VLLM_NIXL_USE_ETCD to run "
+        "vLLM's stock ZMQ handshake (see docs/vllm.md)"
+    )
+
+
+def test_an_untested_vllm_release_is_refused_unless_allowed(result: dict) -> None:
+    assert result["untested"] == (
+        "nixl-etcd: vLLM 0.99.0 is not a release the nixl-etcd plugin was tested with "
+        "(0.32.x); its hook points match. Set VLLM_NIXL_ETCD_ALLOW_UNTESTED_VLLM=1 to run it "
+        "anyway, install a supported vLLM, or unset VLLM_NIXL_USE_ETCD to run vLLM's stock "
+        "ZMQ handshake (see docs/vllm.md)"
+    )
+    assert result["untested_allowed"] == [
+        "nixl-etcd: vLLM 0.99.0 is not a release the plugin was tested with (0.32.x); running "
+        "it because VLLM_NIXL_ETCD_ALLOW_UNTESTED_VLLM is set and every hook point matches"
+    ]
 
 
 def test_hooks_installed_once_when_on(result: dict) -> None:

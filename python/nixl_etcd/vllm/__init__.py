@@ -82,9 +82,9 @@ def register() -> None:
     _declare_env_vars()
     if not settings.use_etcd:
         return
-    from . import hooks
+    from . import install
 
-    hooks.install()
+    install.install()
 
 
 #: Every variable the plugin or the library reads whose name vLLM would take for
@@ -100,6 +100,7 @@ ENV_VARS = (
     "VLLM_NIXL_ETCD_PREWARM_ENGINES",
     "VLLM_NIXL_ETCD_PREWARM_MAX",
     "VLLM_NIXL_ETCD_ALLOW_UNSIGNED",  # nixl_etcd.unsigned's
+    "VLLM_NIXL_ETCD_ALLOW_UNTESTED_VLLM",
     # The library's (docs/configuration.md).
     "VLLM_NIXL_ETCD_ENDPOINTS",
     "VLLM_NIXL_ETCD_NAMESPACE",

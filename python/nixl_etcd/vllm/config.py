@@ -19,6 +19,9 @@ The variables read here are the ones the plugin itself interprets:
 ``VLLM_NIXL_ETCD_ALLOW_UNSIGNED``   boolean (default off): with signed records, allows
                                     vLLM's unauthenticated direct handshake
                                     (:mod:`nixl_etcd.unsigned`)
+``VLLM_NIXL_ETCD_ALLOW_UNTESTED_VLLM`` boolean (default off): runs a vLLM release the
+                                    plugin was not tested with, if its hook points
+                                    match (:mod:`.install`), with one WARNING
 =================================== ==============================================
 
 Every variable is checked whatever ``VLLM_NIXL_USE_ETCD`` says: an unset or
@@ -54,6 +57,7 @@ __all__ = [
     "PREWARM_ENGINES",
     "PREWARM_MAX",
     "ALLOW_UNSIGNED",
+    "ALLOW_UNTESTED_VLLM",
     "VARIABLES",
     "TRUE_VALUES",
     "FALSE_VALUES",
@@ -67,9 +71,18 @@ PREWARM = "VLLM_NIXL_ETCD_PREWARM"
 PREWARM_ENGINES = "VLLM_NIXL_ETCD_PREWARM_ENGINES"
 PREWARM_MAX = "VLLM_NIXL_ETCD_PREWARM_MAX"
 ALLOW_UNSIGNED = "VLLM_NIXL_ETCD_ALLOW_UNSIGNED"
+ALLOW_UNTESTED_VLLM = "VLLM_NIXL_ETCD_ALLOW_UNTESTED_VLLM"
 
 #: Every variable :func:`load` reads.
-VARIABLES = (USE_ETCD, TIMEOUT, PREWARM, PREWARM_ENGINES, PREWARM_MAX, ALLOW_UNSIGNED)
+VARIABLES = (
+    USE_ETCD,
+    TIMEOUT,
+    PREWARM,
+    PREWARM_ENGINES,
+    PREWARM_MAX,
+    ALLOW_UNSIGNED,
+    ALLOW_UNTESTED_VLLM,
+)
 
 TRUE_VALUES = ("1", "true", "yes", "on")
 FALSE_VALUES = ("0", "false", "no", "off")
@@ -92,6 +105,10 @@ _BOOL_MEANING = {
     ALLOW_UNSIGNED: (
         "to allow vLLM's unauthenticated direct handshake while records are signed",
         "to keep it off",
+    ),
+    ALLOW_UNTESTED_VLLM: (
+        "to run a vLLM release the plugin was not tested with when its hook points match",
+        "to refuse it",
     ),
 }
 
@@ -249,6 +266,7 @@ class PluginConfig:
             off.
         allow_unsigned: ``VLLM_NIXL_ETCD_ALLOW_UNSIGNED`` is true (what
             :func:`nixl_etcd.unsigned.refusal` reads, checked here at start).
+        allow_untested_vllm: ``VLLM_NIXL_ETCD_ALLOW_UNTESTED_VLLM`` is true.
     """
 
     use_etcd: bool = False
@@ -256,6 +274,7 @@ class PluginConfig:
     timeout_s: float = DEFAULT_TIMEOUT_S
     prewarm: Optional[PrewarmConfig] = None
     allow_unsigned: bool = False
+    allow_untested_vllm: bool = False
 
     @property
     def etcd_for_explicit_connector(self) -> bool:
@@ -290,6 +309,7 @@ def load(environ: Mapping[str, str] = os.environ) -> PluginConfig:
     """
     problems: List[str] = []
     use_etcd, timeout_s, prewarm, allow_unsigned = False, DEFAULT_TIMEOUT_S, None, False
+    allow_untested = False
     try:
         use_etcd = parse_bool(environ, USE_ETCD)
     except ConfigError as e:
@@ -306,6 +326,10 @@ def load(environ: Mapping[str, str] = os.environ) -> PluginConfig:
         allow_unsigned = parse_bool(environ, ALLOW_UNSIGNED)
     except ConfigError as e:
         problems.extend(e.problems)
+    try:
+        allow_untested = parse_bool(environ, ALLOW_UNTESTED_VLLM)
+    except ConfigError as e:
+        problems.extend(e.problems)
     if problems:
         raise ConfigError(problems)
     return PluginConfig(
@@ -314,4 +338,5 @@ def load(environ: Mapping[str, str] = os.environ) -> PluginConfig:
         timeout_s=timeout_s,
         prewarm=prewarm,
         allow_unsigned=allow_unsigned,
+        allow_untested_vllm=allow_untested,
     )

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import hooks
+from . import hooks, install
 
-hooks.install()
+install.install()
 
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl import NixlPullConnector  # noqa: E402
 

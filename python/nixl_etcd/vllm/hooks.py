@@ -72,7 +72,6 @@ process)
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import os
 import threading
@@ -81,12 +80,9 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from .. import errors, unsigned
 from ..client import Client, Event, EventKind
-from . import SUPPORTED_VLLM, config, publish
+from . import config, publish
 
 logger = logging.getLogger("vllm.nixl_etcd")
-
-_installed = False
-_install_lock = threading.Lock()
 
 # Set on this thread while vLLM's _nixl_handshake runs on etcd-fetched payloads.
 _tls = threading.local()
@@ -97,170 +93,6 @@ _orig: Dict[str, Callable[..., Any]] = {}
 # Attribute naming the explicit connector's choice on scheduler/worker objects.
 FORCE_ATTR = "_nixl_etcd_use"
 
-
-
-def _vllm_version() -> str:
-    try:
-        import vllm
-
-        return str(getattr(vllm, "__version__", "unknown"))
-    except Exception:  # pragma: no cover - vLLM not importable at all
-        return "unknown"
-
-
-def _unsupported(missing: List[str]) -> RuntimeError:
-    return RuntimeError(
-        f"nixl-etcd: vLLM {_vllm_version()} lacks what the nixl-etcd plugin hooks in its "
-        f"NixlConnector ({', '.join(missing)}); the plugin supports vLLM "
-        f"{', '.join(SUPPORTED_VLLM)}.x. Install a supported vLLM, or unset "
-        "VLLM_NIXL_USE_ETCD to run vLLM's stock ZMQ handshake (see docs/vllm.md)"
-    )
-
-
-def _modules() -> Tuple[Any, Any, Any, Any, Any]:
-    try:
-        from vllm.distributed.kv_transfer.kv_connector.v1.nixl import (  # noqa: F401
-            base_scheduler,
-            base_worker,
-            connector,
-            metadata,
-            pull_worker,
-            push_worker,
-        )
-    except Exception as e:
-        raise _unsupported([f"vllm.distributed.kv_transfer.kv_connector.v1.nixl ({e})"]) from e
-    return base_scheduler, base_worker, metadata, pull_worker, push_worker
-
-
-_HANDSHAKE_PARAMS = ["self", "host", "port", "remote_tp_size", "expected_engine_id"]
-
-
-def check_supported() -> None:
-    """Raises RuntimeError naming the vLLM version when a hook point is missing."""
-    base_scheduler, base_worker, metadata, pull_worker, push_worker = _modules()
-    S = getattr(base_scheduler, "NixlBaseConnectorScheduler", None)
-    W = getattr(base_worker, "NixlBaseConnectorWorker", None)
-    missing: List[str] = []
-    if S is None:
-        missing.append("NixlBaseConnectorScheduler")
-    if W is None:
-        missing.append("NixlBaseConnectorWorker")
-    for cls, names in (
-        (S, ("set_xfer_handshake_metadata", "shutdown", "on_new_request")),
-        (
-            W,
-            (
-                "_nixl_handshake",
-                "_track_remote_engine_replacement",
-                "_cleanup_remote_engines",
-                "_cleanup_remote_engine",
-            ),
-        ),
-    ):
-        if cls is None:
-            continue
-        for n in names:
-            if not callable(getattr(cls, n, None)):
-                missing.append(f"{cls.__name__}.{n}")
-    if W is not None and callable(getattr(W, "_nixl_handshake", None)):
-        params = list(inspect.signature(W._nixl_handshake).parameters)
-        if params[: len(_HANDSHAKE_PARAMS)] != _HANDSHAKE_PARAMS:
-            missing.append(f"NixlBaseConnectorWorker._nixl_handshake{_HANDSHAKE_PARAMS[1:]}")
-    for mod, n in ((base_worker, "zmq_ctx"), (metadata, "GET_META_MSG")):
-        if not hasattr(mod, n):
-            missing.append(f"{mod.__name__}.{n}")
-    for mod, cls_name in (
-        (pull_worker, "NixlPullConnectorWorker"),
-        (push_worker, "NixlPushConnectorWorker"),
-    ):
-        cls = getattr(mod, cls_name, None)
-        if cls is None or not callable(getattr(cls, "start_load_kv", None)):
-            missing.append(f"{cls_name}.start_load_kv")
-    core = _engine_core_class()
-    if core is None or not callable(getattr(core, "shutdown", None)):
-        missing.append("vllm.v1.engine.core.EngineCore.shutdown")
-    if missing:
-        raise _unsupported(missing)
-
-
-def _connector_class() -> Any:
-    try:
-        from vllm.distributed.kv_transfer.kv_connector.v1.nixl.connector import NixlBaseConnector
-    except Exception:
-        return None
-    return NixlBaseConnector
-
-
-def _engine_core_class() -> Any:
-    try:
-        from vllm.v1.engine.core import EngineCore
-    except Exception:
-        return None
-    return EngineCore
-
-
-def install() -> None:
-    """Installs the hooks (idempotent, thread-safe). The hooks act only on
-    connectors for which etcd is on: ``VLLM_NIXL_USE_ETCD`` true, or the explicit
-    ``EtcdNixlConnector`` (unless ``VLLM_NIXL_USE_ETCD`` is set false)."""
-    global _installed
-    with _install_lock:
-        if _installed:
-            return
-        # Every setting checked before anything is hooked (the explicit
-        # connector installs without register()).
-        config.load()
-        check_supported()
-        base_scheduler, base_worker, metadata, pull_worker, push_worker = _modules()
-        S = base_scheduler.NixlBaseConnectorScheduler
-        W = base_worker.NixlBaseConnectorWorker
-
-        _orig["set_xfer_handshake_metadata"] = S.set_xfer_handshake_metadata
-        _orig["scheduler_shutdown"] = S.shutdown
-        core = _engine_core_class()
-        _orig["engine_core_shutdown"] = core.shutdown
-        core.shutdown = _engine_core_shutdown
-        _orig["on_new_request"] = S.on_new_request
-        _orig["_nixl_handshake"] = W._nixl_handshake
-        _orig["_track_remote_engine_replacement"] = W._track_remote_engine_replacement
-        _orig["_cleanup_remote_engines"] = W._cleanup_remote_engines
-        _orig["worker_shutdown"] = W.shutdown
-        _orig["zmq_ctx"] = base_worker.zmq_ctx
-        _orig["GET_META_MSG"] = metadata.GET_META_MSG
-
-        S.set_xfer_handshake_metadata = _set_xfer_handshake_metadata
-        S.shutdown = _scheduler_shutdown
-        S.on_new_request = _on_new_request
-        W._nixl_handshake = _nixl_handshake
-        W._track_remote_engine_replacement = _track_remote_engine_replacement
-        W._cleanup_remote_engines = _cleanup_remote_engines
-        W.shutdown = _worker_shutdown
-        base_worker.zmq_ctx = _zmq_ctx
-        for cls in (pull_worker.NixlPullConnectorWorker, push_worker.NixlPushConnectorWorker):
-            _orig[f"{cls.__name__}.start_load_kv"] = cls.start_load_kv
-            cls.start_load_kv = _make_start_load_kv(cls.start_load_kv)
-        # Pre-warm (optional: only where this vLLM has the calls it needs).
-        C = _connector_class()
-        if (
-            C is not None
-            and callable(getattr(C, "register_kv_caches", None))
-            and callable(getattr(W, "_ensure_handshake", None))
-            and callable(getattr(W, "_evict_stale_engines", None))
-        ):
-            _orig["register_kv_caches"] = C.register_kv_caches
-            _orig["_evict_stale_engines"] = W._evict_stale_engines
-            C.register_kv_caches = _register_kv_caches
-            W._evict_stale_engines = _evict_stale_engines
-        _installed = True
-        logger.info(
-            "nixl-etcd: NixlConnector handshakes go through ETCD (vLLM %s, namespace %s)",
-            _vllm_version(),
-            os.environ.get("VLLM_NIXL_ETCD_NAMESPACE", "/vllm/nixl/agents"),
-        )
-
-
-def installed() -> bool:
-    return _installed
 
 
 def _active(obj: Any) -> bool:
@@ -695,8 +527,10 @@ class _EtcdReplySocket:
         _, pp_rank, tp_rank = msgspec.msgpack.decode(msg)
         reply = self._replies.get((pp_rank, tp_rank))
         if reply is None:
+            from .install import vllm_version
+
             raise RuntimeError(
-                f"nixl-etcd: vLLM {_vllm_version()} asked for remote rank (pp {pp_rank}, tp "
+                f"nixl-etcd: vLLM {vllm_version()} asked for remote rank (pp {pp_rank}, tp "
                 f"{tp_rank}) that the plugin did not fetch ({sorted(self._replies)}); this "
                 "vLLM's handshake is not the one the plugin supports"
             )
@@ -728,13 +562,24 @@ def _nixl_handshake(
     expected_engine_id: str,
     remote_dcp_size: int = 1,
     remote_pp_size: int = 1,
-    *args: Any,
-    **kwargs: Any,
+    notif_agents_only: bool = False,
 ) -> Any:
-    orig = _orig["_nixl_handshake"]
-    call = (host, port, remote_tp_size, expected_engine_id, remote_dcp_size, remote_pp_size)
+    # The signature is vLLM's own (checked at install); calls go by keyword.
+    call = dict(
+        host=host,
+        port=port,
+        remote_tp_size=remote_tp_size,
+        expected_engine_id=expected_engine_id,
+        remote_dcp_size=remote_dcp_size,
+        remote_pp_size=remote_pp_size,
+        notif_agents_only=notif_agents_only,
+    )
+
+    def orig() -> Any:
+        return _orig["_nixl_handshake"](self, **call)
+
     if not _active(self):
-        return orig(self, *call, *args, **kwargs)
+        return orig()
     d = _discovery(self)
     logger.debug("Discovering engine %s through ETCD", expected_engine_id)
     started = time.perf_counter()
@@ -772,11 +617,11 @@ def _nixl_handshake(
             ) from e.cause
         with d.lock:
             d.via_etcd.discard(expected_engine_id)
-        return orig(self, *call, *args, **kwargs)
+        return orig()
     discovered = time.perf_counter()
     _tls.replies = replies
     try:
-        result = orig(self, *call, *args, **kwargs)
+        result = orig()
     finally:
         _tls.replies = None
     if incarnations:
@@ -831,7 +676,7 @@ def _evict_stale(self: Any, wanted: Optional[Set[str]] = None) -> None:
     gone for ``GONE_RELEASE_S``: until then its record may come back unchanged
     (a lease lost and re-granted while the engine lives), and its agents stay."""
     d = self.__dict__.get("_nixl_etcd_discovery")
-    if d is None or not d.stale:
+    if d is None or not (d.stale or d.gone):
         return
     wanted = wanted or set()
     with self._handshake_lock:
@@ -842,33 +687,35 @@ def _evict_stale(self: Any, wanted: Optional[Set[str]] = None) -> None:
         if getattr(meta, "remote", None) is not None
     }
     now = time.monotonic()
+
+    def expired(e: str) -> bool:
+        return e in d.gone and now - d.gone_since.get(e, now) >= GONE_RELEASE_S
+
     with d.lock:
         ready = [
             e
             for e in d.stale
             if e not in pending
             and e not in busy
-            and (
-                e in d.replaced
-                or e in wanted
-                or (e in d.gone and now - d.gone_since.get(e, now) >= GONE_RELEASE_S)
-            )
+            and (e in d.replaced or e in wanted or expired(e))
         ]
+        # Gone long enough: nothing of it is kept, its subscription included
+        # (a request for it fails at once until then: "not found in ETCD").
+        forget = [e for e in d.gone if expired(e) and e not in pending and e not in busy]
         subs = []
-        for e in ready:
+        for e in ready + forget:
             d.stale.discard(e)
             d.incarnations.pop(e, None)
             d.missing.pop(e, None)
             d.replaced.discard(e)
+        for e in forget:
+            d.gone.discard(e)
             d.gone_since.pop(e, None)
-            if e in d.gone:
-                # Left for good (vLLM's engine ids are fresh at each start):
-                # nothing of it is kept, its subscription included.
-                d.gone.discard(e)
-                d.via_etcd.discard(e)
-                sub = d.subs.pop(e, None)
-                if sub is not None:
-                    subs.append(sub)
+            d.via_etcd.discard(e)
+            sub = d.subs.pop(e, None)
+            if sub is not None:
+                subs.append(sub)
+        ready = ready + [e for e in forget if e not in ready]
     for sub in subs:
         with contextlib.suppress(Exception):
             sub.unsubscribe()
