@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from nixl_etcd.vllm.hooks import PrewarmConfig
+from nixl_etcd.vllm.config import PrewarmConfig
 
 
 def config(monkeypatch: pytest.MonkeyPatch, **env: str):

@@ -214,37 +214,6 @@ def test_prewarm_max_must_be_a_positive_integer(bad: str) -> None:
         )
 
 
-def test_prewarm_config_from_env_is_hooks_drop_in(monkeypatch: pytest.MonkeyPatch) -> None:
-    from nixl_etcd.vllm import hooks
-
-    envs = [
-        {},
-        {"VLLM_NIXL_ETCD_PREWARM": "1"},
-        {"VLLM_NIXL_ETCD_PREWARM": "yes", "VLLM_NIXL_ETCD_PREWARM_ENGINES": "p*,q ,",
-         "VLLM_NIXL_ETCD_PREWARM_MAX": "4"},
-        {"VLLM_NIXL_ETCD_PREWARM": "1", "VLLM_NIXL_ETCD_PREWARM_ENGINES": "a,b"},
-    ]
-    for env in envs:
-        for k in ("VLLM_NIXL_ETCD_PREWARM", "VLLM_NIXL_ETCD_PREWARM_ENGINES",
-                  "VLLM_NIXL_ETCD_PREWARM_MAX"):
-            monkeypatch.delenv(k, raising=False)
-        for k, v in env.items():
-            monkeypatch.setenv(k, v)
-        old, new = hooks.PrewarmConfig.from_env(), PrewarmConfig.from_env()
-        assert new == PrewarmConfig.from_env(env)
-        if old is None:
-            assert new is None
-            continue
-        assert (new.patterns, new.cap, new.exact()) == (old.patterns, old.cap, old.exact())
-        for engine in ("p", "p1", "q", "a", "b", "c", "own"):
-            assert new.wants(engine, own="own") == old.wants(engine, own="own")
-    with pytest.raises(ValueError):  # what hooks catches today
-        PrewarmConfig.from_env({"VLLM_NIXL_ETCD_PREWARM": "1", "VLLM_NIXL_ETCD_PREWARM_MAX": "0"})
-
-
-# -- VLLM_NIXL_ETCD_ALLOW_UNSIGNED ---------------------------------------------------
-
-
 def test_allow_unsigned() -> None:
     for value in BOOL_TRUE:
         assert load({"VLLM_NIXL_ETCD_ALLOW_UNSIGNED": value}).allow_unsigned is True
@@ -438,9 +407,9 @@ def test_a_decode_with_a_setting_the_library_refuses_fails_at_start_not_per_requ
     # etcd is not (each request falls back as it comes).
     from types import SimpleNamespace
 
-    from nixl_etcd.vllm import hooks
+    from nixl_etcd.vllm import hooks, state
 
-    monkeypatch.setitem(hooks._orig, "register_kv_caches", lambda self, kv: "registered")
+    monkeypatch.setitem(state.ORIG, "register_kv_caches", lambda self, kv: "registered")
     monkeypatch.setenv("VLLM_NIXL_USE_ETCD", "1")
 
     def connector(role: str) -> SimpleNamespace:

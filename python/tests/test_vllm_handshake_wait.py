@@ -18,16 +18,14 @@ import json
 import os
 import subprocess
 
-import pytest
-
 from test_vllm_plugin import VPY  # skips, loudly, without the vLLM venv
 
 SCRIPT = r'''
 import json, threading, time, zmq
 from nixl_etcd import errors
-from nixl_etcd.vllm import hooks
+from nixl_etcd.vllm import state, transport
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl import metadata
-hooks._orig.setdefault("GET_META_MSG", metadata.GET_META_MSG)
+state.ORIG.setdefault("GET_META_MSG", metadata.GET_META_MSG)
 
 class EtcdDown:
     """A client whose etcd cannot be reached: its wait fails at once."""
@@ -40,7 +38,7 @@ port = silent.bind_to_random_port("tcp://127.0.0.1")
 probe_s = 1.5
 cpu0, wall0 = time.thread_time(), time.monotonic()
 try:
-    hooks._wait_or_side_channel(EtcdDown(), "engine", 0, 0, 0, "127.0.0.1", port, probe_s)
+    transport.wait_or_side_channel(EtcdDown(), "engine", 0, 0, 0, "127.0.0.1", port, probe_s)
     raised = None
 except errors.ConnectionFailed as e:
     raised = str(e)
@@ -50,16 +48,16 @@ out = {"raised": raised, "cpu_s": cpu, "wall_s": wall, "probe_s": probe_s}
 # Signed records: the side channel (unauthenticated) is not asked, unless allowed.
 import os
 probes = []
-class Recorder(hooks._SideChannelProbe):
+class Recorder(transport.SideChannelProbe):
     def __init__(self, *a, **kw):
         probes.append(a[:2])
         super().__init__(*a, **kw)
-hooks._SideChannelProbe = Recorder
+transport.SideChannelProbe = Recorder
 os.environ["VLLM_NIXL_ETCD_HMAC_KEY_FILE"] = "/dev/null/key"  # only its presence counts here
 for allow in ("", "1"):
     os.environ["VLLM_NIXL_ETCD_ALLOW_UNSIGNED"] = allow
     try:
-        hooks._wait_or_side_channel(EtcdDown(), "engine", 0, 0, 0, "127.0.0.1", port, 0.2)
+        transport.wait_or_side_channel(EtcdDown(), "engine", 0, 0, 0, "127.0.0.1", port, 0.2)
     except errors.ConnectionFailed:
         pass
     out["probes_allow_" + (allow or "unset")] = len(probes)

@@ -85,7 +85,7 @@ plugin.register()  # vLLM may load plugins more than once
 out["on"] = [W._nixl_handshake.__module__, S.set_xfer_handshake_metadata.__module__,
              base_worker.zmq_ctx.__module__]
 out["wrapped_once"] = W._nixl_handshake.__module__ == "nixl_etcd.vllm.hooks" and (
-    plugin.hooks._orig["_nixl_handshake"].__module__.startswith("vllm."))
+    plugin.state.ORIG["_nixl_handshake"].__module__.startswith("vllm."))
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl import connector
 out["prewarm_hooks"] = [connector.NixlBaseConnector.register_kv_caches.__module__,
                         W._evict_stale_engines.__module__, W._ensure_handshake.__module__]

@@ -15,7 +15,7 @@ import pytest
 
 import nixl_etcd
 from conftest import wait_until
-from nixl_etcd.vllm import hooks
+from nixl_etcd.vllm import discovery
 
 
 class Worker:
@@ -36,11 +36,11 @@ class Worker:
 def test_a_thousand_prefill_restarts_under_fresh_ids_leave_nothing_behind(
     etcd, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(hooks, "GONE_RELEASE_S", 0.0, raising=False)
+    monkeypatch.setattr(discovery, "GONE_RELEASE_S", 0.0)
     ns = f"/pytest-release/{uuid.uuid4().hex[:8]}"
     opts = dict(endpoints=etcd.endpoint, namespace=ns, timeout_s=10)
     worker = Worker()
-    d = hooks._discovery(worker)
+    d = discovery.discovery_of(worker)
     reader = d.client = nixl_etcd.Client(**opts)
     publisher = nixl_etcd.Client(world_size=1, **opts)
     subscriptions = []
@@ -63,7 +63,7 @@ def test_a_thousand_prefill_restarts_under_fresh_ids_leave_nothing_behind(
             worker._remote_agents[engine] = {0: f"agent-{i}"}
             publisher.unregister(engine, 0)  # the prefill exits
             assert wait_until(lambda: engine in d.gone, timeout=30)
-            hooks._evict_stale(worker)  # the decode's next step
+            discovery.evict_stale(worker)  # the decode's next step
             assert engine not in d.subs and engine not in worker._remote_agents
             [sub] = subscriptions
             assert not sub.active  # unsubscribed

@@ -218,10 +218,7 @@ class PrewarmConfig:
     """What a decode worker pre-warms: ``VLLM_NIXL_ETCD_PREWARM`` (on or off),
     ``VLLM_NIXL_ETCD_PREWARM_ENGINES`` (comma-separated engine ids, or
     prefixes ending in ``*``; empty: every engine but the worker's own),
-    ``VLLM_NIXL_ETCD_PREWARM_MAX`` (engines pre-warmed at most, default 16).
-
-    The same attributes and methods as ``hooks.PrewarmConfig``, so that the
-    hooks can take this one in its place."""
+    ``VLLM_NIXL_ETCD_PREWARM_MAX`` (engines pre-warmed at most, default 16)."""
 
     DEFAULT_MAX: ClassVar[int] = 16
 

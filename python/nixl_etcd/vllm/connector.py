@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import hooks, install
+from . import install, state
 
 install.install()
 
@@ -32,7 +32,7 @@ class EtcdNixlConnector(NixlPullConnector):
         super().__init__(vllm_config, role, kv_cache_config)
         for part in (self.connector_scheduler, self.connector_worker):
             if part is not None:
-                setattr(part, hooks.FORCE_ATTR, True)
+                setattr(part, state.FORCE_ATTR, True)
 
 
 __all__ = ["EtcdNixlConnector"]

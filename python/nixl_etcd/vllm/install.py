@@ -19,9 +19,9 @@ import logging
 import os
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
-from . import SUPPORTED_VLLM, config, hooks
+from . import SUPPORTED_VLLM, config, hooks, state
 
 logger = logging.getLogger("vllm.nixl_etcd")
 
@@ -38,7 +38,7 @@ class HookPoint:
     name: str
     signature: str  # as :func:`signature_of` renders it
     wrapper: Optional[str]  # a function of :mod:`.hooks`
-    key: str = ""  # where the original is kept in ``hooks._orig`` (default: name)
+    key: str = ""  # where the original is kept in ``state.ORIG`` (default: name)
     prewarm: bool = False  # only for the pre-warm: all or none of these
     factory: bool = False  # ``wrapper(original)`` makes the wrapper
 
@@ -221,12 +221,12 @@ def install() -> None:
         settings = config.load()
         with_prewarm = check_supported(settings)
         for module, name in VALUES:
-            hooks._orig[name] = getattr(importlib.import_module(module), name)
+            state.ORIG[name] = getattr(importlib.import_module(module), name)
         for p in HOOKS:
             if p.prewarm and not with_prewarm:
                 continue
             owner, attr = _resolve(p)
-            hooks._orig[p.orig_key] = attr
+            state.ORIG[p.orig_key] = attr
             if p.wrapper is None:
                 continue
             wrapper = getattr(hooks, p.wrapper)
