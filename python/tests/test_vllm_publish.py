@@ -87,3 +87,30 @@ def _absent(client: nixl_etcd.Client, engine: str, rank: int) -> bool:
     except nixl_etcd.NotFound:
         return True
     return False
+
+
+def test_new_payloads_of_a_published_engine_are_an_update_not_a_restart(etcd) -> None:
+    ns = f"/pytest-publish/{uuid.uuid4().hex[:8]}"
+    opts = dict(endpoints=etcd.endpoint, namespace=ns, timeout_s=10)
+    factory = lambda **kw: nixl_etcd.Client(**opts, **kw)  # noqa: E731
+    reader = nixl_etcd.Client(**opts)
+    p = publish.start("prefill_rereg", {0: b"first"}, "127.0.0.1:5602", client_factory=factory)
+    try:
+        before = reader.lookup_record("prefill_rereg", 0)
+        with reader.subscribe("prefill_rereg") as events:
+            p.republish({0: b"second"})
+            assert p.published.is_set()
+            kinds = []
+            while True:
+                ev = events.get(timeout=30)
+                assert ev is not None
+                kinds.append(ev.kind)
+                if ev.kind != nixl_etcd.EventKind.ADDED:
+                    break
+        assert kinds[-1] == nixl_etcd.EventKind.UPDATED, kinds
+        after = reader.lookup_record("prefill_rereg", 0)
+        assert after.metadata == b"second"
+        assert after.incarnation == before.incarnation
+    finally:
+        publish.close(p)
+        reader.close()

@@ -105,7 +105,11 @@ def _set_xfer_handshake_metadata(self: Any, metadata: Dict[Tuple[int, int], Any]
         rank_of(pp, tp, tp_size): encoder.encode(payload)
         for (pp, tp), payload in metadata.items()
     }
-    publish.close(getattr(self, "_nixl_etcd_publisher", None))
+    old = getattr(self, "_nixl_etcd_publisher", None)
+    if old is not None and old.engine_id == self.engine_id and old.world == max(ranks) + 1:
+        old.republish(ranks)  # same lease and incarnation: peers see UPDATED
+        return
+    publish.close(old)
     self._nixl_etcd_publisher = publish.start(
         self.engine_id, ranks, f"{self.side_channel_host}:{self.side_channel_port}"
     )

@@ -72,6 +72,16 @@ class Publisher:
             return
         self._announce(None)
 
+    def republish(self, ranks: Dict[int, bytes]) -> None:
+        """New payloads for the same ranks (vLLM registers its KV cache again):
+        written under the same lease and incarnation, so peers see UPDATED and
+        reload, rather than a restart."""
+        self.ranks = dict(ranks)
+        self.published.clear()
+        if self._thread is not None and self._thread.is_alive():
+            return  # the retries write the new payloads
+        self.publish()
+
     def _attempt(self) -> None:
         with self._lock:
             client = self._client if self._client is not None and not self._client.closed else None
