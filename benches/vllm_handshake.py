@@ -102,6 +102,7 @@ def main() -> int:
     etcd, endpoint = start_etcd(work)
     ns = "/vllm/nixl/agents"
     engines: List[Engine] = []
+    succeeded = False
     try:
         model = make_tiny_llama(str(work / "tiny-llama"))
         base = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_NIXL")}
@@ -141,6 +142,7 @@ def main() -> int:
         print(table)
         if a.out:
             Path(a.out).write_text(table + "\n")
+        succeeded = True
         return 0
     finally:
         for e in engines:
@@ -150,7 +152,12 @@ def main() -> int:
                 e.kill()
         etcd.kill()
         etcd.wait()
-        shutil.rmtree(work, ignore_errors=True)
+        if succeeded:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            # What went wrong is in the engines' logs: kept, and said where.
+            logs = ", ".join(sorted(p.name for p in work.glob("*.log")))
+            print(f"benchmark failed: its logs are kept in {work} ({logs})", file=sys.stderr)
 
 
 def handshakes(endpoint: str, ns: str, p_port: int, n: int) -> Dict[str, Dict[str, List[float]]]:
