@@ -123,6 +123,8 @@ class Cluster:
             stderr=subprocess.PIPE,
         )
         self.engines: List[Engine] = []
+        # The engines the tests share, by name (see engine()).
+        self.named: Dict[str, Engine] = {}
 
     def debug_plugin_only(self) -> Path:
         """A vLLM logging config: the plugin's DEBUG lines (the guide's), vLLM
@@ -176,6 +178,62 @@ class Cluster:
         self.engines.append(e)
         return e
 
+    def engine(self, name: str) -> Engine:
+        """A named engine, started now if it is not running: each test asks
+        for what it needs, so any test runs alone (``-k``) or in any order."""
+        e = self.named.get(name)
+        if e is None or not e.alive():
+            e = self.named[name] = getattr(self, f"_start_{name}")()
+        return e
+
+    def _start_P1(self) -> Engine:
+        return self.start(
+            "P1", self.etcd_env(), in_process=False, engine_id="prefill_engine",
+            role="kv_producer",
+        )
+
+    def _start_D1(self) -> Engine:
+        # 30 s, not the guide's 10: the decode also waits this long for a side
+        # channel's answer (migration), and this machine stalls for up to half
+        # a minute at times (a stock prefill's side channel answered too late once).
+        env = self.etcd_env(
+            VLLM_LOGGING_CONFIG_PATH=str(self.debug_plugin_only()), VLLM_NIXL_ETCD_TIMEOUT="30"
+        )
+        return self.start(
+            "D1", env, in_process=False, engine_id="decode_engine", role="kv_consumer"
+        )
+
+    def _start_S(self) -> Engine:
+        """A stock engine (VLLM_NIXL_USE_ETCD=0), kv_both."""
+        return self.start(
+            "S",
+            engine_env(
+                VLLM_NIXL_USE_ETCD="0",
+                VLLM_NIXL_ETCD_ENDPOINTS=self.etcd.endpoint,
+                VLLM_NIXL_ETCD_NAMESPACE=self.ns,
+            ),
+            engine_id="stock_engine",
+            role="kv_both",
+        )
+
+    def _start_P1b(self) -> Engine:
+        """A new prefill_engine in the explicit form: no plugin auto-loading
+        (VLLM_PLUGINS names none), no VLLM_NIXL_USE_ETCD,
+        kv_connector_module_path. P1, the same engine id, is closed first."""
+        p1 = self.named.get("P1")
+        if p1 is not None and p1.alive():
+            assert p1.close() == 0
+        env = self.etcd_env(VLLM_PLUGINS="")
+        del env["VLLM_NIXL_USE_ETCD"]
+        return self.start(
+            "P1b",
+            env,
+            engine_id="prefill_engine",
+            role="kv_producer",
+            connector="EtcdNixlConnector",
+            connector_module_path="nixl_etcd.vllm.connector",
+        )
+
     def keys(self, prefix: Optional[str] = None) -> List[str]:
         out = self.etcd.ctl("get", "--prefix", "--keys-only", prefix or self.ns)
         return [k for k in out.decode().splitlines() if k]
@@ -198,33 +256,16 @@ class Cluster:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     c = Cluster(tmp_path_factory.mktemp("vllm"))
-    pf = c.etcd_env()
-    # 30 s, not the guide's 10: the decode also waits this long for a side
-    # channel's answer (migration), and this machine stalls for up to half a
-    # minute at times (a stock prefill's side channel answered too late once).
-    dc = c.etcd_env(
-        VLLM_LOGGING_CONFIG_PATH=str(c.debug_plugin_only()), VLLM_NIXL_ETCD_TIMEOUT="30"
-    )
-    with ThreadPoolExecutor(2) as pool:
-        futs = {
-            "P1": pool.submit(
-                c.start, "P1", pf, in_process=False, engine_id="prefill_engine", role="kv_producer"
-            ),
-            "D1": pool.submit(
-                c.start, "D1", dc, in_process=False, engine_id="decode_engine", role="kv_consumer"
-            ),
-        }
-        try:
-            c.named = {k: f.result() for k, f in futs.items()}  # type: ignore[attr-defined]
-        except BaseException:
-            for f in futs.values():
-                if f.done() and f.exception() is None:
-                    f.result().kill()
-            c.etcd.cleanup()
-            raise
+    try:
+        with ThreadPoolExecutor(2) as pool:  # exits once both have started, or failed
+            for f in [pool.submit(c.engine, name) for name in ("P1", "D1")]:
+                f.result()
+    except BaseException:
+        c.close()
+        raise
     # The single-engine reference: the decode engine itself, prefilling locally
     # (no kv_transfer_params): same model, seed and kernels.
-    c.reference = c.named["D1"].generate(PROMPT, MAX_TOKENS)  # type: ignore[attr-defined]
+    c.reference = c.engine("D1").generate(PROMPT, MAX_TOKENS)  # type: ignore[attr-defined]
     assert c.reference["ok"], c.reference  # type: ignore[attr-defined]
     yield c
     c.close()
@@ -277,7 +318,7 @@ def test_pd_through_etcd_only(cluster: Cluster) -> None:
     """The decode's kv_transfer_params carry a side-channel address nothing
     listens on: only etcd can join the engines. Tokens and logprobs equal the
     single engine's."""
-    p1, d1 = cluster.named["P1"], cluster.named["D1"]  # type: ignore[attr-defined]
+    p1, d1 = cluster.engine("P1"), cluster.engine("D1")
     params = prefill(p1)
     dead = free_port()
     r = d1.generate(PROMPT, MAX_TOKENS, decode_params(params, remote_host="127.0.0.1", remote_port=dead))
@@ -314,7 +355,7 @@ def test_etcdctl_shows_the_guides_keys_on_a_lease(cluster: Cluster) -> None:
 
 def test_request_without_remote_host_and_port(cluster: Cluster) -> None:
     """Only remote_engine_id (and tp_size) are needed."""
-    p1, d1 = cluster.named["P1"], cluster.named["D1"]  # type: ignore[attr-defined]
+    p1, d1 = cluster.engine("P1"), cluster.engine("D1")
     params = prefill(p1)
     r = d1.generate(PROMPT, MAX_TOKENS, decode_params(params, remote_host=None, remote_port=None))
     same_as_reference(cluster, r)
@@ -325,7 +366,7 @@ def test_prewarm_loads_the_prefill_before_the_first_request(cluster: Cluster) ->
     registered handshakes with it at once (vLLM's own handshake, on the replayed
     ADDED event); its first request then handshakes no more, and reads the
     prefill's KV through the pre-warmed agents."""
-    p1 = cluster.named["P1"]  # type: ignore[attr-defined]
+    p1 = cluster.engine("P1")
     env = cluster.etcd_env(
         VLLM_LOGGING_CONFIG_PATH=str(cluster.debug_plugin_only()),
         VLLM_NIXL_ETCD_TIMEOUT="30",
@@ -360,18 +401,7 @@ def test_use_etcd_0_is_stock(cluster: Cluster) -> None:
     """VLLM_NIXL_USE_ETCD=0: vLLM as stock, nothing in etcd. The stock engine
     decodes P1's prefill through vLLM's ZMQ side channel, which P1 (with the
     plugin) keeps serving for peers without etcd."""
-    p1 = cluster.named["P1"]  # type: ignore[attr-defined]
-    s = cluster.start(
-        "S",
-        engine_env(
-            VLLM_NIXL_USE_ETCD="0",
-            VLLM_NIXL_ETCD_ENDPOINTS=cluster.etcd.endpoint,
-            VLLM_NIXL_ETCD_NAMESPACE=cluster.ns,
-        ),
-        engine_id="stock_engine",
-        role="kv_both",
-    )
-    cluster.named["S"] = s  # type: ignore[attr-defined]
+    p1, s = cluster.engine("P1"), cluster.engine("S")
     params = prefill(p1)
     r = s.generate(PROMPT, MAX_TOKENS, decode_params(params))
     same_as_reference(cluster, r)
@@ -385,7 +415,7 @@ def test_decode_with_plugin_reaches_prefill_without_it(cluster: Cluster) -> None
     """Migration: etcd is healthy but the (stock) prefill never registers; the
     decode waits on etcd and asks the request's side channel at the same time,
     which answers."""
-    s, d1 = cluster.named["S"], cluster.named["D1"]  # type: ignore[attr-defined]
+    s, d1 = cluster.engine("S"), cluster.engine("D1")
     params = prefill(s)
     r = d1.generate(PROMPT, MAX_TOKENS, decode_params(params))
     same_as_reference(cluster, r)
@@ -409,7 +439,7 @@ def test_prefill_restarted_under_same_engine_id(cluster: Cluster) -> None:
     """P1 exits (its keys vanish at once: the lease is revoked), a new P1 starts
     under the same engine_id; the decode drops the stale agent on the etcd
     event and handshakes again."""
-    p1, d1 = cluster.named["P1"], cluster.named["D1"]  # type: ignore[attr-defined]
+    p1, d1 = cluster.engine("P1"), cluster.engine("D1")
     old = json.loads(cluster.etcd.ctl("get", "-w", "json", f"{cluster.ns}/prefill_engine/rank_0"))
     handshakes = count(d1.log_text(), "handshake with engine prefill_engine rank(s) 0 through ETCD")
     assert p1.close() == 0
@@ -417,19 +447,8 @@ def test_prefill_restarted_under_same_engine_id(cluster: Cluster) -> None:
     # a crash): vLLM kills workers that do not exit, before its scheduler's
     # shutdown runs.
     assert prefill_keys(cluster) == []
-    # The new incarnation uses the explicit form: no plugin auto-loading
-    # (VLLM_PLUGINS names none), no VLLM_NIXL_USE_ETCD, kv_connector_module_path.
-    env = cluster.etcd_env(VLLM_PLUGINS="")
-    del env["VLLM_NIXL_USE_ETCD"]
-    p1b = cluster.start(
-        "P1b",
-        env,
-        engine_id="prefill_engine",
-        role="kv_producer",
-        connector="EtcdNixlConnector",
-        connector_module_path="nixl_etcd.vllm.connector",
-    )
-    cluster.named["P1b"] = p1b  # type: ignore[attr-defined]
+    # The new incarnation uses the explicit form (Cluster._start_P1b).
+    p1b = cluster.engine("P1b")
     new = json.loads(cluster.etcd.ctl("get", "-w", "json", f"{cluster.ns}/prefill_engine/rank_0"))
     assert new["kvs"][0]["lease"] != old["kvs"][0]["lease"]
     params = prefill(p1b)
@@ -447,7 +466,10 @@ def test_prefill_restarted_under_same_engine_id(cluster: Cluster) -> None:
 def test_prefill_sigkilled_fails_fast_with_guides_error(cluster: Cluster) -> None:
     """The keys of a SIGKILLed prefill vanish within the lease TTL; a request
     for it then fails at once with "Engine ... not found in ETCD" (no wait)."""
-    p1b, d1 = cluster.named["P1b"], cluster.named["D1"]  # type: ignore[attr-defined]
+    p1b, d1 = cluster.engine("P1b"), cluster.engine("D1")
+    # The decode has loaded this prefill (a request through it), as in a fleet.
+    r = d1.generate(PROMPT, MAX_TOKENS, decode_params(prefill(p1b), remote_port=free_port()))
+    same_as_reference(cluster, r)
     params = prefill(p1b)
     left = "nixl-etcd: remote engine prefill_engine rank 0 left in ETCD"
     before = count(d1.log_text(), left)
@@ -474,7 +496,7 @@ def test_tp2_prefill_to_tp1_decode(cluster: Cluster) -> None:
     """A TP2 prefill publishes rank_0 and rank_1 (world size 2); the TP1 decode
     waits for exactly the remote ranks vLLM's mapping selects (0 and 1) and
     reads the KV of both halves of the heads."""
-    d1 = cluster.named["D1"]  # type: ignore[attr-defined]
+    d1 = cluster.engine("D1")
     p5 = cluster.start(
         "P5",
         cluster.etcd_env(VLLM_CPU_OMP_THREADS_BIND="0|1"),
@@ -501,7 +523,7 @@ def test_etcd_down_falls_back_to_zmq(cluster: Cluster) -> None:
     it serves ZMQ); the decode, whose etcd calls now fail, handshakes with it
     through vLLM's ZMQ side channel after one WARNING naming the cause; same
     result. Once etcd is back, the prefill is published (it kept trying)."""
-    d1 = cluster.named["D1"]  # type: ignore[attr-defined]
+    d1 = cluster.engine("D1")
     cluster.etcd.stop()
     p6 = cluster.start(
         "P6",
