@@ -243,8 +243,12 @@ impl Conn {
         &mut self,
         s: &Arc<Shared>,
     ) -> std::result::Result<Arc<Writer>, StoreError> {
-        if let Some(w) = &self.writer {
-            return Ok(w.clone());
+        match &self.writer {
+            // Retired as this connection attached (its grace ran out then): a
+            // writer of its own again, with a new lease.
+            Some(w) if w.is_retired() => self.writer = None,
+            Some(w) => return Ok(w.clone()),
+            None => {}
         }
         self.identify(s).await;
         let who = self.identity.take().expect("identified above");

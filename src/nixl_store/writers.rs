@@ -111,6 +111,10 @@ impl Writer {
         w
     }
 
+    pub fn is_retired(&self) -> bool {
+        *self.retired.borrow()
+    }
+
     fn queue(&self) -> std::sync::MutexGuard<'_, Queue> {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
