@@ -210,6 +210,7 @@ fn bad_input_closes_that_connection_only() {
     let addr = store.local_addr();
     let mut good = Peer::connect(addr);
     good.set(MD_A, b"ok");
+    assert_eq!(good.ping(9), 9); // the SET is applied
 
     let raw = |bytes: &[u8]| {
         let mut s = TcpStream::connect(addr).unwrap();
@@ -632,6 +633,8 @@ fn connections_and_writers_past_their_caps_are_refused_and_others_go_on() {
     assert!(over.closed_by_store());
     // The writers within the caps go on.
     w1.set(MD_A, b"one again");
+    // A SET has no reply: w1's next answer says the store has applied it.
+    assert_eq!(w1.ping(1), 1);
     assert_eq!(w2.get(MD_A), b"one again");
     assert_eq!(keys_under(&etcd, &format!("{ns}/C/")), Vec::<String>::new());
     store.stop().unwrap();
