@@ -35,6 +35,14 @@ out["entry_points"] = sorted(
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl import base_scheduler, base_worker
 S, W = base_scheduler.NixlBaseConnectorScheduler, base_worker.NixlBaseConnectorWorker
 import nixl_etcd.vllm as plugin
+
+def refusal():
+    """register()'s error, or None when it installs."""
+    try:
+        plugin.register()
+    except RuntimeError as e:
+        return str(e)
+    return None
 os.environ.pop("VLLM_NIXL_USE_ETCD", None)
 plugin.register()
 out["off"] = [W._nixl_handshake.__module__, S.set_xfer_handshake_metadata.__module__]
@@ -44,32 +52,20 @@ out["zero"] = [W._nixl_handshake.__module__, S.set_xfer_handshake_metadata.__mod
 saved = S.set_xfer_handshake_metadata
 del S.set_xfer_handshake_metadata  # a vLLM without the hook point
 os.environ["VLLM_NIXL_USE_ETCD"] = "1"
-try:
-    plugin.register()
-    out["missing"] = None
-except RuntimeError as e:
-    out["missing"] = str(e)
+out["missing"] = refusal()
 S.set_xfer_handshake_metadata = saved
 # A hook point whose signature changed: refused, saying what differs.
 saved_hs = W._nixl_handshake
 def changed(self, host, port, remote_tp_size):
     pass
 W._nixl_handshake = changed
-try:
-    plugin.register()
-    out["changed"] = None
-except RuntimeError as e:
-    out["changed"] = str(e)
+out["changed"] = refusal()
 W._nixl_handshake = saved_hs
 # A release the plugin was not tested with: refused unless allowed.
 import logging, vllm
 real_version = vllm.__version__
 vllm.__version__ = "0.99.0"
-try:
-    plugin.register()
-    out["untested"] = None
-except RuntimeError as e:
-    out["untested"] = str(e)
+out["untested"] = refusal()
 warnings = []
 class Catch(logging.Handler):
     def emit(self, record):

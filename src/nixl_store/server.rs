@@ -243,17 +243,12 @@ impl Conn {
         &mut self,
         s: &Arc<Shared>,
     ) -> std::result::Result<Arc<Writer>, StoreError> {
-        match &self.writer {
-            // Retired as this connection attached (its grace ran out then): a
-            // writer of its own again, with a new lease.
-            Some(w) if w.is_retired() => self.writer = None,
-            Some(w) => return Ok(w.clone()),
-            None => {}
+        if let Some(w) = &self.writer {
+            return Ok(w.clone());
         }
         self.identify(s).await;
         let who = self.identity.take().expect("identified above");
         let w = writers::writer_for(s, who)?;
-        writers::attach(&w);
         self.writer = Some(w.clone());
         Ok(w)
     }
@@ -268,10 +263,7 @@ impl Conn {
         self.identity = None;
         self.identify(s).await;
         let id = &self.identity.as_ref().expect("identified above").id;
-        if let Some(w) = s.writers.get(id) {
-            writers::attach(&w);
-            self.writer = Some(w);
-        }
+        self.writer = s.writers.attach(id);
     }
 }
 

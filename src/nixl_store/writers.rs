@@ -111,10 +111,6 @@ impl Writer {
         w
     }
 
-    pub fn is_retired(&self) -> bool {
-        *self.retired.borrow()
-    }
-
     fn queue(&self) -> std::sync::MutexGuard<'_, Queue> {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -229,6 +225,14 @@ impl Writers {
         self.map().get(id).cloned()
     }
 
+    /// Writer `id`, if it exists, with a new connection counted in it.
+    pub fn attach(&self, id: &WriterId) -> Option<Arc<Writer>> {
+        let map = self.map();
+        let w = map.get(id)?;
+        attach(w);
+        Some(w.clone())
+    }
+
     /// The writer holding `key`, if any.
     pub fn holder_of(&self, key: &str) -> Option<Arc<Writer>> {
         let id = self.holders().get(key).cloned()?;
@@ -288,13 +292,15 @@ pub(super) async fn identify(
     Identity { id, pidfd: None }
 }
 
-/// The writer `who` names, created (within `max_writers`) if it is new.
+/// The writer `who` names, created (within `max_writers`) if it is new,
+/// with the caller's connection counted in it.
 pub(super) fn writer_for(
     s: &Arc<Shared>,
     who: Identity,
 ) -> std::result::Result<Arc<Writer>, StoreError> {
     let mut map = s.writers.map();
     if let Some(w) = map.get(&who.id) {
+        attach(w);
         return Ok(w.clone());
     }
     if map.len() >= s.opts.max_writers {
@@ -303,6 +309,7 @@ pub(super) fn writer_for(
         });
     }
     let w = Writer::new(who.id.clone(), None);
+    attach(&w);
     map.insert(who.id.clone(), w.clone());
     drop(map);
     tokio::spawn(flush_loop(s.clone(), w.clone()));
@@ -311,7 +318,7 @@ pub(super) fn writer_for(
         tokio::spawn(async move {
             let mut stop = s2.stop.subscribe();
             tokio::select! {
-                _ = peers::exited(pid, fd) => retire(&s2, &id, "exited").await,
+                _ = peers::exited(pid, fd) => retire(&s2, &id, "exited", None).await,
                 _ = until_true(&mut stop) => {}
             }
         });
@@ -319,8 +326,9 @@ pub(super) fn writer_for(
     Ok(w)
 }
 
-/// A connection of `w` opened (or was identified as `w`'s).
-pub(super) fn attach(w: &Writer) {
+/// A connection of `w` opened (or was identified as `w`'s). Under the
+/// registry's lock, so that a grace that runs out meanwhile sees it.
+fn attach(w: &Writer) {
     w.conns.fetch_add(1, Ordering::AcqRel);
     w.generation.fetch_add(1, Ordering::AcqRel);
 }
@@ -343,22 +351,32 @@ pub(super) fn detach(s: &Arc<Shared>, w: &Arc<Writer>) {
             _ = tokio::time::sleep(grace) => {}
             _ = until_true(&mut stop) => return,
         }
-        if w.conns.load(Ordering::Acquire) == 0
-            && w.generation.load(Ordering::Acquire) == generation
-        {
-            let why = format!(
-                "has had no connection for {:.1} s (--remote-grace)",
-                grace.as_secs_f64()
-            );
-            retire(&s2, &w.id, &why).await;
-        }
+        let why = format!(
+            "has had no connection for {:.1} s (--remote-grace)",
+            grace.as_secs_f64()
+        );
+        retire(&s2, &w.id, &why, Some(generation)).await;
     });
 }
 
 /// Revokes the lease of writer `id`: all its keys go at once. Writes still
-/// queued are dropped (and leave the store's copy).
-pub(super) async fn retire(s: &Arc<Shared>, id: &WriterId, why: &str) {
-    let Some(w) = s.writers.map().remove(id) else {
+/// queued are dropped (and leave the store's copy). With `idle_since`, only
+/// if no connection attached since that generation (checked under the
+/// registry's lock, which attaching takes too).
+pub(super) async fn retire(s: &Arc<Shared>, id: &WriterId, why: &str, idle_since: Option<usize>) {
+    let w = {
+        let mut map = s.writers.map();
+        let idle = |w: &Arc<Writer>| {
+            idle_since.is_none_or(|g| {
+                w.conns.load(Ordering::Acquire) == 0 && w.generation.load(Ordering::Acquire) == g
+            })
+        };
+        match map.get(id) {
+            Some(w) if idle(w) => map.remove(id),
+            _ => None,
+        }
+    };
+    let Some(w) = w else {
         return;
     };
     let n = {
