@@ -28,7 +28,7 @@ import os
 import time
 from typing import Any, Callable, Dict, List, Optional
 
-from . import unsigned
+from . import fallback
 from .client import BytesLike, Client, enabled, target_ranks
 from .errors import ConnectionFailed, InvalidArgument, NixlEtcdError, NotFound, Timeout
 
@@ -218,17 +218,12 @@ class EtcdHandshake:
             reason = e
         if remote_tp is None:
             raise reason
-        refused = unsigned.refusal(self._options)
-        if refused is not None:
-            raise type(reason)(f"ETCD coordination failed ({reason}) and {refused}") from reason
         ranks = target_ranks(local_tp, local_rank, remote_tp)
-        logger.warning(
-            "ETCD coordination failed (%s: %s); using the direct handshake for engine %s "
-            "rank(s) %s",
-            type(reason).__name__,
+        fallback.fall_back(
             reason,
-            remote_engine_id,
-            _fmt(ranks),
+            f"the direct handshake for engine {remote_engine_id} rank(s) {_fmt(ranks)}",
+            logger,
+            options=self._options,
         )
         return _call_direct(direct, ranks)
 

@@ -14,6 +14,7 @@ import importlib.util
 import itertools
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -107,32 +108,36 @@ class Etcd:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.client_port}"
 
+    def _spawn(self) -> None:
+        client = f"http://127.0.0.1:{self.client_port}"
+        peer = f"http://127.0.0.1:{self.peer_port}"
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [
+                ETCD_BIN,
+                "--name", "nixl-etcd-pytest",
+                "--data-dir", str(self.data_dir / "data"),
+                "--listen-client-urls", client,
+                "--advertise-client-urls", client,
+                "--listen-peer-urls", peer,
+                "--initial-advertise-peer-urls", peer,
+                "--initial-cluster", f"nixl-etcd-pytest={peer}",
+                "--log-level", "warn",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        log.close()
+
     def start(self, attempts: int = 5) -> "Etcd":
         last = ""
         for _ in range(attempts):
             self.client_port, self.peer_port = free_port(), free_port()
             if self.client_port == self.peer_port:
                 continue
-            client = f"http://127.0.0.1:{self.client_port}"
-            peer = f"http://127.0.0.1:{self.peer_port}"
-            log = open(self.log_path, "ab")
-            self.proc = subprocess.Popen(
-                [
-                    ETCD_BIN,
-                    "--name", "nixl-etcd-pytest",
-                    "--data-dir", str(self.data_dir / "data"),
-                    "--listen-client-urls", client,
-                    "--advertise-client-urls", client,
-                    "--listen-peer-urls", peer,
-                    "--initial-advertise-peer-urls", peer,
-                    "--initial-cluster", f"nixl-etcd-pytest={peer}",
-                    "--log-level", "warn",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-            log.close()
+            self._spawn()
+            assert self.proc is not None
             deadline = time.monotonic() + 15
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
@@ -153,16 +158,17 @@ class Etcd:
 
     def restart(self) -> None:
         """Starts a stopped etcd again on its ports, with its data dir."""
-        c = f"http://127.0.0.1:{self.client_port}"
-        p = f"http://127.0.0.1:{self.peer_port}"
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [ETCD_BIN, "--name", "nixl-etcd-pytest", "--data-dir", str(self.data_dir / "data"),
-             "--listen-client-urls", c, "--advertise-client-urls", c, "--listen-peer-urls", p,
-             "--initial-advertise-peer-urls", p, "--initial-cluster", f"nixl-etcd-pytest={p}",
-             "--log-level", "warn"],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        log.close()
+        self._spawn()
+        assert wait_until(lambda: _healthy(self.client_port), timeout=30)
+
+    def pause(self) -> None:
+        """Hangs etcd (SIGSTOP): connections stay open, nothing is answered."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
         assert wait_until(lambda: _healthy(self.client_port), timeout=30)
 
     def cleanup(self) -> None:

@@ -375,7 +375,10 @@ def test_prewarm_loads_the_prefill_before_the_first_request(cluster: Cluster) ->
     )
     d2 = cluster.start("D2", env, in_process=False, engine_id="decode_warm", role="kv_consumer")
     try:
-        warmed = "nixl-etcd: pre-warmed engine prefill_engine (TP 1): its NIXL agents were loaded"
+        warmed = (
+            "nixl-etcd: pre-warmed engine prefill_engine (TP 1, PP 1, DCP 1): its NIXL agents "
+            "were loaded"
+        )
         assert wait_until(lambda: warmed in d2.log_text(), timeout=120), d2.log_tail()
         log = d2.log_text()
         assert (
@@ -392,6 +395,19 @@ def test_prewarm_loads_the_prefill_before_the_first_request(cluster: Cluster) ->
         assert count(log, "Discovering engine prefill_engine through ETCD") == 1
         # Its own engine id is never pre-warmed, nor is any other engine.
         assert "pre-warmed engine decode_" not in log
+        # The prefill restarts under the same engine id: the pre-warmed agents
+        # are released at the decode's next step (vLLM touches them only from
+        # its main thread) and the pre-warm handshakes with the new incarnation.
+        assert p1.close() == 0
+        p1 = cluster.engine("P1")
+        new = incarnation_of(cluster, "prefill_engine")
+        seen = f"remote engine prefill_engine rank 0 reappeared in ETCD (incarnation {new})"
+        assert wait_until(lambda: seen in d2.log_text(), timeout=60), d2.log_tail()
+        r = d2.generate(PROMPT, MAX_TOKENS, decode_params(prefill(p1), remote_port=free_port()))
+        same_as_reference(cluster, r)
+        log = d2.log_text()
+        assert "released NIXL state of remote engine prefill_engine (restarted)" in log
+        assert count(log, handshake) == 2  # the new incarnation, once
     finally:
         assert d2.close() == 0
     assert wait_until(lambda: cluster.keys(f"{cluster.ns}/decode_warm/") == [], timeout=60)
@@ -442,6 +458,9 @@ def test_prefill_restarted_under_same_engine_id(cluster: Cluster) -> None:
     under the same engine_id; the decode drops the stale agent on the etcd
     event and handshakes again."""
     p1, d1 = cluster.engine("P1"), cluster.engine("D1")
+    # The decode has loaded this prefill (a request through it), as in a fleet.
+    r = d1.generate(PROMPT, MAX_TOKENS, decode_params(prefill(p1), remote_port=free_port()))
+    same_as_reference(cluster, r)
     old = json.loads(cluster.etcd.ctl("get", "-w", "json", f"{cluster.ns}/prefill_engine/rank_0"))
     handshakes = count(d1.log_text(), "handshake with engine prefill_engine rank(s) 0 through ETCD")
     assert p1.close() == 0
@@ -526,6 +545,7 @@ def test_etcd_down_falls_back_to_zmq(cluster: Cluster) -> None:
     through vLLM's ZMQ side channel after one WARNING naming the cause; same
     result. Once etcd is back, the prefill is published (it kept trying)."""
     d1 = cluster.engine("D1")
+    warned = count(d1.log_text(), "ETCD coordination failed (")
     cluster.etcd.stop()
     p6 = cluster.start(
         "P6",
@@ -543,7 +563,7 @@ def test_etcd_down_falls_back_to_zmq(cluster: Cluster) -> None:
     r = d1.generate(PROMPT, MAX_TOKENS, decode_params(params))
     same_as_reference(cluster, r)
     log = d1.log_text()
-    assert count(log, "ETCD coordination failed (") == 1
+    assert count(log, "ETCD coordination failed (") == warned + 1
     assert "using vLLM's direct ZMQ handshake with engine prefill_zmq at 127.0.0.1:" in log
     # etcd back: the prefill, which kept trying in the background, is published.
     cluster.etcd.restart()
@@ -552,3 +572,35 @@ def test_etcd_down_falls_back_to_zmq(cluster: Cluster) -> None:
     assert count(
         p6.log_text(), "nixl-etcd: engine prefill_zmq published 1 rank(s) in ETCD (world size 1) after "
     ) == 1
+    assert p6.close() == 0
+
+
+def test_etcd_hung_falls_back_to_zmq_within_the_timeout(cluster: Cluster) -> None:
+    """etcd hung (SIGSTOP: connections stay open, nothing answers), not
+    refused: a new prefill's publish times out (one WARNING, it serves ZMQ,
+    keeps trying); the decode's read of it times out after
+    VLLM_NIXL_ETCD_TIMEOUT and it handshakes over vLLM's ZMQ side channel
+    after one WARNING; same result, nothing hangs. etcd resumed: the prefill
+    is published."""
+    d1 = cluster.engine("D1")
+    warned = count(d1.log_text(), "ETCD coordination failed (")
+    cluster.etcd.pause()
+    try:
+        p7 = cluster.start(
+            "P7",
+            cluster.etcd_env(VLLM_NIXL_ETCD_TIMEOUT="3"),
+            engine_id="prefill_hung",
+            role="kv_producer",
+        )
+        assert "engine prefill_hung is NOT published in ETCD" in p7.log_text()
+        params = prefill(p7)
+        r = d1.generate(PROMPT, MAX_TOKENS, decode_params(params))
+        same_as_reference(cluster, r)
+        log = d1.log_text()
+        assert count(log, "ETCD coordination failed (") == warned + 1
+        assert "using vLLM's direct ZMQ handshake with engine prefill_hung at 127.0.0.1:" in log
+    finally:
+        cluster.etcd.resume()
+    keys = [f"{cluster.ns}/prefill_hung/rank_0"]
+    assert wait_until(lambda: cluster.keys(f"{cluster.ns}/prefill_hung/") == keys, timeout=60)
+    assert p7.close() == 0

@@ -57,14 +57,14 @@ def test_a_thousand_prefill_restarts_under_fresh_ids_leave_nothing_behind(
         def restart(i: int) -> None:
             engine = f"prefill-{i}-{uuid.uuid4().hex}"
             publisher.register(engine, 0, b"handshake payload %d" % i)
-            rec = reader.lookup_record(engine, 0)
-            # What the handshake hook does once vLLM added the remote agents.
-            d.watch(reader, engine, {0: rec.incarnation})
+            # What the handshake hook does: follow, read, vLLM adds the agents.
+            remote, _ = d.follow(reader, engine)
+            d.loaded(remote, {0: reader.lookup_record(engine, 0)})
             worker._remote_agents[engine] = {0: f"agent-{i}"}
             publisher.unregister(engine, 0)  # the prefill exits
-            assert wait_until(lambda: engine in d.gone, timeout=30)
+            assert wait_until(lambda: remote.status is discovery.Status.GONE, timeout=30)
             discovery.evict_stale(worker)  # the decode's next step
-            assert engine not in d.subs and engine not in worker._remote_agents
+            assert engine not in d.engines and engine not in worker._remote_agents
             [sub] = subscriptions
             assert not sub.active  # unsubscribed
             subscriptions.clear()
@@ -77,12 +77,7 @@ def test_a_thousand_prefill_restarts_under_fresh_ids_leave_nothing_behind(
             restart(i)
         grown = tracemalloc.get_traced_memory()[0] - baseline
         tracemalloc.stop()
-        state = {
-            name: len(getattr(d, name))
-            for name in ("subs", "incarnations", "via_etcd", "stale", "gone", "gone_since",
-                         "missing", "replaced")
-        }
-        assert state == dict.fromkeys(state, 0), state
+        assert d.engines == {}
         assert worker.released == 1000 and worker._remote_agents == {}
         # Python-side memory after 950 more restarts: flat (a leak of one
         # engine's state each would be hundreds of KiB).

@@ -1,26 +1,32 @@
-"""The decode's view of remote engines: where their payloads come from
-(:func:`fetch`, etcd first), what was loaded from which incarnation, and what
-to release when an engine restarts or leaves (:class:`Discovery`, one per
-vLLM worker, fed by etcd events; :func:`evict_stale`, on vLLM's main thread)."""
+"""The decode's view of remote engines found through etcd: one
+:class:`RemoteEngine` per engine, with an explicit :class:`Status`, fed by
+that engine's etcd events; :func:`fetch` reads its payloads after following
+it (subscribe first, then read: no change between the read and the
+subscription is missed); :func:`evict_stale` releases, on vLLM's main thread,
+what restarted or left, its subscription included."""
 
 from __future__ import annotations
 
 import contextlib
+import enum
 import logging
 import threading
 import time
 from typing import Any, Dict, List, Optional, Set, Tuple
 
 from .. import errors
-from ..client import Client, Event, EventKind
+from ..client import Client, Event, EventKind, Record
+from . import shape as shapes
 from . import state
 from .transport import Reply, wait_or_side_channel
 
 logger = logging.getLogger("vllm.nixl_etcd")
 
-
-def rank_of(pp_rank: int, tp_rank: int, tp_size: int) -> int:
-    return pp_rank * tp_size + tp_rank
+#: An engine that left (its records deleted) and has not come back for this
+#: long is released with everything the decode kept for it, its
+#: subscription included: a long-lived decode whose prefills restart under
+#: fresh engine ids keeps no trace of the old ones.
+GONE_RELEASE_S = 60.0
 
 
 class EtcdUnavailable(Exception):
@@ -33,7 +39,101 @@ class EtcdUnavailable(Exception):
         self.recent = recent
 
 
-EVENT_WORDS = {
+class EngineGone(RuntimeError):
+    """The engine was seen leaving etcd and has not come back: a request for
+    it fails at once (the guide's "Engine ... not found in ETCD")."""
+
+
+class Status(enum.Enum):
+    #: Followed; its payloads are being read and handshaken.
+    LOADING = "loading"
+    #: NIXL agents added from the records in ``RemoteEngine.loaded``.
+    LOADED = "loaded"
+    #: A loaded rank's record was deleted; it may come back unchanged (a
+    #: lease lost and re-granted), else it is released when a request needs
+    #: it or after ``GONE_RELEASE_S``.
+    GONE = "gone"
+    #: A loaded rank has a new incarnation: released at the next step.
+    RESTARTED = "restarted"
+    #: A loaded rank re-registered new payloads (same incarnation): released
+    #: at the next step, so that the next request loads the new ones.
+    STALE = "stale"
+
+
+#: Statuses whose agents are released at the decode's next step.
+RELEASE_NOW = (Status.RESTARTED, Status.STALE)
+
+
+class RemoteEngine:
+    """What this decode worker knows of one remote engine found through etcd."""
+
+    def __init__(self, engine_id: str) -> None:
+        self.engine_id = engine_id
+        self.status = Status.LOADING
+        #: rank -> (incarnation, revision) of the records the agents came from
+        self.loaded: Dict[int, Tuple[str, int]] = {}
+        #: while loading: rank -> (incarnation, revision) of the newest event,
+        #: None if its record was deleted
+        self.seen: Dict[int, Optional[Tuple[str, int]]] = {}
+        #: loaded ranks whose record is deleted
+        self.missing: Set[int] = set()
+        self.gone_since = 0.0
+        self.sub: Any = None  # the client's Subscription
+
+    def apply(self, ev: Event) -> Optional[str]:
+        """Moves the status for ``ev``; says what to log ("back", "released",
+        "gone") or None."""
+        if self.status is Status.LOADING:
+            # Compared with what was read once loading ends (see loaded()).
+            removed = ev.kind == EventKind.REMOVED
+            self.seen[ev.rank] = None if removed else (ev.incarnation, ev.revision)
+            return None
+        held = self.loaded.get(ev.rank)
+        if held is None or self.status in RELEASE_NOW:
+            return None
+        if ev.kind == EventKind.REMOVED:
+            self.missing.add(ev.rank)
+            if self.status is Status.LOADED:
+                self.status, self.gone_since = Status.GONE, time.monotonic()
+            return "gone"
+        if ev.incarnation != held[0]:
+            self.status = Status.RESTARTED
+            return "released"
+        if ev.kind == EventKind.UPDATED:
+            self.status = Status.STALE
+            return "released"
+        # ADDED, same incarnation: the record is back (its lease was lost and
+        # re-granted while the engine lived), or a repeat of what was loaded.
+        if ev.rank not in self.missing:
+            return None
+        self.missing.discard(ev.rank)
+        if not self.missing:
+            self.status = Status.LOADED
+        return "back"
+
+    def loaded_from(self, records: Dict[int, Record]) -> None:
+        """Loading ended with agents added from ``records``: what changed
+        meanwhile (seen in events) decides the status."""
+        self.loaded = {r: (rec.incarnation, rec.revision) for r, rec in records.items()}
+        self.missing.clear()
+        self.status = Status.LOADED
+        for rank, (incarnation, revision) in self.loaded.items():
+            if rank not in self.seen:
+                continue
+            newest = self.seen[rank]
+            if newest is None:
+                self.missing.add(rank)
+                self.status, self.gone_since = Status.GONE, time.monotonic()
+            elif newest[0] != incarnation:
+                self.status = Status.RESTARTED
+                break
+            elif newest[1] > revision:
+                self.status = Status.STALE
+                break
+        self.seen.clear()
+
+
+WORDS = {
     EventKind.REPLACED: "restarted",
     EventKind.UPDATED: "re-registered",
     EventKind.REMOVED: "left",
@@ -42,7 +142,7 @@ EVENT_WORDS = {
 
 
 class Discovery:
-    """Per-worker state: the etcd client, subscriptions, what to drop."""
+    """One decode worker's etcd client and the remote engines it follows."""
 
     # After a failed connection, do not try to connect again for this long
     # (handshakes meanwhile go straight to ZMQ, without a new WARNING). An open
@@ -55,18 +155,7 @@ class Discovery:
         self.client: Optional[Client] = None
         self.down_until = 0.0
         self.warned: Set[str] = set()
-        self.subs: Dict[str, Any] = {}
-        # engine -> {rank: incarnation} of the payloads the agents were added from
-        self.incarnations: Dict[str, Dict[int, str]] = {}
-        self.via_etcd: Set[str] = set()
-        self.stale: Set[str] = set()
-        self.gone: Set[str] = set()
-        # engine -> when it was last seen leaving (monotonic seconds)
-        self.gone_since: Dict[str, float] = {}
-        # engine -> ranks whose record was deleted since the agents were loaded
-        self.missing: Dict[str, Set[int]] = {}
-        # engines with a rank replaced by a new incarnation since then
-        self.replaced: Set[str] = set()
+        self.engines: Dict[str, RemoteEngine] = {}
         # The pre-warm of this worker (VLLM_NIXL_ETCD_PREWARM), if on.
         self.prewarm: Optional[Any] = None  # prewarm.Prewarm
 
@@ -90,88 +179,80 @@ class Discovery:
         with self.lock:
             self.down_until = time.monotonic() + self.RETRY_AFTER_S
 
+    def via_etcd(self, engine_id: str) -> bool:
+        with self.lock:
+            return engine_id in self.engines
+
+    def follow(self, client: Client, engine_id: str) -> Tuple[RemoteEngine, Status]:
+        """The engine, subscribed (before anything of it is read) and LOADING;
+        also its status before this call (LOADING when new)."""
+        with self.lock:
+            engine = self.engines.get(engine_id)
+            if engine is not None:
+                before, engine.status = engine.status, Status.LOADING
+                engine.seen.clear()
+                return engine, before
+            engine = self.engines[engine_id] = RemoteEngine(engine_id)
+        try:
+            sub = client.subscribe(engine_id, lambda ev: self._on_event(engine, ev))
+        except (errors.ConnectionFailed, errors.Timeout) as e:
+            self.forget(engine)
+            raise EtcdUnavailable(e) from e
+        except BaseException:
+            self.forget(engine)
+            raise
+        with self.lock:
+            engine.sub = sub
+        return engine, Status.LOADING
+
+    def loaded(self, engine: RemoteEngine, records: Dict[int, Record]) -> None:
+        with self.lock:
+            engine.loaded_from(records)
+            status = engine.status
+        if status is not Status.LOADED:
+            logger.info(
+                "nixl-etcd: remote engine %s changed in ETCD while its NIXL agents were "
+                "loaded (%s); they are released at the decode's next step",
+                engine.engine_id,
+                status.value,
+            )
+
+    def forget(self, engine: RemoteEngine) -> None:
+        """Drops the engine and its subscription (released, or not found through etcd)."""
+        with self.lock:
+            if self.engines.get(engine.engine_id) is engine:
+                del self.engines[engine.engine_id]
+            sub, engine.sub = engine.sub, None
+        if sub is not None:
+            with contextlib.suppress(Exception):
+                sub.unsubscribe()
+
     # Runs on the library's event thread: quick, no blocking calls.
-    def on_event(self, ev: Event) -> None:
-        words = EVENT_WORDS.get(ev.kind, f"changed ({ev.kind})")
+    def _on_event(self, engine: RemoteEngine, ev: Event) -> None:
         with self.lock:
-            outcome = self._apply(ev)
-        if outcome == "unloaded":
-            # Released earlier (or never loaded): nothing to drop, but the
-            # operator still learns that the engine left or came back.
-            logger.info(
-                "nixl-etcd: remote engine %s rank %d %s in ETCD (incarnation %s); no NIXL "
-                "agents of it are loaded, the next request handshakes with it",
-                ev.engine_id,
-                ev.rank,
-                words,
-                ev.incarnation,
-            )
-        elif outcome == "back":
-            logger.info(
-                "nixl-etcd: remote engine %s rank %d is back in ETCD (incarnation %s, "
-                "unchanged); its NIXL agents stay",
-                ev.engine_id,
-                ev.rank,
-                ev.incarnation,
-            )
-        elif outcome == "stale":
-            logger.info(
-                "nixl-etcd: remote engine %s rank %d %s in ETCD (incarnation %s); its NIXL "
-                "agents are dropped, the next request handshakes again",
-                ev.engine_id,
-                ev.rank,
-                words,
-                ev.incarnation,
-            )
-
-    def _apply(self, ev: Event) -> Optional[str]:
-        """Updates what to drop for ``ev`` (under ``self.lock``); says what to
-        log: "unloaded", "back", "stale", or None (nothing)."""
-        known = self.incarnations.get(ev.engine_id)
-        if known is None or ev.rank not in known:
-            return None if ev.kind == EventKind.UPDATED else "unloaded"
-        missing = self.missing.setdefault(ev.engine_id, set())
-        if ev.kind == EventKind.ADDED and ev.incarnation == known[ev.rank]:
-            # The record the agents were loaded from is back (its lease was
-            # lost and re-granted, say): nothing to drop for this rank.
-            if ev.rank not in missing:
-                return None
-            missing.discard(ev.rank)
-            if not missing and ev.engine_id not in self.replaced:
-                self.stale.discard(ev.engine_id)
-                self.gone.discard(ev.engine_id)
-                self.gone_since.pop(ev.engine_id, None)
-            return "back"
-        self.stale.add(ev.engine_id)
-        if ev.kind == EventKind.REMOVED:
-            missing.add(ev.rank)
-            self.gone.add(ev.engine_id)
-            self.gone_since[ev.engine_id] = time.monotonic()
-        else:
-            missing.discard(ev.rank)
-            self.replaced.add(ev.engine_id)
-            self.gone.discard(ev.engine_id)
-            self.gone_since.pop(ev.engine_id, None)
-        return "stale"
-
-    def watch(self, client: Client, engine_id: str, incarnations: Dict[int, str]) -> None:
-        with self.lock:
-            self.incarnations[engine_id] = dict(incarnations)
-            self.gone.discard(engine_id)
-            self.gone_since.pop(engine_id, None)
-            self.missing.pop(engine_id, None)
-            self.replaced.discard(engine_id)
-            self.via_etcd.add(engine_id)
-            need = engine_id not in self.subs
-        if need:
-            sub = client.subscribe(engine_id, self.on_event)
-            with self.lock:
-                self.subs[engine_id] = sub
+            outcome = engine.apply(ev)
+        if outcome is None:
+            return
+        what = {
+            "released": "its NIXL agents are released at the decode's next step; the next "
+            "request handshakes again",
+            "gone": "its NIXL agents are released when a request needs it or after "
+            f"{GONE_RELEASE_S:.0f} s, unless it comes back unchanged",
+            "back": "unchanged; its NIXL agents stay",
+        }[outcome]
+        logger.info(
+            "nixl-etcd: remote engine %s rank %d %s in ETCD (incarnation %s); %s",
+            ev.engine_id,
+            ev.rank,
+            "is back" if outcome == "back" else WORDS.get(ev.kind, f"changed ({ev.kind})"),
+            ev.incarnation,
+            what,
+        )
 
     def close(self) -> None:
         with self.lock:
             client, self.client = self.client, None
-            self.subs.clear()
+            self.engines.clear()
         if client is not None:
             with contextlib.suppress(Exception):
                 client.close()
@@ -186,109 +267,95 @@ def discovery_of(worker: Any) -> Discovery:
 
 def fetch(
     d: Discovery,
-    engine_id: str,
+    engine: RemoteEngine,
+    was: Status,
+    asked: shapes.Shape,
     targets: List[Tuple[int, int]],
-    remote_tp_size: int,
     host: Optional[str],
     port: Optional[int],
-) -> Tuple[Dict[Tuple[int, int], Reply], Dict[int, str]]:
-    """The payloads of ``targets`` ((pp_rank, tp_rank) pairs) of ``engine_id``."""
+) -> Tuple[Dict[Tuple[int, int], Reply], Dict[int, Record]]:
+    """The payloads of ``targets`` ((pp_rank, tp_rank) pairs) of a followed
+    engine, and the records of those that came from etcd."""
     client = d.get_client()
+    engine_id = engine.engine_id
     timeout = state.timeout_s()
     replies: Dict[Tuple[int, int], Reply] = {}
-    incarnations: Dict[int, str] = {}
+    records: Dict[int, Record] = {}
     for pp, tp in targets:
-        rank = rank_of(pp, tp, remote_tp_size)
+        rank = asked.rank(pp, tp)
         try:
             try:
                 rec = client.lookup_record(engine_id, rank)
             except errors.NotFound as e:
-                with d.lock:
-                    gone = engine_id in d.gone
-                if gone:
-                    # It was registered, then left (closed, or its lease expired).
-                    raise RuntimeError(str(e)) from e
-                rec = None
+                if was is Status.GONE:
+                    # It was registered, then left (closed, or its lease
+                    # expired): it stays gone, and this request fails now.
+                    with d.lock:
+                        engine.status = Status.GONE
+                    raise EngineGone(str(e)) from e
                 reply = wait_or_side_channel(client, engine_id, rank, pp, tp, host, port, timeout)
                 if reply.source != "ETCD":
                     replies[(pp, tp)] = reply
                     continue
+                # Registered meanwhile: the subscription's cache holds it now.
                 rec = client.lookup_record(engine_id, rank)
-            replies[(pp, tp)] = Reply(rec.metadata, None, "ETCD")
-            incarnations[rank] = rec.incarnation
         except (errors.ConnectionFailed, errors.Timeout) as e:
             # etcd itself does not answer (a missing engine is a RuntimeError).
             raise EtcdUnavailable(e) from e
-    return replies, incarnations
-
-
-#: An engine that left (its records deleted) and has not come back for this
-#: long is released with everything the decode kept for it, its
-#: subscription included: a long-lived decode whose prefills restart under
-#: fresh engine ids keeps no trace of the old ones.
-GONE_RELEASE_S = 60.0
+        published = shapes.read(rec.metadata, engine_id, rec.world_size)
+        if published is not None:
+            shapes.check_request(engine_id, published, asked.tp, asked.pp, asked.dcp)
+        replies[(pp, tp)] = Reply(rec.metadata, None, "ETCD")
+        records[rank] = rec
+    return replies, records
 
 
 def evict_stale(self: Any, wanted: Optional[Set[str]] = None) -> None:
-    """Releases the NIXL state of stale remote engines that no transfer uses.
+    """Releases the NIXL state of remote engines that restarted or left, once
+    no transfer uses them, and forgets them (their subscription included).
 
-    A restarted engine (a new incarnation) is released at once. One that only
+    A restarted (or re-registered) engine is released at once. One that only
     left is released when a request needs it (``wanted``), or once it has been
     gone for ``GONE_RELEASE_S``: until then its record may come back unchanged
-    (a lease lost and re-granted while the engine lives), and its agents stay."""
+    (a lease lost and re-granted while the engine lives), and its agents stay.
+    One whose agents vLLM released itself (its idle-engine eviction) is
+    forgotten too."""
     d = self.__dict__.get("_nixl_etcd_discovery")
-    if d is None or not (d.stale or d.gone):
+    if d is None or not d.engines:
         return
     wanted = wanted or set()
-    with self._handshake_lock:
-        pending = set(self._handshake_futures)
     busy = {
         meta.remote.engine_id
         for meta in self._recving_metadata.values()
         if getattr(meta, "remote", None) is not None
     }
     now = time.monotonic()
-
-    def expired(e: str) -> bool:
-        return e in d.gone and now - d.gone_since.get(e, now) >= GONE_RELEASE_S
-
+    with self._handshake_lock:
+        pending = set(self._handshake_futures)
+        agents = set(self._remote_agents)
     with d.lock:
-        ready = [
+        engines = [e for e in d.engines.values() if e.engine_id not in pending | busy]
+        # Restarted, re-registered, gone too long, or released by vLLM itself
+        # (its idle-engine eviction): forgotten with their subscription.
+        forget = [
             e
-            for e in d.stale
-            if e not in pending
-            and e not in busy
-            and (e in d.replaced or e in wanted or expired(e))
+            for e in engines
+            if e.status in RELEASE_NOW
+            or (e.status is Status.GONE and now - e.gone_since >= GONE_RELEASE_S)
+            or (e.status is Status.LOADED and e.engine_id not in agents)
         ]
-        # Gone long enough: nothing of it is kept, its subscription included
-        # (a request for it fails at once until then: "not found in ETCD").
-        forget = [e for e in d.gone if expired(e) and e not in pending and e not in busy]
-        subs = []
-        for e in ready + forget:
-            d.stale.discard(e)
-            d.incarnations.pop(e, None)
-            d.missing.pop(e, None)
-            d.replaced.discard(e)
-        for e in forget:
-            d.gone.discard(e)
-            d.gone_since.pop(e, None)
-            d.via_etcd.discard(e)
-            sub = d.subs.pop(e, None)
-            if sub is not None:
-                subs.append(sub)
-        ready = ready + [e for e in forget if e not in ready]
-    for sub in subs:
-        with contextlib.suppress(Exception):
-            sub.unsubscribe()
-    for engine_id in ready:
-        if engine_id in self._remote_agents:
-            self._cleanup_remote_engine(engine_id, log_eviction=False)
+        # Gone and needed by a request: its agents go, the engine stays known
+        # as gone (the request fails at once) until GONE_RELEASE_S.
+        unload = [e for e in engines if e.status is Status.GONE and e.engine_id in wanted]
+    for engine in forget:
+        d.forget(engine)
+    for engine in forget + unload:
+        if engine.engine_id in self._remote_agents:
+            self._cleanup_remote_engine(engine.engine_id, log_eviction=False)
             logger.info(
-                "nixl-etcd: released NIXL state of remote engine %s (restarted or left)",
-                engine_id,
+                "nixl-etcd: released NIXL state of remote engine %s (%s)",
+                engine.engine_id,
+                engine.status.value,
             )
-    if d.prewarm is not None:
-        for engine_id in ready:
-            d.prewarm.again(engine_id)
-
-
+        if d.prewarm is not None and engine.status in RELEASE_NOW:
+            d.prewarm.again(engine.engine_id)

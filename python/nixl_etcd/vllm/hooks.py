@@ -12,9 +12,10 @@ process)
     vLLM hands it every worker's ``NixlHandshakePayload`` keyed by
     ``(pp_rank, tp_rank)`` and it starts the ZMQ ROUTER listener. After vLLM's
     own code ran (the listener stays for peers without etcd), one nixl-etcd
-    :class:`~nixl_etcd.Client` per engine registers each payload, msgpack-encoded
-    exactly as the listener serves it, as rank ``pp_rank * tp + tp_rank`` with
-    the engine's world size, under the client's lease. ``shutdown`` closes the
+    :class:`~nixl_etcd.Client` per engine registers each payload as the listener serves
+    it (msgpack) plus one key, the engine's parallel shape (:mod:`.shape`), as
+    rank ``pp_rank * tp + tp_rank`` with the engine's world size, under the
+    client's lease. ``shutdown`` closes the
     client (the lease is revoked: the keys vanish when the engine exits; after
     a SIGKILL, when the lease expires).
 
@@ -47,10 +48,11 @@ process)
     absent or stale); restarts are seen through etcd events (next point).
 
 ``start_load_kv`` / ``_cleanup_remote_engines`` (decode, main thread)
-    A subscription per remote engine reports REPLACED (same engine_id, new
-    incarnation), UPDATED and REMOVED; before each step's reads and at each
-    step's cleanup, such engines without reads in flight are released with
-    vLLM's ``_cleanup_remote_engine`` so the next request handshakes again.
+    Each engine found through etcd is a :class:`.discovery.RemoteEngine`
+    whose status its events move (restarted, stale, gone); before each step's
+    reads and at each step's cleanup, those to release and without reads in
+    flight are released with vLLM's ``_cleanup_remote_engine`` and forgotten
+    with their subscription, so the next request handshakes again.
 
 ``NixlBaseConnector.register_kv_caches`` (decode, worker process; pre-warm)
     With ``VLLM_NIXL_ETCD_PREWARM=1`` the worker, once its KV caches are
@@ -80,9 +82,10 @@ import logging
 import time
 from typing import Any, Callable, Dict, Tuple
 
-from .. import unsigned
+from .. import fallback
 from . import config, publish, state
-from .discovery import EtcdUnavailable, discovery_of, evict_stale, fetch, rank_of
+from . import shape as shapes
+from .discovery import EngineGone, EtcdUnavailable, discovery_of, evict_stale, fetch
 from .prewarm import Prewarm
 from . import transport
 
@@ -100,9 +103,11 @@ def _set_xfer_handshake_metadata(self: Any, metadata: Dict[Tuple[int, int], Any]
     import msgspec
 
     encoder = msgspec.msgpack.Encoder()
-    tp_size = max(1, int(getattr(self, "transfer_tp_size", 1)))
+    parallel = shapes.of_scheduler(self)
+    # Each payload as vLLM's listener serves it, plus the engine's shape (for
+    # readers without a request in hand: the pre-warm).
     ranks = {
-        rank_of(pp, tp, tp_size): encoder.encode(payload)
+        parallel.rank(pp, tp): shapes.embed(encoder.encode(payload), parallel)
         for (pp, tp), payload in metadata.items()
     }
     old = getattr(self, "_nixl_etcd_publisher", None)
@@ -189,60 +194,36 @@ def _nixl_handshake(
     d = discovery_of(self)
     logger.debug("Discovering engine %s through ETCD", expected_engine_id)
     started = time.perf_counter()
-    ranks = self.transfer_topo.handshake_target_ranks(remote_tp_size, remote_dcp_size)
-    targets = [(pp, r) for pp in range(remote_pp_size) for r in ranks]
+    asked = shapes.Shape(tp=remote_tp_size, pp=remote_pp_size, dcp=remote_dcp_size)
+    targets = shapes.targets(self, expected_engine_id, asked)
     try:
-        replies, incarnations = fetch(d, expected_engine_id, targets, remote_tp_size, host, port)
+        # Followed before anything of it is read: no change is missed.
+        engine, was = d.follow(d.get_client(), expected_engine_id)
     except EtcdUnavailable as e:
-        d.mark_down()
-        cause = str(e.cause)
-        refused = unsigned.refusal()
-        if refused is not None:
-            raise RuntimeError(f"ETCD coordination failed ({cause}) and {refused}") from e.cause
-        key = cause.split(";")[0]
-        if e.recent:
-            logger.debug(
-                "ETCD unavailable moments ago; vLLM's direct ZMQ handshake with engine %s",
-                expected_engine_id,
-            )
-        elif key not in d.warned:
-            d.warned.add(key)
-            logger.warning(
-                "ETCD coordination failed (%s); using vLLM's direct ZMQ handshake with "
-                "engine %s at %s:%s",
-                cause,
-                expected_engine_id,
-                host,
-                port,
-            )
-        if not host or not port:
-            raise RuntimeError(
-                f"ETCD coordination failed ({cause}) and the request for engine "
-                f"{expected_engine_id} carries no remote_host/remote_port for vLLM's ZMQ "
-                "side channel"
-            ) from e.cause
-        with d.lock:
-            d.via_etcd.discard(expected_engine_id)
-        return orig()
+        return _direct(d, e, orig, call)
+    try:
+        replies, records = fetch(d, engine, was, asked, targets, host, port)
+    except EtcdUnavailable as e:
+        d.forget(engine)
+        return _direct(d, e, orig, call)
+    except EngineGone:
+        raise  # known as gone until it comes back or is released
+    except BaseException:
+        d.forget(engine)
+        raise
+    if not records:
+        d.forget(engine)  # every rank answered on the side channel: vLLM tracks it
     discovered = time.perf_counter()
     state.THREAD.replies = replies
     try:
         result = orig()
+    except BaseException:
+        d.forget(engine)
+        raise
     finally:
         state.THREAD.replies = None
-    if incarnations:
-        try:
-            d.watch(d.get_client(), expected_engine_id, incarnations)
-        except Exception as e:  # the handshake itself succeeded
-            logger.warning(
-                "nixl-etcd: cannot watch engine %s for restarts (%s); a restart under the "
-                "same engine_id will not be noticed",
-                expected_engine_id,
-                e,
-            )
-    elif expected_engine_id in d.via_etcd:
-        with d.lock:
-            d.via_etcd.discard(expected_engine_id)
+    if records:
+        d.loaded(engine, records)
     done = time.perf_counter()
     sources = sorted({r.source for r in replies.values()})
     logger.debug("ETCD handshake completed in %.3f seconds", done - started)
@@ -250,7 +231,7 @@ def _nixl_handshake(
         "nixl-etcd: handshake with engine %s rank(s) %s through %s: discovery %.2f ms, "
         "total %.2f ms",
         expected_engine_id,
-        ",".join(f"{rank_of(pp, r, remote_tp_size)}" for pp, r in targets),
+        ",".join(f"{asked.rank(pp, r)}" for pp, r in targets),
         " + ".join(sources),
         (discovered - started) * 1e3,
         (done - started) * 1e3,
@@ -258,9 +239,29 @@ def _nixl_handshake(
     return result
 
 
+def _direct(d: Any, e: EtcdUnavailable, orig: Callable[[], Any], call: Dict[str, Any]) -> Any:
+    """etcd unreachable: vLLM's own ZMQ handshake with the request's address."""
+    d.mark_down()
+    engine_id, host, port = call["expected_engine_id"], call["host"], call["port"]
+    fallback.fall_back(
+        e.cause,
+        f"vLLM's direct ZMQ handshake with engine {engine_id} at {host}:{port}",
+        logger,
+        error=RuntimeError,
+        warned=d.warned,
+        quiet=e.recent,
+    )
+    if not host or not port:
+        raise RuntimeError(
+            f"ETCD coordination failed ({e.cause}) and the request for engine "
+            f"{engine_id} carries no remote_host/remote_port for vLLM's ZMQ side channel"
+        ) from e.cause
+    return orig()
+
+
 def _track_remote_engine_replacement(self: Any, engine_id: str, host: str, port: int) -> None:
     d = self.__dict__.get("_nixl_etcd_discovery")
-    if d is not None and engine_id in d.via_etcd:
+    if d is not None and d.via_etcd(engine_id):
         # Tracked by engine id: restarts come as ETCD events, not as a new
         # engine at an old address (which may be a placeholder or stale).
         host, port = f"etcd:{engine_id}", 0

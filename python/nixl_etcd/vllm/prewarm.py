@@ -10,6 +10,7 @@ import time
 from typing import Any, List, Set
 
 from ..client import Client, Event, EventKind
+from . import shape as shapes
 from . import state
 from .config import PrewarmConfig
 
@@ -81,16 +82,29 @@ class Prewarm:
         try:
             # A cache hit: the subscription's informer holds the record.
             rec = self.client.lookup_record(engine_id, rank)
-            tp = max(1, int(rec.world_size or 1))
+            parallel = shapes.read(rec.metadata, engine_id, rec.world_size)
+            if parallel is None:
+                raise shapes.ShapeError(
+                    f"engine {engine_id}'s records carry no parallel shape (published by "
+                    "an older nixl-etcd?), and a guess could load the wrong ranks"
+                )
+            shapes.targets(self.worker, engine_id, parallel)  # mappable onto this decode
         except Exception as e:
             with self.lock:
                 self.started.discard(engine_id)
-            logger.debug("nixl-etcd: pre-warm of engine %s skipped: %s", engine_id, e)
+            unmappable = isinstance(e, shapes.ShapeError)
+            (logger.warning if unmappable else logger.debug)(
+                "nixl-etcd: pre-warm of engine %s skipped: %s; its first request handshakes",
+                engine_id,
+                e,
+            )
             return
         started = time.perf_counter()
         state.THREAD.prewarm = True
         try:
-            fut = self.worker._ensure_handshake(engine_id, "", 0, tp, 1, 1)
+            fut = self.worker._ensure_handshake(
+                engine_id, "", 0, parallel.tp, parallel.dcp, parallel.pp
+            )
         except Exception as e:
             with self.lock:
                 self.started.discard(engine_id)
@@ -115,10 +129,10 @@ class Prewarm:
                 )
                 return
             logger.info(
-                "nixl-etcd: pre-warmed engine %s (TP %d): its NIXL agents were loaded %.2f ms "
+                "nixl-etcd: pre-warmed engine %s (%s): its NIXL agents were loaded %.2f ms "
                 "after it appeared in ETCD, before any request",
                 engine_id,
-                tp,
+                parallel,
                 (time.perf_counter() - started) * 1e3,
             )
 
