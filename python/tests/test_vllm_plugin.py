@@ -119,7 +119,7 @@ def test_missing_hook_point_is_a_clear_error_naming_the_version(result: dict) ->
     assert result["missing"] == (
         f"nixl-etcd: vLLM {result['vllm']} lacks what the nixl-etcd plugin hooks in its "
         "NixlConnector (NixlBaseConnectorScheduler.set_xfer_handshake_metadata); the plugin "
-        "supports vLLM 0.32.x. Install a supported vLLM, or unset VLLM_NIXL_USE_ETCD to run "
+        "supports vLLM 0.32.x, 0.33.x. Install a supported vLLM, or unset VLLM_NIXL_USE_ETCD to run "
         "vLLM's stock ZMQ handshake (see docs/vllm.md)"
     )
 
@@ -132,7 +132,7 @@ def test_a_hook_point_whose_signature_changed_is_refused_saying_what_differs(
         "NixlConnector (NixlBaseConnectorWorker._nixl_handshake(self, host, port, "
         "remote_tp_size) where (self, host, port, remote_tp_size, expected_engine_id, "
         "remote_dcp_size=, remote_pp_size=, notif_agents_only=) is needed); the plugin "
-        "supports vLLM 0.32.x. Install a supported vLLM, or unset VLLM_NIXL_USE_ETCD to run "
+        "supports vLLM 0.32.x, 0.33.x. Install a supported vLLM, or unset VLLM_NIXL_USE_ETCD to run "
         "vLLM's stock ZMQ handshake (see docs/vllm.md)"
     )
 
@@ -140,12 +140,12 @@ def test_a_hook_point_whose_signature_changed_is_refused_saying_what_differs(
 def test_an_untested_vllm_release_is_refused_unless_allowed(result: dict) -> None:
     assert result["untested"] == (
         "nixl-etcd: vLLM 0.99.0 is not a release the nixl-etcd plugin was tested with "
-        "(0.32.x); its hook points match. Set VLLM_NIXL_ETCD_ALLOW_UNTESTED_VLLM=1 to run it "
+        "(0.32.x, 0.33.x); its hook points match. Set VLLM_NIXL_ETCD_ALLOW_UNTESTED_VLLM=1 to run it "
         "anyway, install a supported vLLM, or unset VLLM_NIXL_USE_ETCD to run vLLM's stock "
         "ZMQ handshake (see docs/vllm.md)"
     )
     assert result["untested_allowed"] == [
-        "nixl-etcd: vLLM 0.99.0 is not a release the plugin was tested with (0.32.x); running "
+        "nixl-etcd: vLLM 0.99.0 is not a release the plugin was tested with (0.32.x, 0.33.x); running "
         "it because VLLM_NIXL_ETCD_ALLOW_UNTESTED_VLLM is set and every hook point matches"
     ]
 

@@ -13,6 +13,7 @@ WARNING).
 
 from __future__ import annotations
 
+import ast
 import importlib
 import inspect
 import logging
@@ -138,38 +139,164 @@ def _resolve(point: HookPoint) -> Tuple[Any, Any]:
     return owner, getattr(owner, point.name, None) if owner is not None else None
 
 
-def mismatches(points: Tuple[HookPoint, ...] = HOOKS) -> Tuple[List[str], List[str]]:
-    """What this vLLM lacks or has differently: (required, pre-warm) lists of
-    ``Owner.name`` or ``Owner.name(found) where (expected)`` is needed."""
+def _runtime_signature(point: HookPoint) -> Optional[str]:
+    _, attr = _resolve(point)
+    if not callable(attr):
+        return None
+    try:
+        return signature_of(attr)
+    except (TypeError, ValueError):
+        return "?"
+
+
+def _runtime_value(module: str, name: str) -> bool:
+    try:
+        return hasattr(importlib.import_module(module), name)
+    except Exception:
+        return False
+
+
+def mismatches(
+    points: Tuple[HookPoint, ...] = HOOKS,
+    signature: Callable[[HookPoint], Optional[str]] = _runtime_signature,
+    has_value: Callable[[str, str], bool] = _runtime_value,
+) -> Tuple[List[str], List[str]]:
+    """What a vLLM lacks or has differently: (required, pre-warm) lists of
+    ``Owner.name`` or ``Owner.name(found) where (expected)`` is needed. By
+    default the vLLM imported here; :func:`source_mismatches` reads a
+    release's source instead."""
     required: List[str] = []
     prewarm: List[str] = []
     for p in points:
-        _, attr = _resolve(p)
         where = prewarm if p.prewarm else required
-        if not callable(attr):
+        found = signature(p)
+        if found is None:
             where.append(p.where)
-            continue
-        try:
-            found = signature_of(attr)
-        except (TypeError, ValueError):
-            found = "?"
-        if found != p.signature:
+        elif found != p.signature:
             where.append(f"{p.where}({found}) where ({p.signature}) is needed")
     for module, name in VALUES:
-        try:
-            present = hasattr(importlib.import_module(module), name)
-        except Exception:
-            present = False
-        if not present:
+        if not has_value(module, name):
             required.append(f"{module}.{name}")
     return required, prewarm
+
+
+def source_mismatches(root: str) -> Tuple[List[str], List[str]]:
+    """:func:`mismatches` for the vLLM source tree at ``root`` (the directory
+    holding ``vllm/``), read without importing it: a release that cannot run
+    here (vLLM's CUDA wheels on a CPU machine) is checked all the same."""
+    source = _Source(root)
+    return mismatches(HOOKS, source.signature, source.has_value)
+
+
+class _Source:
+    """Definitions in a vLLM source tree, by module, following ``from x
+    import y`` and base classes (parsed with :mod:`ast`, nothing imported)."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self._trees: dict = {}
+
+    def _tree(self, module: str) -> Optional[Any]:
+        if module not in self._trees:
+            path = os.path.join(self.root, *module.split(".")) + ".py"
+            try:
+                with open(path, encoding="utf-8") as f:
+                    self._trees[module] = ast.parse(f.read())
+            except (OSError, SyntaxError):
+                self._trees[module] = None
+        return self._trees[module]
+
+    def _find(self, module: str, name: str, body: Optional[List[Any]] = None, depth: int = 0) -> Any:
+        """The def, class or assignment ``name`` of ``module`` (or of ``body``)."""
+        tree = self._tree(module)
+        if tree is None or depth > 8:
+            return None
+        for node in body if body is not None else tree.body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                if node.name == name:
+                    return node
+            elif isinstance(node, ast.Assign):
+                if any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
+                    return node
+            elif isinstance(node, ast.AnnAssign):
+                if isinstance(node.target, ast.Name) and node.target.id == name:
+                    return node
+        if body is not None:
+            return None
+        for node in tree.body:  # imported into the module
+            if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                for alias in node.names:
+                    if (alias.asname or alias.name) == name:
+                        return self._find(node.module, alias.name, None, depth + 1)
+        return None
+
+    def _member(self, module: str, owner: str, name: str, depth: int = 0) -> Any:
+        cls = self._find(module, owner)
+        if not isinstance(cls, ast.ClassDef) or depth > 8:
+            return None
+        found = self._find(module, name, cls.body)
+        if found is not None:
+            return found
+        for base in cls.bases:  # inherited
+            if isinstance(base, ast.Name):
+                where = self._module_of(module, base.id)
+                if where is not None:
+                    found = self._member(where, base.id, name, depth + 1)
+                    if found is not None:
+                        return found
+        return None
+
+    def _module_of(self, module: str, name: str) -> Optional[str]:
+        """The module that defines ``name`` as seen from ``module``."""
+        tree = self._tree(module)
+        if tree is None:
+            return None
+        for node in tree.body:
+            if isinstance(node, ast.ClassDef) and node.name == name:
+                return module
+            if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                if any((a.asname or a.name) == name for a in node.names):
+                    return node.module
+        return None
+
+    def signature(self, point: HookPoint) -> Optional[str]:
+        if point.owner is None:
+            node = self._find(point.module, point.name)
+        else:
+            node = self._member(point.module, point.owner, point.name)
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            return None
+        return _render(node.args)
+
+    def has_value(self, module: str, name: str) -> bool:
+        return self._find(module, name) is not None
+
+
+def _render(args: Any) -> str:
+    """An ``ast.arguments`` as :func:`signature_of` renders a signature."""
+    out: List[str] = []
+    positional = list(args.posonlyargs) + list(args.args)
+    first_default = len(positional) - len(args.defaults)
+    out += [a.arg + ("=" if i >= first_default else "") for i, a in enumerate(positional)]
+    if args.vararg is not None:
+        out.append(f"*{args.vararg.arg}")
+    elif args.kwonlyargs:
+        out.append("*")
+    out += [a.arg + ("=" if d is not None else "") for a, d in zip(args.kwonlyargs, args.kw_defaults)]
+    if args.kwarg is not None:
+        out.append(f"**{args.kwarg.arg}")
+    return ", ".join(out)
+
+
+def _releases() -> str:
+    return ", ".join(f"{v}.x" for v in SUPPORTED_VLLM)
 
 
 def _unsupported(what: List[str]) -> RuntimeError:
     return RuntimeError(
         f"nixl-etcd: vLLM {vllm_version()} lacks what the nixl-etcd plugin hooks in its "
         f"NixlConnector ({'; '.join(what)}); the plugin supports vLLM "
-        f"{', '.join(SUPPORTED_VLLM)}.x. Install a supported vLLM, or unset "
+        f"{_releases()}. Install a supported vLLM, or unset "
         "VLLM_NIXL_USE_ETCD to run vLLM's stock ZMQ handshake (see docs/vllm.md)"
     )
 
@@ -187,15 +314,15 @@ def check_supported(settings: Optional[config.PluginConfig] = None) -> bool:
         if not settings.allow_untested_vllm:
             raise RuntimeError(
                 f"nixl-etcd: vLLM {version} is not a release the nixl-etcd plugin was tested "
-                f"with ({', '.join(SUPPORTED_VLLM)}.x); its hook points match. Set "
+                f"with ({_releases()}); its hook points match. Set "
                 f"{config.ALLOW_UNTESTED_VLLM}=1 to run it anyway, install a supported vLLM, "
                 "or unset VLLM_NIXL_USE_ETCD to run vLLM's stock ZMQ handshake (see docs/vllm.md)"
             )
         logger.warning(
-            "nixl-etcd: vLLM %s is not a release the plugin was tested with (%s.x); running "
+            "nixl-etcd: vLLM %s is not a release the plugin was tested with (%s); running "
             "it because %s is set and every hook point matches",
             version,
-            ", ".join(SUPPORTED_VLLM),
+            _releases(),
             config.ALLOW_UNTESTED_VLLM,
         )
     if prewarm:
