@@ -427,3 +427,16 @@ def test_a_decode_with_a_setting_the_library_refuses_fails_at_start_not_per_requ
     monkeypatch.setenv("VLLM_NIXL_ETCD_LEASE_TTL", "10")
     monkeypatch.setenv("VLLM_NIXL_ETCD_TIMEOUT", "1")
     assert hooks._register_kv_caches(connector("kv_consumer"), {}) == "registered"
+
+
+def test_current_parses_once_per_set_of_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hooks ask for the settings on every request: parsed again only
+    when a variable changed, and a bad value is still an error."""
+    monkeypatch.setenv("VLLM_NIXL_ETCD_TIMEOUT", "7")
+    first = config.current()
+    assert config.current() is first and first.timeout_s == 7.0
+    monkeypatch.setenv("VLLM_NIXL_ETCD_TIMEOUT", "8")
+    assert config.current().timeout_s == 8.0
+    monkeypatch.setenv("VLLM_NIXL_ETCD_TIMEOUT", "soon")
+    with pytest.raises(config.ConfigError):
+        config.current()

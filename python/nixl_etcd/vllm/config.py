@@ -41,7 +41,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
-from typing import ClassVar, List, Mapping, Optional, Union
+from typing import Any, ClassVar, Dict, List, Mapping, Optional, Tuple, Union
 
 __all__ = [
     "ConfigError",
@@ -304,36 +304,37 @@ def load(environ: Mapping[str, str] = os.environ) -> PluginConfig:
         ConfigError: one line per bad variable, naming it, its value and what
             is accepted.
     """
+    parsers = {
+        "use_etcd": lambda: parse_bool(environ, USE_ETCD),
+        "timeout_s": lambda: parse_timeout(environ),
+        "prewarm": lambda: load_prewarm(environ),
+        "allow_unsigned": lambda: parse_bool(environ, ALLOW_UNSIGNED),
+        "allow_untested_vllm": lambda: parse_bool(environ, ALLOW_UNTESTED_VLLM),
+    }
     problems: List[str] = []
-    use_etcd, timeout_s, prewarm, allow_unsigned = False, DEFAULT_TIMEOUT_S, None, False
-    allow_untested = False
-    try:
-        use_etcd = parse_bool(environ, USE_ETCD)
-    except ConfigError as e:
-        problems.extend(e.problems)
-    try:
-        timeout_s = parse_timeout(environ)
-    except ConfigError as e:
-        problems.extend(e.problems)
-    try:
-        prewarm = load_prewarm(environ)
-    except ConfigError as e:
-        problems.extend(e.problems)
-    try:
-        allow_unsigned = parse_bool(environ, ALLOW_UNSIGNED)
-    except ConfigError as e:
-        problems.extend(e.problems)
-    try:
-        allow_untested = parse_bool(environ, ALLOW_UNTESTED_VLLM)
-    except ConfigError as e:
-        problems.extend(e.problems)
+    values: Dict[str, Any] = {}
+    for name, parse in parsers.items():
+        try:
+            values[name] = parse()
+        except ConfigError as e:
+            problems.extend(e.problems)
     if problems:
         raise ConfigError(problems)
-    return PluginConfig(
-        use_etcd=use_etcd,
-        use_etcd_set=_raw(environ, USE_ETCD) is not None,
-        timeout_s=timeout_s,
-        prewarm=prewarm,
-        allow_unsigned=allow_unsigned,
-        allow_untested_vllm=allow_untested,
-    )
+    return PluginConfig(use_etcd_set=_raw(environ, USE_ETCD) is not None, **values)
+
+
+# The settings of this process, parsed once per set of values (an engine's
+# environment does not change; a test's may).
+_cached: Tuple[Optional[Tuple[Optional[str], ...]], Optional[PluginConfig]] = (None, None)
+
+
+def current() -> PluginConfig:
+    """:func:`load` of ``os.environ``, parsed again only when one of
+    :data:`VARIABLES` changed: the hooks ask on every request."""
+    global _cached
+    key = tuple(os.environ.get(name) for name in VARIABLES)
+    seen, settings = _cached
+    if seen != key or settings is None:
+        settings = load()
+        _cached = (key, settings)
+    return settings

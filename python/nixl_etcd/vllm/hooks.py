@@ -316,7 +316,7 @@ def _register_kv_caches(self: Any, kv_caches: Any) -> Any:
             d.down_until = 0.0
         logger.info("nixl-etcd: ETCD not reachable at engine start (%s); retried per request", e)
         return result
-    settings = config.load().prewarm  # checked at engine start (register, install)
+    settings = config.current().prewarm  # checked at engine start (register, install)
     if settings is None:
         return result
     try:

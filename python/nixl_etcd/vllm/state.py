@@ -24,11 +24,11 @@ FORCE_ATTR = "_nixl_etcd_use"
 
 def active(obj: Any) -> bool:
     """Whether etcd coordination is on for this scheduler/worker object."""
-    settings = config.load()
+    settings = config.current()
     if getattr(obj, FORCE_ATTR, None) is not None:
         return bool(getattr(obj, FORCE_ATTR)) and settings.etcd_for_explicit_connector
     return settings.use_etcd
 
 
 def timeout_s() -> float:
-    return config.load().timeout_s
+    return config.current().timeout_s
