@@ -9,12 +9,11 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping, Optional
 
+from .env import FALSE_VALUES, TRUE_VALUES, flag
+
 #: Allows the unauthenticated direct handshake although records are signed.
 ENV_ALLOW = "VLLM_NIXL_ETCD_ALLOW_UNSIGNED"
 ENV_KEY = "VLLM_NIXL_ETCD_HMAC_KEY_FILE"
-
-_TRUE = ("1", "true", "yes", "on")
-_FALSE = ("", "0", "false", "no", "off")
 
 
 def refusal(
@@ -27,14 +26,13 @@ def refusal(
     )
     if not signed:
         return None
-    raw = environ.get(ENV_ALLOW, "")
-    value = raw.strip().lower()
-    if value in _TRUE:
+    allowed = flag(environ, ENV_ALLOW)
+    if allowed:
         return None
-    if value not in _FALSE:
+    if allowed is None:
         return (
-            f"{ENV_ALLOW}={raw!r} is not a boolean (1/true/yes/on or 0/false/no/off), so the "
-            "unauthenticated direct handshake stays off"
+            f"{ENV_ALLOW}={environ.get(ENV_ALLOW)!r} is not a boolean ({'/'.join(TRUE_VALUES)} "
+            f"or {'/'.join(FALSE_VALUES)}), so the unauthenticated direct handshake stays off"
         )
     return (
         f"records are signed here ({ENV_KEY}) while vLLM's direct ZMQ handshake is not "

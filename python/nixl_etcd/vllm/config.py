@@ -43,6 +43,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Dict, List, Mapping, Optional, Tuple, Union
 
+from ..env import FALSE_VALUES, TRUE_VALUES, flag
+from ..env import raw as _raw
+
 __all__ = [
     "ConfigError",
     "PluginConfig",
@@ -84,8 +87,6 @@ VARIABLES = (
     ALLOW_UNTESTED_VLLM,
 )
 
-TRUE_VALUES = ("1", "true", "yes", "on")
-FALSE_VALUES = ("0", "false", "no", "off")
 
 #: The library's default and bound (``src/config.rs``: ``DEFAULT_TIMEOUT_S``,
 #: ``MAX_TIMEOUT_S``).
@@ -135,31 +136,18 @@ class ConfigError(RuntimeError, ValueError):
         super().__init__("\n".join(self.problems))
 
 
-def _raw(environ: Mapping[str, str], name: str) -> Optional[str]:
-    """The variable's value, or None when unset or blank."""
-    value = environ.get(name)
-    if value is None or not value.strip():
-        return None
-    return value
-
-
 def parse_bool(environ: Mapping[str, str], name: str) -> bool:
     """A boolean variable: 1/true/yes/on (any case, surrounding blanks
     ignored) is True; 0/false/no/off, empty or unset is False; anything else
     raises :class:`ConfigError`."""
-    raw = _raw(environ, name)
-    if raw is None:
-        return False
-    word = raw.strip().lower()
-    if word in TRUE_VALUES:
-        return True
-    if word in FALSE_VALUES:
-        return False
+    value = flag(environ, name)
+    if value is not None:
+        return value
     on, off = _BOOL_MEANING.get(name, ("for true", "for false"))
     raise ConfigError(
         [
-            f"{name}={raw!r} is not a boolean; use {'/'.join(TRUE_VALUES)} {on} or "
-            f"{'/'.join(FALSE_VALUES)} {off}"
+            f"{name}={environ.get(name)!r} is not a boolean; use {'/'.join(TRUE_VALUES)} {on} "
+            f"or {'/'.join(FALSE_VALUES)} {off}"
         ]
     )
 
