@@ -112,6 +112,10 @@ def main() -> int:
             VLLM_NIXL_ETCD_ENDPOINTS=endpoint,
             VLLM_NIXL_ETCD_NAMESPACE=ns,
             VLLM_NIXL_SIDE_CHANNEL_HOST="127.0.0.1",
+            # Four busy-polling CPU engines on this machine's cores stall every
+            # process for seconds: a lease of three times the longest stall
+            # (docs/vllm.md, "Leases on busy hosts"), not the GPU hosts' 10 s.
+            VLLM_NIXL_ETCD_LEASE_TTL="30",
         )
         p_port = free_port()
         specs = {
