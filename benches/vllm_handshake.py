@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -51,13 +50,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "python"))
 
 from nixl_etcd import Client  # noqa: E402
-from nixl_etcd.vllm.testing import Engine, make_tiny_llama  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from nixl_etcd.vllm.testing import Engine, free_port, make_tiny_llama  # noqa: E402
 
 
 def start_etcd(work: Path) -> Tuple[subprocess.Popen, str]:

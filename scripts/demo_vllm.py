@@ -10,23 +10,16 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from nixl_etcd.vllm.testing import Engine, make_tiny_llama
+from nixl_etcd.vllm.testing import Engine, free_port, make_tiny_llama
 
 NAMESPACE = "/vllm/nixl/agents"
 PROMPT = "The future of AI is"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def section(title: str) -> None:

@@ -15,7 +15,6 @@ import itertools
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,7 @@ elif importlib.util.find_spec("nixl_etcd") is None:
     sys.path.insert(0, str(PY_DIR))
 
 import nixl_etcd  # noqa: E402
+from nixl_etcd.vllm.testing import free_port  # noqa: E402  (tests import it from here)
 
 ETCD_BIN = os.environ.get("NIXL_ETCD_TEST_ETCD_BIN") or shutil.which("etcd") or "/usr/bin/etcd"
 ETCDCTL_BIN = (
@@ -73,12 +73,6 @@ def pytest_report_header(config: pytest.Config) -> List[str]:
 def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in _SCRUBBED:
         monkeypatch.delenv(name, raising=False)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _healthy(port: int, timeout: float = 0.5) -> bool:

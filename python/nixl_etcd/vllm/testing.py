@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -205,6 +207,34 @@ def _serve(args: Sequence[str]) -> int:
 
 # ---------------------------------------------------------------------------
 # The driver (any Python).
+
+
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_PORTS = random.SystemRandom()
+
+
+def free_port() -> int:
+    """A free loopback port below the kernel's ephemeral range: a port that
+    bind(0) hands out may be taken again, before its user binds it, by any
+    of the sockets a vLLM engine's UCX opens (seen: a decode's side channel
+    "Address already in use", the engine then stuck at start)."""
+    high = _ephemeral_low() - 1
+    for _ in range(200):
+        port = _PORTS.randint(min(10000, high - 1000), high)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free loopback port found below {high + 1}")
 
 
 class EngineError(RuntimeError):
