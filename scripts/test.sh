@@ -27,7 +27,7 @@ cargo build --release --all-features --package nixl-etcd --lib
 pyrc=$?
 if [ "$pyrc" -eq 0 ]; then
   NIXL_ETCD_LIBRARY="$PWD/target/release/libnixl_etcd.so" NIXL_ETCD_TEST_FROM_SOURCE=1 \
-    python3 -m pytest python/tests -q -p no:cacheprovider 2>&1 | tee "$pylog"
+    python3 -m pytest python/tests -q -p no:cacheprovider --durations=30 2>&1 | tee "$pylog"
   pyrc=${PIPESTATUS[0]}
 else
   echo "python: cargo build --release failed; the Python tests did not run" >&2

@@ -39,11 +39,6 @@ class EtcdUnavailable(Exception):
         self.recent = recent
 
 
-class EngineGone(RuntimeError):
-    """The engine was seen leaving etcd and has not come back: a request for
-    it fails at once (the guide's "Engine ... not found in ETCD")."""
-
-
 class Status(enum.Enum):
     #: Followed; its payloads are being read and handshaken.
     LOADING = "loading"
@@ -289,10 +284,11 @@ def fetch(
             except errors.NotFound as e:
                 if was is Status.GONE:
                     # It was registered, then left (closed, or its lease
-                    # expired): it stays gone, and this request fails now.
+                    # expired): it stays gone, and this request fails now
+                    # with the guide's "RuntimeError: Engine ... not found".
                     with d.lock:
                         engine.status = Status.GONE
-                    raise EngineGone(str(e)) from e
+                    raise RuntimeError(str(e)) from e
                 reply = wait_or_side_channel(client, engine_id, rank, pp, tp, host, port, timeout)
                 if reply.source != "ETCD":
                     replies[(pp, tp)] = reply

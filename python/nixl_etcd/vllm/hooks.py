@@ -80,12 +80,12 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 from .. import fallback
 from . import config, publish, state
 from . import shape as shapes
-from .discovery import EngineGone, EtcdUnavailable, discovery_of, evict_stale, fetch
+from .discovery import EtcdUnavailable, Status, discovery_of, evict_stale, fetch
 from .prewarm import Prewarm
 from . import transport
 
@@ -200,16 +200,15 @@ def _nixl_handshake(
         # Followed before anything of it is read: no change is missed.
         engine, was = d.follow(d.get_client(), expected_engine_id)
     except EtcdUnavailable as e:
-        return _direct(d, e, orig, call)
+        return _direct(d, e, orig, call, targets)
     try:
         replies, records = fetch(d, engine, was, asked, targets, host, port)
     except EtcdUnavailable as e:
         d.forget(engine)
-        return _direct(d, e, orig, call)
-    except EngineGone:
-        raise  # known as gone until it comes back or is released
+        return _direct(d, e, orig, call, targets)
     except BaseException:
-        d.forget(engine)
+        if engine.status is not Status.GONE:  # a gone one stays known as gone
+            d.forget(engine)
         raise
     if not records:
         d.forget(engine)  # every rank answered on the side channel: vLLM tracks it
@@ -239,8 +238,12 @@ def _nixl_handshake(
     return result
 
 
-def _direct(d: Any, e: EtcdUnavailable, orig: Callable[[], Any], call: Dict[str, Any]) -> Any:
-    """etcd unreachable: vLLM's own ZMQ handshake with the request's address."""
+def _direct(
+    d: Any, e: EtcdUnavailable, orig: Callable[[], Any], call: Dict[str, Any], targets: List[Any]
+) -> Any:
+    """etcd unreachable: the payloads from the request's ZMQ side channel,
+    waited for as long as etcd would have been, then vLLM's own handshake on
+    them (its checks, its agents)."""
     d.mark_down()
     engine_id, host, port = call["expected_engine_id"], call["host"], call["port"]
     fallback.fall_back(
@@ -256,7 +259,15 @@ def _direct(d: Any, e: EtcdUnavailable, orig: Callable[[], Any], call: Dict[str,
             f"ETCD coordination failed ({e.cause}) and the request for engine "
             f"{engine_id} carries no remote_host/remote_port for vLLM's ZMQ side channel"
         ) from e.cause
-    return orig()
+    try:
+        replies = transport.side_channel(host, int(port), targets, state.timeout_s())
+    except RuntimeError as err:
+        raise RuntimeError(f"ETCD coordination failed ({e.cause}) and {err}") from e.cause
+    state.THREAD.replies = replies
+    try:
+        return orig()
+    finally:
+        state.THREAD.replies = None
 
 
 def _track_remote_engine_replacement(self: Any, engine_id: str, host: str, port: int) -> None:

@@ -5,6 +5,8 @@ its REQ socket, so vLLM decodes and checks them unchanged.
 
 * :class:`SideChannelProbe` asks the side channel in a thread, while etcd is
   waited on; :func:`wait_or_side_channel` sleeps until one of them answers.
+* :func:`side_channel` fetches the payloads over the side channel when etcd
+  does not answer, waiting as long as the etcd wait would.
 * :class:`EtcdReplySocket` answers vLLM's ``(GET_META_MSG, pp_rank, tp_rank)``
   with the fetched payload; :func:`zmq_ctx` hands it to vLLM on the thread
   whose handshake fetched it, and vLLM's own ``zmq_ctx`` to everything else.
@@ -162,6 +164,26 @@ def wait_or_side_channel(
     if err is not None:
         raise RuntimeError(f"nixl-etcd: waiting for engine {engine_id} failed: {err}") from err
     raise RuntimeError(f"Timeout waiting for engine {engine_id}")  # pragma: no cover
+
+
+def side_channel(
+    host: str, port: int, targets: List[Tuple[int, int]], timeout: float
+) -> Dict[Tuple[int, int], Reply]:
+    """The payloads of ``targets`` from vLLM's ZMQ side channel at
+    ``host:port``, each waited for up to ``timeout`` (the fallback when etcd
+    does not answer: vLLM's own socket gives up after 5 s, which a starved
+    prefill on a busy host can exceed)."""
+    replies: Dict[Tuple[int, int], Reply] = {}
+    for pp, tp in targets:
+        probe = SideChannelProbe(host, port, pp, tp, timeout)
+        probe.done.wait()
+        if probe.reply is None:
+            raise RuntimeError(
+                f"vLLM's ZMQ side channel at {host}:{port} did not give rank (pp {pp}, tp {tp}): "
+                f"{probe.error}"
+            )
+        replies[(pp, tp)] = probe.reply
+    return replies
 
 
 class EtcdReplySocket:
