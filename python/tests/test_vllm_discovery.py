@@ -233,3 +233,17 @@ def test_an_unmappable_shape_is_refused_with_vllms_reason() -> None:
 
 def test_gone_release_is_bounded() -> None:
     assert 0 < discovery.GONE_RELEASE_S <= 300
+
+
+def test_the_log_lines_of_a_lease_lost_and_regranted(caplog: pytest.LogCaptureFixture) -> None:
+    d = discovery.Discovery()
+    e = loaded()
+    with caplog.at_level("INFO", logger="vllm.nixl_etcd"):
+        d._on_event(e, ev(EventKind.REMOVED, rev=11))
+        d._on_event(e, ev(EventKind.ADDED, rev=12))
+    assert [r.getMessage() for r in caplog.records] == [
+        "nixl-etcd: remote engine p rank 0 left in ETCD (incarnation a); its NIXL agents are "
+        "released when a request needs it or after 60 s, unless it comes back unchanged",
+        "nixl-etcd: remote engine p rank 0 is back in ETCD (incarnation a, unchanged); its "
+        "NIXL agents stay",
+    ]

@@ -228,18 +228,26 @@ class Discovery:
             outcome = engine.apply(ev)
         if outcome is None:
             return
+        if outcome == "back":
+            logger.info(
+                "nixl-etcd: remote engine %s rank %d is back in ETCD (incarnation %s, "
+                "unchanged); its NIXL agents stay",
+                ev.engine_id,
+                ev.rank,
+                ev.incarnation,
+            )
+            return
         what = {
             "released": "its NIXL agents are released at the decode's next step; the next "
             "request handshakes again",
             "gone": "its NIXL agents are released when a request needs it or after "
             f"{GONE_RELEASE_S:.0f} s, unless it comes back unchanged",
-            "back": "unchanged; its NIXL agents stay",
         }[outcome]
         logger.info(
             "nixl-etcd: remote engine %s rank %d %s in ETCD (incarnation %s); %s",
             ev.engine_id,
             ev.rank,
-            "is back" if outcome == "back" else WORDS.get(ev.kind, f"changed ({ev.kind})"),
+            WORDS.get(ev.kind, f"changed ({ev.kind})"),
             ev.incarnation,
             what,
         )
