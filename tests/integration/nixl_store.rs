@@ -143,7 +143,12 @@ fn the_protocol_subset_nixl_uses_maps_onto_nixls_etcd_layout() {
     client
         .publish_nixl("C", Some("metadata"), b"from the API")
         .unwrap();
-    assert_eq!(p.get("/nixl/agents/metadata/C/NULL_AGENT"), b"from the API");
+    // The store serves reads from its watch-fed copy: as NIXL does, CHECK
+    // until the key is there, then GET (a write made around the store shows
+    // up once its watch event arrives, which a loaded machine delays).
+    let c_key = "/nixl/agents/metadata/C/NULL_AGENT";
+    assert!(wait_until(LONG, || p.check(&[c_key]) == 0));
+    assert_eq!(p.get(c_key), b"from the API");
 
     // A second connection reads the same.
     let mut q = Peer::connect(store.local_addr());
