@@ -559,6 +559,16 @@ def test_tp2_prefill_to_tp1_decode(cluster: Cluster) -> None:
     assert cluster.keys(f"{cluster.ns}/prefill_tp2/") == []
 
 
+def decodes_over_zmq_after_one_warning(cluster: Cluster, d1: Engine, p: Engine, warned: int) -> None:
+    """A P/D request from ``p`` through ``d1`` while etcd fails: the decode
+    warns once more than before and reads over vLLM's ZMQ side channel; same result."""
+    r = d1.generate(PROMPT, MAX_TOKENS, decode_params(prefill(p)))
+    same_as_reference(cluster, r)
+    log = d1.log_text()
+    assert count(log, "ETCD coordination failed (") == warned + 1
+    assert f"using vLLM's direct ZMQ handshake with engine {p.engine_id} at 127.0.0.1:" in log
+
+
 def test_etcd_down_falls_back_to_zmq(cluster: Cluster) -> None:
     """etcd stopped: a new prefill with the plugin cannot publish (one WARNING,
     it serves ZMQ); the decode, whose etcd calls now fail, handshakes with it
@@ -579,12 +589,7 @@ def test_etcd_down_falls_back_to_zmq(cluster: Cluster) -> None:
         "engine prefill_zmq is NOT published in ETCD and is reachable only through vLLM's "
         "ZMQ side channel at 127.0.0.1:"
     ) in plog
-    params = prefill(p6)
-    r = d1.generate(PROMPT, MAX_TOKENS, decode_params(params))
-    same_as_reference(cluster, r)
-    log = d1.log_text()
-    assert count(log, "ETCD coordination failed (") == warned + 1
-    assert "using vLLM's direct ZMQ handshake with engine prefill_zmq at 127.0.0.1:" in log
+    decodes_over_zmq_after_one_warning(cluster, d1, p6, warned)
     # etcd back: the prefill, which kept trying in the background, is published.
     cluster.etcd.restart()
     zmq_keys = [f"{cluster.ns}/prefill_zmq/rank_0"]
@@ -613,12 +618,7 @@ def test_etcd_hung_falls_back_to_zmq_within_the_timeout(cluster: Cluster) -> Non
             role="kv_producer",
         )
         assert "engine prefill_hung is NOT published in ETCD" in p7.log_text()
-        params = prefill(p7)
-        r = d1.generate(PROMPT, MAX_TOKENS, decode_params(params))
-        same_as_reference(cluster, r)
-        log = d1.log_text()
-        assert count(log, "ETCD coordination failed (") == warned + 1
-        assert "using vLLM's direct ZMQ handshake with engine prefill_hung at 127.0.0.1:" in log
+        decodes_over_zmq_after_one_warning(cluster, d1, p7, warned)
     finally:
         cluster.etcd.resume()
     keys = [f"{cluster.ns}/prefill_hung/rank_0"]
