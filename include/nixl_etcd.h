@@ -553,6 +553,24 @@ nixl_etcd_status nixl_etcd_lookup_record(struct nixl_etcd_client *c,
                                          struct nixl_etcd_record *out);
 
 /**
+ * Like `nixl_etcd_lookup_record`, but read from etcd now, never from the
+ * cache; `NOT_FOUND` ("Engine ... not found in ETCD") when the rank is gone.
+ * Call it when a transfer to the rank failed: a different `incarnation`
+ * than the one loaded means it restarted (invalidate the remote agent and
+ * load the new metadata); the same one means its process is gone while its
+ * lease runs out (drop it). The cache learns of either one event later.
+ * Answered by the etcd member the client talks to without a round of
+ * consensus (a serializable read), so it answers while etcd has no quorum.
+ *
+ * # Safety
+ * `engine_id` is NULL or NUL-terminated; `out` is NULL or writable.
+ */
+nixl_etcd_status nixl_etcd_recheck(struct nixl_etcd_client *c,
+                                   const char *engine_id,
+                                   uint32_t rank,
+                                   struct nixl_etcd_record *out);
+
+/**
  * Waits until every rank 0..world_size-1 of `engine_id` is registered, then
  * stores the engine's world size in `*world_size` (may be NULL; 0 on failure). The world
  * size comes from the records (the registrants' open option `world_size`).

@@ -161,6 +161,12 @@ _SIGNATURES = [
         [c_client_p, ctypes.c_char_p, ctypes.c_uint32, _record_p],
         True,
     ),
+    (
+        "nixl_etcd_recheck",
+        c_status,
+        [c_client_p, ctypes.c_char_p, ctypes.c_uint32, _record_p],
+        True,
+    ),
     ("nixl_etcd_record_free", None, [_record_p], True),
     (
         "nixl_etcd_subscribe",

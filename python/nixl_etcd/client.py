@@ -725,12 +725,26 @@ class Client:
         Raises:
             NotFound: at once when absent.
         """
+        return self._record(_ffi.lib().nixl_etcd_lookup_record, engine_id, rank)
+
+    def recheck(self, engine_id: str, rank: int) -> Record:
+        """The record of (engine_id, rank) as etcd has it now, never from the
+        cache: for a reader whose transfer to the rank just failed. A different
+        incarnation than the one loaded means it restarted (reload); the same
+        one means its process is gone while its lease runs out (drop it).
+
+        Raises:
+            NotFound: the rank is gone ("Engine ... not found in ETCD").
+        """
+        return self._record(_ffi.lib().nixl_etcd_recheck, engine_id, rank)
+
+    def _record(self, call: Any, engine_id: str, rank: int) -> Record:
         eid = _text_arg(engine_id, "engine_id")
         r = _u32_arg(rank, "rank")
         lib = _ffi.lib()
         rec = _ffi.c_record()
         try:
-            check(lib.nixl_etcd_lookup_record(self._h(), eid, r, ctypes.byref(rec)))
+            check(call(self._h(), eid, r, ctypes.byref(rec)))
             meta = rec.metadata
             return Record(
                 engine_id=_c_text(rec.engine_id),

@@ -52,12 +52,33 @@ impl Client {
                     })
                     .await;
                 }
-                get_record(&inner, &key)
+                get_record(&inner, &key, Read::Linearizable)
                     .await?
                     .ok_or_else(|| not_found(inner.session.cfg(), &id, rank, &key))
             })?;
         log_handshake(started);
         Ok(found)
+    }
+
+    /// The record of (`engine_id`, `rank`) as etcd has it now, never from the
+    /// cache; `NOT_FOUND` (the guide's "Engine ... not found in ETCD") when it
+    /// is gone. For a reader whose transfer to the rank just failed: the cache
+    /// learns of a restart one watch event late, the transport error comes
+    /// first. A new incarnation means the rank restarted (reload it); the
+    /// same one, with the transfer failing, means its process is gone while
+    /// its lease runs out. Read from the member this client talks to, without
+    /// a round of consensus, so that it answers while etcd has no quorum.
+    pub fn recheck(&self, engine_id: &str, rank: u32) -> Result<Found> {
+        keys::validate_engine_id(engine_id)?;
+        let cfg = self.config();
+        let key = keys::rank_key(&cfg.namespace, engine_id, rank);
+        let inner = self.inner.clone();
+        let id = engine_id.to_owned();
+        self.call(Op::Lookup, cfg.timeout, async move {
+            get_record(&inner, &key, Read::Serializable)
+                .await?
+                .ok_or_else(|| not_found(inner.session.cfg(), &id, rank, &key))
+        })
     }
 
     /// Returns as soon as (`engine_id`, `rank`) is registered: a get, then a
@@ -153,13 +174,27 @@ fn not_found(cfg: &Config, engine_id: &str, rank: u32, key: &str) -> Error {
     )
 }
 
+#[derive(Clone, Copy)]
+enum Read {
+    /// Through the leader: the newest record.
+    Linearizable,
+    /// From the member the client talks to, without a round of consensus: it
+    /// answers while etcd has no quorum (a recheck must not wait out an
+    /// outage), at worst a moment behind the cluster.
+    Serializable,
+}
+
 /// Reads one rank's record from etcd.
-async fn get_record(inner: &Inner, key: &str) -> Result<Option<Found>> {
+async fn get_record(inner: &Inner, key: &str, read: Read) -> Result<Option<Found>> {
     let session = &inner.session;
     let cfg = session.cfg();
     let resp = etcd_error::retry_transient(cfg, || {
         let mut kv = session.etcd().kv_client();
-        async move { kv.get(key, None).await }
+        let opts = match read {
+            Read::Linearizable => None,
+            Read::Serializable => Some(etcd_client::GetOptions::new().with_serializable()),
+        };
+        async move { kv.get(key, opts).await }
     })
     .await
     .map_err(|e| etcd_error::map_key(e, Op::Lookup, cfg, key))?;
@@ -172,7 +207,7 @@ async fn get_record(inner: &Inner, key: &str) -> Result<Option<Found>> {
     match cache::complete(session.conn(), slot, revision).await? {
         Some(slot) => slot.map(Some),
         // Replaced while we read it: read the newer record.
-        None => Box::pin(get_record(inner, key)).await,
+        None => Box::pin(get_record(inner, key, read)).await,
     }
 }
 

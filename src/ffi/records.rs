@@ -164,19 +164,47 @@ pub unsafe extern "C" fn nixl_etcd_lookup_record(
 ) -> nixl_etcd_status {
     ffi_export!(out = record(out), client = handle(c), engine_id = text(engine_id);
     {
-        let found = client.lookup(engine_id, rank)?;
-        let rec = found.record.clone();
-        out.engine_id = c_text(&rec.engine_id).into_raw();
-        out.rank = rec.rank;
-        out.world_size = rec.world_size.unwrap_or(0);
-        out.host = c_text(&rec.host).into_raw();
-        out.pid = rec.pid;
-        out.incarnation = c_text(&rec.incarnation).into_raw();
-        out.registered_at_ms = rec.registered_at_ms;
-        out.revision = found.revision;
-        fill(&mut out.metadata, found);
+        fill_record(out, client.lookup(engine_id, rank)?);
         Ok(())
     })
+}
+
+/// Like `nixl_etcd_lookup_record`, but read from etcd now, never from the
+/// cache; `NOT_FOUND` ("Engine ... not found in ETCD") when the rank is gone.
+/// Call it when a transfer to the rank failed: a different `incarnation`
+/// than the one loaded means it restarted (invalidate the remote agent and
+/// load the new metadata); the same one means its process is gone while its
+/// lease runs out (drop it). The cache learns of either one event later.
+/// Answered by the etcd member the client talks to without a round of
+/// consensus (a serializable read), so it answers while etcd has no quorum.
+///
+/// # Safety
+/// `engine_id` is NULL or NUL-terminated; `out` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn nixl_etcd_recheck(
+    c: *mut nixl_etcd_client,
+    engine_id: *const c_char,
+    rank: u32,
+    out: *mut nixl_etcd_record,
+) -> nixl_etcd_status {
+    ffi_export!(out = record(out), client = handle(c), engine_id = text(engine_id);
+    {
+        fill_record(out, client.recheck(engine_id, rank)?);
+        Ok(())
+    })
+}
+
+fn fill_record(out: &mut nixl_etcd_record, found: Found) {
+    let rec = found.record.clone();
+    out.engine_id = c_text(&rec.engine_id).into_raw();
+    out.rank = rec.rank;
+    out.world_size = rec.world_size.unwrap_or(0);
+    out.host = c_text(&rec.host).into_raw();
+    out.pid = rec.pid;
+    out.incarnation = c_text(&rec.incarnation).into_raw();
+    out.registered_at_ms = rec.registered_at_ms;
+    out.revision = found.revision;
+    fill(&mut out.metadata, found);
 }
 
 /// Waits until every rank 0..world_size-1 of `engine_id` is registered, then

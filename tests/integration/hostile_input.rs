@@ -283,6 +283,24 @@ fn null_for_every_pointer_of_every_export() {
                 "out record is NULL",
             ),
             case(
+                "recheck(c NULL)",
+                nixl_etcd_recheck(null_mut(), e, 0, &mut rec),
+                INVALID,
+                "client is NULL",
+            ),
+            case(
+                "recheck(engine NULL)",
+                nixl_etcd_recheck(c, null(), 0, &mut rec),
+                INVALID,
+                "engine_id is NULL",
+            ),
+            case(
+                "recheck(out NULL)",
+                nixl_etcd_recheck(c, e, 0, null_mut()),
+                INVALID,
+                "out record is NULL",
+            ),
+            case(
                 "subscribe(c NULL)",
                 nixl_etcd_subscribe(null_mut(), e, Some(noop), null_mut(), &mut id),
                 INVALID,
@@ -542,6 +560,7 @@ fn bad_ids_for_every_id_argument_are_refused_and_write_nothing() {
             call("lookup", nixl_etcd_lookup(c, id, 0, &mut buf));
             call("wait", nixl_etcd_wait(c, id, 0, 10, &mut buf));
             call("lookup_record", nixl_etcd_lookup_record(c, id, 0, &mut rec));
+            call("recheck", nixl_etcd_recheck(c, id, 0, &mut rec));
             call(
                 "subscribe",
                 nixl_etcd_subscribe(c, id, Some(noop), null_mut(), &mut sub),
