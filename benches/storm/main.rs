@@ -68,7 +68,7 @@ fn print_table(r: &Report) {
     let ms = |v: &[f64], p| {
         let x = percentile(v, p);
         if x.is_finite() {
-            format!("{x:.0} ms")
+            format!("{x:.1} ms")
         } else {
             "-".into()
         }
@@ -98,7 +98,15 @@ fn print_table(r: &Report) {
                 r.served_after_stall, r.reloads_after_stall
             ),
         ),
-        ("requests", r.requests.to_string()),
+        (
+            "requests",
+            format!(
+                "{} (each {} at p50, {} at p99)",
+                r.requests,
+                ms(&r.request_ms, 0.5),
+                ms(&r.request_ms, 0.99)
+            ),
+        ),
         ("ok", r.ok.to_string()),
         (
             "failed",

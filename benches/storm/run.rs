@@ -73,6 +73,9 @@ pub struct Report {
     pub seed: u64,
     pub requests: u64,
     pub ok: u64,
+    /// How long each request took at its decode (pick, load if needed, READ,
+    /// check): the pace at which a decode notices anything.
+    pub request_ms: Vec<f64>,
     /// By cause: `in_flight_on_killed` (the transfer failed under a request
     /// because its prefill was killed or stopped), `engine_gone` (no live
     /// prefill to send to), `etcd_unavailable` (etcd could not answer and the
@@ -132,6 +135,8 @@ impl Report {
             "seed": self.seed,
             "requests": self.requests,
             "ok": self.ok,
+            "request_ms_p50": num(percentile(&self.request_ms, 0.5)),
+            "request_ms_p99": num(percentile(&self.request_ms, 0.99)),
             "failed": self.failed,
             "stale_transfers": self.stale_transfers,
             "detection_ms_p50": num(percentile(&self.detection_ms, 0.5)),
@@ -703,6 +708,7 @@ fn tally(s: &mut Storm, storm: std::ops::Range<usize>, quorum_ms: (f64, f64)) {
         match v["ev"].as_str() {
             Some("req") => {
                 r.requests += 1;
+                r.request_ms.push(v["ms"].as_f64().unwrap_or_default());
                 let in_quorum_loss = t >= quorum_ms.0 && t <= quorum_ms.1;
                 if in_quorum_loss {
                     r.quorum_loss.requests += 1;

@@ -98,6 +98,22 @@ def test_lookup_record(open_client):
         c.lookup_record(e, 9)
 
 
+def test_recheck_tells_a_restart_from_a_departure(open_client):
+    reader, first = open_client(), open_client()
+    e = engine()
+    first.register(e, 0, b"old")
+    old = first.lookup_record(e, 0)
+    assert reader.recheck(e, 0) == old
+    first.close()
+    with pytest.raises(nixl_etcd.NotFound, match=f"^Engine {e} not found in ETCD"):
+        reader.recheck(e, 0)
+    second = open_client()
+    second.register(e, 0, b"new")
+    rec = reader.recheck(e, 0)
+    assert rec == second.lookup_record(e, 0)
+    assert rec.incarnation != old.incarnation and rec.metadata == b"new"
+
+
 def test_host_from_environment(open_client, monkeypatch):
     monkeypatch.setenv("VLLM_NIXL_SIDE_CHANNEL_HOST", "from-env.example")
     c = open_client()

@@ -45,6 +45,7 @@ mod nixl_native;
 mod nixl_store;
 mod prewarm;
 mod proxy;
+mod recheck;
 mod shared_cache;
 mod signed_records;
 mod single_source;
