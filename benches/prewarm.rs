@@ -1,20 +1,29 @@
-//! The handshake left on a request's path, with and without pre-warm, on this
-//! machine's CPU (real NIXL agents with UCX over DRAM, a private etcd).
+//! The first transfer after a prefill appears, against the ones after it,
+//! with and without pre-warm, on this machine's CPU (real NIXL agents with
+//! UCX over DRAM, a private etcd).
 //!
-//! Run with `cargo bench --features nixl --bench prewarm` (N rounds of each
-//! mode, alternated; default 30, `NIXL_ETCD_BENCH_SAMPLES`). One decode client
-//! and NIXL agent; each round a new prefill agent registers a new engine, and
-//! a "request" for it comes once the registration is visible:
+//!   cargo bench --features nixl --bench prewarm [-- --json PATH]
 //!
-//! - cold (the floor: what a request pays without pre-warm): the engine is one
-//!   the pre-warm does not follow; the request waits for its record and loads
-//!   the agent into NIXL (`Client::load_remote_agent`);
-//! - pre-warm: the engine matches the pre-warm's pattern; the request comes
-//!   once the pre-warm loaded it and asks `Prewarm::remote`.
+//! N rounds of each mode, alternated (default 30, `NIXL_ETCD_BENCH_SAMPLES`).
+//! Each round a new prefill agent registers a new engine with 1 MiB of "KV
+//! blocks", and a request comes once the registration is visible: it gets the
+//! remote agent, READs one 64 KiB block (the first transfer), then 10 more
+//! (steady). Modes, each with a decode agent of its own:
 //!
-//! Prints p50/p90/max of the time on the request's path for both and their
-//! ratio, and for pre-warm the lag from registration to loaded (off the path).
-//! Nothing here is a timed assertion: the process fails only when a call fails.
+//! - `cold` (no pre-warm): the request waits for the record and loads the
+//!   agent into NIXL (`Client::load_remote_agent`), then reads;
+//! - `prewarm_load`: the pre-warm loaded the agent before the request
+//!   (`PrewarmOptions::connect` off), the first READ connects;
+//! - `prewarm`: the pre-warm loaded the agent and connected to it;
+//! - `prewarm_read`: as `prewarm`, and the decode READ another block of the
+//!   same region once the pre-warm had loaded it (off the request's path),
+//!   as an engine that knows the remote's KV layout can.
+//!
+//! Prints, per mode, p50 over the rounds of the first request (handshake left
+//! on its path + its first READ) and of a steady READ, and their ratio; and
+//! the handshake alone. `--json` writes `{"prewarm": [{"mode", "first_ms",
+//! "steady_ms", "ratio", "handshake_ms"}...]}`. Nothing here is a timed
+//! assertion: the process fails only when a call fails.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -26,7 +35,7 @@ mod stats;
 use std::time::{Duration, Instant};
 
 use common::{unique_namespace, EtcdServer};
-use nixl_etcd::nixl::nixl_sys::Agent;
+use nixl_etcd::nixl::nixl_sys::{Agent, Backend, MemType, XferOp};
 use nixl_etcd::prewarm::{Prewarm, PrewarmOptions};
 use nixl_etcd::{Client, Config};
 
@@ -61,89 +70,199 @@ fn summary(ms: Vec<f64>) -> (f64, f64, f64) {
     (s.pct(50.0), s.pct(90.0), s.pct(100.0))
 }
 
-fn run() -> R<()> {
+const BLOCKS: usize = 16;
+const BLOCK: usize = 64 << 10;
+const STEADY_READS: usize = 10;
+
+/// One decode agent with a local block registered, and its pre-warm (for
+/// `cold`, a pre-warm of engines that never appear: it only holds the lock).
+struct Decode<'a> {
+    mode: &'static str,
+    agent: &'a Agent,
+    ucx: Backend,
+    local: usize,
+    pw: Prewarm,
+    first: Vec<f64>,
+    steady: Vec<f64>,
+    handshake: Vec<f64>,
+}
+
+/// One READ of `BLOCK` bytes at `remote_addr` of `remote`, timed from
+/// preparing the request to its completion (ms).
+fn read(d: &Decode, remote: &str, remote_addr: usize) -> R<f64> {
+    let t = Instant::now();
+    let x = d
+        .agent
+        .transfer(
+            XferOp::Read,
+            (MemType::Dram, MemType::Dram),
+            &[(d.local, BLOCK, 0)],
+            remote,
+            &[(remote_addr, BLOCK, 0)],
+            &d.ucx,
+            None,
+        )
+        .map_err(|e| e.message)?;
+    x.run(LONG).map_err(|e| e.message)?;
+    Ok(t.elapsed().as_secs_f64() * 1e3)
+}
+
+fn run(json: Option<String>) -> R<()> {
     let n = rounds()?;
     let etcd = EtcdServer::start();
     let ns = unique_namespace("prewarm-bench");
     let decode = open(&etcd.endpoint(), &ns)?;
     let prefill = open(&format!("http://localhost:{}", etcd.client_port()), &ns)?;
     let pid = std::process::id();
-    let agent = Agent::new(&format!("bench-decode-{pid}")).map_err(|e| e.message)?;
-    let _ucx = agent.create_backend("UCX", &[]).map_err(|e| e.message)?;
-    let opts = PrewarmOptions {
-        engines: vec!["warm-*".into()],
-        ..Default::default()
-    };
-    let pw = Prewarm::start(&decode, agent, opts).map_err(|e| e.to_string())?;
-    let (mut cold, mut warm, mut lag, mut load) = (vec![], vec![], vec![], vec![]);
+    let modes = [
+        ("cold", false),
+        ("prewarm_load", false),
+        ("prewarm", true),
+        ("prewarm_read", true),
+    ];
+    let agents: Vec<Agent> = modes
+        .iter()
+        .map(|(m, _)| Agent::new(&format!("bench-{m}-{pid}")).map_err(|e| e.message))
+        .collect::<R<_>>()?;
+    let mut bufs: Vec<Vec<u8>> = modes.iter().map(|_| vec![0u8; BLOCK]).collect();
+    let mut sides = Vec::new();
+    let mut regs = Vec::new();
+    for (((mode, connect), agent), buf) in modes.iter().zip(&agents).zip(bufs.iter_mut()) {
+        let ucx = agent.create_backend("UCX", &[]).map_err(|e| e.message)?;
+        let local = buf.as_mut_ptr() as usize;
+        regs.push(
+            agent
+                .register(MemType::Dram, &[(local, BLOCK, 0)], &ucx)
+                .map_err(|e| e.message)?,
+        );
+        let opts = PrewarmOptions {
+            engines: vec![format!("{mode}-*")],
+            connect: *connect,
+            ..Default::default()
+        };
+        // SAFETY: the agent outlives the pre-warm (dropped at the end of
+        // this function, after `sides`); it is used only under its lock.
+        let pw = unsafe { Prewarm::start_raw(&decode, agent.as_raw(), opts) }
+            .map_err(|e| e.to_string())?;
+        sides.push(Decode {
+            mode,
+            agent,
+            ucx,
+            local,
+            pw,
+            first: vec![],
+            steady: vec![],
+            handshake: vec![],
+        });
+    }
     for i in 0..n {
-        for prewarmed in [false, true] {
-            let engine = format!("{}-{i}", if prewarmed { "warm" } else { "cold" });
+        for d in sides.iter_mut() {
+            // The cold side's engines match no pre-warm's pattern.
+            let engine = match d.mode {
+                "cold" => format!("unfollowed-{i}"),
+                m => format!("{m}-{i}"),
+            };
             let p = Agent::new(&format!("bench-{engine}-{pid}")).map_err(|e| e.message)?;
-            let _p_ucx = p.create_backend("UCX", &[]).map_err(|e| e.message)?;
+            let p_ucx = p.create_backend("UCX", &[]).map_err(|e| e.message)?;
+            let kv = vec![7u8; BLOCKS * BLOCK];
+            let addr = kv.as_ptr() as usize;
+            let _kv_reg = p
+                .register(MemType::Dram, &[(addr, kv.len(), 0)], &p_ucx)
+                .map_err(|e| e.message)?;
             prefill
                 .publish_agent(&engine, 0, &p)
                 .map_err(|e| e.to_string())?;
-            let registered = Instant::now();
-            let remote = if prewarmed {
-                // The request comes once the pre-warm has loaded the agent.
-                pw.wait_remote(&engine, 0, Some(LONG))
-                    .map_err(|e| e.to_string())?;
-                lag.push(registered.elapsed().as_secs_f64() * 1e3);
-                let t = Instant::now();
-                let remote = pw.remote(&engine, 0).ok_or("pre-warmed agent gone")?;
-                warm.push(t.elapsed().as_secs_f64() * 1e3);
-                let l = pw.loaded().into_iter().find(|l| l.engine_id == engine);
-                load.push(l.map_or(0.0, |l| l.load_time.as_secs_f64() * 1e3));
-                remote
-            } else {
+            let remote = if d.mode == "cold" {
                 // The request comes once the registration is visible.
                 decode
                     .wait(&engine, 0, Some(LONG))
                     .map_err(|e| e.to_string())?;
-                let guard = pw.agent().ok_or("no agent")?;
+                d.pw.lock();
                 let t = Instant::now();
-                let remote = decode
-                    .load_remote_agent(&guard, &engine, 0, Some(LONG))
+                let remote = decode.load_remote_agent(d.agent, &engine, 0, Some(LONG));
+                d.handshake.push(t.elapsed().as_secs_f64() * 1e3);
+                remote.map_err(|e| e.to_string())?
+            } else {
+                // The request comes once the pre-warm has loaded the agent.
+                d.pw.wait_remote(&engine, 0, Some(LONG))
                     .map_err(|e| e.to_string())?;
-                cold.push(t.elapsed().as_secs_f64() * 1e3);
+                d.pw.lock();
+                let t = Instant::now();
+                let remote = d.pw.remote(&engine, 0).ok_or("pre-warmed agent gone")?;
+                d.handshake.push(t.elapsed().as_secs_f64() * 1e3);
                 remote
             };
-            if remote != p.name() {
-                return Err(format!(
-                    "{engine}: loaded {remote}, registered {}",
-                    p.name()
-                ));
+            if d.mode == "prewarm_read" {
+                // What an engine that knows the remote's KV layout can do
+                // ahead: one small READ from the region (off the path).
+                read(d, &remote, addr + BLOCK)?;
             }
-            // The prefill leaves; the decode forgets its agent before it goes.
-            prefill.unregister(&engine, 0).map_err(|e| e.to_string())?;
-            if prewarmed {
-                if !common::wait_until(LONG, || pw.remote(&engine, 0).is_none()) {
-                    return Err(format!("{engine}: the pre-warm kept it after it left"));
-                }
+            let first = read(d, &remote, addr);
+            let steady: R<Vec<f64>> = (1..=STEADY_READS)
+                .map(|b| read(d, &remote, addr + (b % BLOCKS) * BLOCK))
+                .collect();
+            let done = if d.mode == "cold" {
+                d.agent.invalidate_remote(&remote).map_err(|e| e.message)
             } else {
-                let guard = pw.agent().ok_or("no agent")?;
-                guard.invalidate_remote(&remote).map_err(|e| e.message)?;
+                Ok(())
+            };
+            d.pw.unlock();
+            let handshake = *d.handshake.last().unwrap_or(&0.0);
+            d.first.push(handshake + first?);
+            let mut steady = steady?;
+            steady.sort_by(f64::total_cmp);
+            d.steady.push(steady[steady.len() / 2]);
+            done?;
+            // The prefill leaves; the pre-warm forgets its agent before it goes.
+            prefill.unregister(&engine, 0).map_err(|e| e.to_string())?;
+            if d.mode != "cold" && !common::wait_until(LONG, || d.pw.remote(&engine, 0).is_none()) {
+                return Err(format!("{engine}: the pre-warm kept it after it left"));
             }
         }
     }
-    let (c50, c90, cmax) = summary(cold);
-    let (w50, w90, wmax) = summary(warm);
-    let (l50, l90, lmax) = summary(lag);
-    let (n50, n90, nmax) = summary(load);
-    println!("handshake on the request's path, {n} rounds of each (ms): p50 / p90 / max");
-    println!("  cold (wait + NIXL load, the floor) {c50:9.4} / {c90:9.4} / {cmax:9.4}");
-    println!("  pre-warm (Prewarm::remote)         {w50:9.4} / {w90:9.4} / {wmax:9.4}");
-    println!("  ratio pre-warm / cold at p50: {:.5}", w50 / c50);
-    println!("off the path, pre-warm: registration -> loaded {l50:.3} / {l90:.3} / {lmax:.3}; NIXL load {n50:.3} / {n90:.3} / {nmax:.3}");
-    drop(pw);
+    println!(
+        "first request after a prefill appears (handshake left on its path + first 64 KiB READ) \
+         against a steady READ, p50 over {n} rounds (ms)"
+    );
+    let mut rows = Vec::new();
+    for d in &sides {
+        let (f, s, h) = (
+            summary(d.first.clone()).0,
+            summary(d.steady.clone()).0,
+            summary(d.handshake.clone()).0,
+        );
+        println!(
+            "  {:<13} first {f:8.4}  steady {s:8.4}  first/steady {:6.2}  (handshake {h:.4})",
+            d.mode,
+            f / s
+        );
+        rows.push(format!(
+            "{{\"mode\":\"{}\",\"first_ms\":{f:.6},\"steady_ms\":{s:.6},\"ratio\":{:.4},\"handshake_ms\":{h:.6}}}",
+            d.mode,
+            f / s
+        ));
+    }
+    if let Some(path) = json {
+        std::fs::write(&path, format!("{{\"prewarm\":[{}]}}\n", rows.join(",")))
+            .map_err(|e| format!("write {path}: {e}"))?;
+        println!("wrote {path}");
+    }
+    // Registrations before their backends (in `sides`).
+    drop(regs);
+    drop(sides);
     decode.close().map_err(|e| e.to_string())?;
     prefill.close().map_err(|e| e.to_string())?;
     Ok(())
 }
 
 fn main() {
-    if let Err(e) = run() {
+    // `cargo bench` passes --bench; `--json PATH` is ours.
+    let args: Vec<String> = std::env::args().collect();
+    let json = args
+        .iter()
+        .position(|a| a == "--json")
+        .and_then(|i| args.get(i + 1).cloned());
+    if let Err(e) = run(json) {
         eprintln!("bench prewarm failed: {e}");
         std::process::exit(1);
     }

@@ -768,6 +768,7 @@ fn prewarm(args: &Args, client: &Client, agent: &Agent) -> Result<Warm, String> 
         engines: vec![args.engine.clone()],
         ranks: Ranks::All,
         max_engines: 1,
+        connect: true,
     };
     // SAFETY: a live agent (it has memory registered, so it is lent, not
     // given), not used by this thread until the pre-warm is stopped below.
@@ -785,7 +786,7 @@ fn prewarm(args: &Args, client: &Client, agent: &Agent) -> Result<Warm, String> 
     let loaded_ms = ms_since_epoch(l.loaded_at);
     let warm = Warm {
         remote,
-        seen_ms: loaded_ms - l.load_time.as_secs_f64() * 1e3,
+        seen_ms: loaded_ms - (l.load_time + l.connect_time.unwrap_or_default()).as_secs_f64() * 1e3,
         loaded_ms,
     };
     pw.stop();

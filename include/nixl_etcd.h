@@ -407,7 +407,8 @@ nixl_etcd_status nixl_etcd_load_remote_agent(struct nixl_etcd_client *c,
  * Starts pre-warming into the NIXL agent `agent` (a `nixl_capi_agent_t`):
  * the client follows the engines `engines` names (comma-separated exact ids,
  * or prefixes ending in `*`; NULL or "" for every engine) and, on a rank's
- * ADDED event, loads its metadata into `agent` (before any request); on
+ * ADDED event, loads its metadata into `agent` and connects to it (before
+ * any request: the first transfer finds the connection made); on
  * REMOVED it drops that remote agent, on REPLACED it drops it and loads the
  * new one. Only the ranks that local rank `local_rank` of a `local_tp`-way
  * engine reads under vLLM's mapping are loaded (`local_tp` 0: every rank);

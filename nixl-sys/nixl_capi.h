@@ -58,6 +58,9 @@ nixl_capi_status_t nixl_capi_get_local_md(nixl_capi_agent_t agent, void **data, 
 nixl_capi_status_t nixl_capi_load_remote_md(nixl_capi_agent_t agent, const void *data, size_t len,
                                             char **agent_name);
 nixl_capi_status_t nixl_capi_invalidate_remote_md(nixl_capi_agent_t agent, const char *remote_agent);
+/* Connects to a loaded remote agent now, instead of on the first transfer. */
+nixl_capi_status_t nixl_capi_agent_make_connection(nixl_capi_agent_t agent, const char *remote_agent,
+                                                   nixl_capi_opt_args_t opt_args);
 nixl_capi_status_t nixl_capi_check_remote_md(nixl_capi_agent_t agent, const char *remote_name,
                                              nixl_capi_xfer_dlist_t descs);
 /* NIXL's own metadata exchange (etcd when NIXL_ETCD_ENDPOINTS is set). */

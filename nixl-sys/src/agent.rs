@@ -302,6 +302,13 @@ impl Agent {
         unsafe { invalidate_remote_of(self.raw, remote) }
     }
 
+    /// Connects to a loaded remote agent now rather than on the first
+    /// transfer to it.
+    pub fn make_connection(&self, remote: &str) -> Result<()> {
+        // SAFETY: a live agent of ours.
+        unsafe { make_connection_of(self.raw, remote) }
+    }
+
     /// Whether the remote agent's metadata is loaded.
     pub fn has_remote(&self, remote: &str) -> bool {
         let Ok(c) = cstring(remote, "remote agent name") else {
@@ -612,6 +619,23 @@ pub unsafe fn invalidate_remote_of(agent: raw::nixl_capi_agent_t, remote: &str) 
     check(
         api.nixl_capi_invalidate_remote_md(agent, c.as_ptr()),
         "invalidate_remote_md",
+    )
+}
+
+/// Connects `agent` to the loaded remote agent `remote` now (NIXL's
+/// `makeConnection`), so that the first transfer does not pay for it.
+///
+/// # Safety
+/// `agent` is a live `nixl_capi_agent_t` not used concurrently.
+pub unsafe fn make_connection_of(agent: raw::nixl_capi_agent_t, remote: &str) -> Result<()> {
+    let api = api()?;
+    if agent.is_null() {
+        return Err(Error::new(-1, "NIXL agent is NULL"));
+    }
+    let c = cstring(remote, "remote agent name")?;
+    check(
+        api.nixl_capi_agent_make_connection(agent, c.as_ptr(), null_mut()),
+        "make_connection",
     )
 }
 

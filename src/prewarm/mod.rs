@@ -53,6 +53,11 @@ pub struct PrewarmOptions {
     /// At most this many engines loaded at a time; an engine beyond it waits
     /// (its records are kept, not loaded) until one leaves.
     pub max_engines: usize,
+    /// After loading a rank, connect to it (NIXL's `makeConnection`: the
+    /// transport's endpoint, a UCX connection per remote agent), so that the
+    /// first transfer does not pay for it. Costs one connection per loaded
+    /// rank, as the first transfer would. On by default.
+    pub connect: bool,
 }
 
 impl Default for PrewarmOptions {
@@ -61,6 +66,7 @@ impl Default for PrewarmOptions {
             engines: Vec::new(),
             ranks: Ranks::All,
             max_engines: DEFAULT_MAX_ENGINES,
+            connect: true,
         }
     }
 }
@@ -76,6 +82,10 @@ pub struct Loaded {
     /// When NIXL finished loading it, and how long the load took.
     pub loaded_at: SystemTime,
     pub load_time: Duration,
+    /// How long connecting to it took, when the pre-warm connected
+    /// ([`PrewarmOptions::connect`]); `None` when it did not (off, or NIXL
+    /// could not: the first transfer connects then).
+    pub connect_time: Option<Duration>,
 }
 
 enum Msg {
@@ -151,6 +161,7 @@ impl Prewarm {
             filter,
             ranks: opts.ranks,
             max_engines: opts.max_engines,
+            connect: opts.connect,
             own_incarnation: client.incarnation().to_owned(),
         });
         let (tx, rx) = mpsc::channel::<Msg>();

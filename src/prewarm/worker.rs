@@ -26,6 +26,7 @@ pub(super) struct Shared {
     pub(super) filter: Filter,
     pub(super) ranks: Ranks,
     pub(super) max_engines: usize,
+    pub(super) connect: bool,
     pub(super) own_incarnation: String,
 }
 
@@ -148,6 +149,22 @@ impl Shared {
                 }
             },
         };
+        let connected = loaded.as_ref().filter(|_| self.connect).and_then(|remote| {
+            let started = Instant::now();
+            // SAFETY: as above.
+            match unsafe { nixl_sys::make_connection_of(self.agent.raw, remote) } {
+                Ok(()) => Some(started.elapsed()),
+                Err(e) => {
+                    log::debug!(
+                        "nixl-etcd pre-warm: could not connect to engine {} rank {} ahead                          ({}); the first transfer connects",
+                        ev.engine_id,
+                        ev.rank,
+                        e.message
+                    );
+                    None
+                }
+            }
+        });
         self.agent.unlock();
         let mut state = relock(self.state.lock());
         let Some(ranks) = state.loaded.get_mut(&ev.engine_id) else {
@@ -156,9 +173,14 @@ impl Shared {
         match loaded {
             Some(remote) => {
                 log::debug!(
-                    "nixl-etcd pre-warmed engine {} rank {}: NIXL agent {remote} loaded",
+                    "nixl-etcd pre-warmed engine {} rank {}: NIXL agent {remote} loaded{}",
                     ev.engine_id,
-                    ev.rank
+                    ev.rank,
+                    if connected.is_some() {
+                        " and connected"
+                    } else {
+                        ""
+                    }
                 );
                 ranks.insert(
                     ev.rank,
@@ -168,7 +190,8 @@ impl Shared {
                         incarnation: ev.incarnation.clone(),
                         remote,
                         loaded_at: SystemTime::now(),
-                        load_time: started.elapsed(),
+                        load_time: started.elapsed() - connected.unwrap_or_default(),
+                        connect_time: connected,
                     },
                 );
             }

@@ -46,6 +46,7 @@ fn a_decode_loads_the_ranks_it_reads_as_they_appear_drops_them_as_they_leave_and
                 local_rank: 1,
             },
             max_engines: 16,
+            connect: true,
         },
     )
     .unwrap();
@@ -139,6 +140,7 @@ fn engines_beyond_the_cap_wait_for_a_slot() {
             engines: vec!["cap_*".into()],
             ranks: Ranks::All,
             max_engines: 1,
+            connect: true,
         },
     )
     .unwrap();
