@@ -4,6 +4,7 @@
 //!
 //!   gpu_kv prefill ENGINE_ID [--blocks N] [--block-kib K] [--device D] [--timeout-s S]
 //!   gpu_kv decode  ENGINE_ID [--device D] [--iters N] [--timeout-s S] [--prewarm 1]
+//!                  [--warmup 1]
 //!
 //! With `--prewarm 1` the decode is started before the prefill: the library's
 //! pre-warm (`nixl_etcd::prewarm`) follows the engine, and loads the
@@ -13,6 +14,9 @@
 //! print a `FIRST` line: ms from the prefill's registration (its record's
 //! `registered_at_ms`) to the decode knowing of it, to the agent loaded, and to
 //! the first READ complete, and the handshake left on the request's path.
+//! With `--warmup 1` the decode READs one block before the timed first READ
+//! (what an engine that knows the remote's layout can do ahead): its `first_ms`
+//! then shows what is left of the first transfer's set-up.
 //!
 //! The prefill allocates its KV blocks with cuMemAlloc (1 GiB by default: 512
 //! blocks of 2 MiB), fills every 32-bit word with a value that depends on the
@@ -113,12 +117,13 @@ struct Args {
     iters: usize,
     timeout: Duration,
     prewarm: bool,
+    warmup: bool,
 }
 
 fn parse() -> Result<Args, String> {
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let usage = "usage: gpu_kv prefill|decode ENGINE_ID [--blocks N] [--block-kib K] \
-                 [--device D] [--iters N] [--timeout-s S] [--prewarm 0|1]";
+                 [--device D] [--iters N] [--timeout-s S] [--prewarm 0|1] [--warmup 0|1]";
     let (role, engine) = match (argv.first(), argv.get(1)) {
         (Some(r), Some(e)) if r == "prefill" || r == "decode" => (r.clone(), e.clone()),
         _ => return Err(usage.into()),
@@ -132,6 +137,7 @@ fn parse() -> Result<Args, String> {
         iters: 10,
         timeout: Duration::from_secs(120),
         prewarm: false,
+        warmup: false,
     };
     let mut rest = argv[2..].iter();
     while let Some(flag) = rest.next() {
@@ -144,6 +150,7 @@ fn parse() -> Result<Args, String> {
             "--iters" => args.iters = n as usize,
             "--timeout-s" if n > 0 => args.timeout = Duration::from_secs(n),
             "--prewarm" => args.prewarm = n != 0,
+            "--warmup" => args.warmup = n != 0,
             _ => return Err(format!("bad option {flag} {value}\n{usage}")),
         }
     }
@@ -575,6 +582,30 @@ fn decode(args: &Args, client: &Client) -> Result<(), String> {
             "the prefill's KV ({blocks} blocks of {bb} bytes) does not fit this decode's \
              {cap} bytes: give the decode the same --blocks and --block-kib"
         ));
+    }
+    if args.warmup {
+        // One READ of one block before the timed one: what an engine that
+        // knows the remote's layout can do ahead (the first RMA to a remote
+        // region pays its set-up).
+        let one = [(local.ptr as usize, bb, args.device as u64)];
+        let from = [(layout.addr, bb, layout.device)];
+        let t = Instant::now();
+        agent
+            .transfer(
+                XferOp::Read,
+                (MemType::Vram, MemType::Vram),
+                &one,
+                &remote,
+                &from,
+                &ucx,
+                None,
+            )
+            .and_then(|x| x.run(args.timeout))
+            .map_err(|e| e.to_string())?;
+        println!(
+            "decode: warm-up READ of one block ({bb} bytes) in {:.3} ms",
+            t.elapsed().as_secs_f64() * 1e3
+        );
     }
     local.poison()?;
     let locals: Vec<_> = (0..blocks)

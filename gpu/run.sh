@@ -171,9 +171,9 @@ fi
 # the request (the READ). Alternated, five times each.
 first_rows=""
 run_first() {
-  local name="$1" envs="$2" warm="$3" eng="gpu-kv-$1" dp pp rc r
+  local name="$1" envs="$2" warm="$3" warmup="${4:-0}" eng="gpu-kv-$1" dp pp rc r res
   # shellcheck disable=SC2086
-  env $envs CUDA_VISIBLE_DEVICES=$D_GPU timeout 100 "$BIN" decode "$eng" --prewarm "$warm" --timeout-s 60 >"$W/$name.decode" 2>&1 &
+  env $envs CUDA_VISIBLE_DEVICES=$D_GPU timeout 100 "$BIN" decode "$eng" --prewarm "$warm" --warmup "$warmup" --timeout-s 60 >"$W/$name.decode" 2>&1 &
   dp=$!
   wait_line "$W/$name.decode" '^decode: ready' "$dp"
   # shellcheck disable=SC2086
@@ -185,10 +185,11 @@ run_first() {
   { echo "== first-transfer case $name (${envs:-UCX defaults}; --prewarm $warm): decode exit $rc"
     echo "-- prefill"; cat "$W/$name.prefill"; echo "-- decode"; cat "$W/$name.decode"; } >>"$LOG"
   r="$(grep '^FIRST' "$W/$name.decode" | tail -n 1)"
+  res="$(r="$(grep '^RESULT' "$W/$name.decode" | tail -n 1)"; echo "$(field first_ms) | $(field median_ms)")"
   if [ "$rc" -eq 0 ] && [ -n "$r" ]; then
-    first_rows="$first_rows| $name | $(field mode) | $(field known_ms) | $(field nixl_load_ms) | $(field loaded_ms) | $(field first_read_done_ms) | $(field on_path_ms) |"$'\n'
+    first_rows="$first_rows| $name | $(field mode) | $(field known_ms) | $(field nixl_load_ms) | $(field loaded_ms) | $(field first_read_done_ms) | $(field on_path_ms) | $res |"$'\n'
   else
-    first_rows="$first_rows| $name | --prewarm $warm | failed (decode $rc): $(tail -n 1 "$W/$name.decode" | cut -c1-120 | tr '|' '/') | | | | |"$'\n'
+    first_rows="$first_rows| $name | --prewarm $warm | failed (decode $rc): $(tail -n 1 "$W/$name.decode" | cut -c1-120 | tr '|' '/') | | | | | | |"$'\n'
   fi
   say "first transfer $name: ${r:-failed}"
 }
@@ -196,6 +197,7 @@ if [ -n "$best_name" ]; then
   for i in 1 2 3 4 5; do
     run_first "$best_name-cold$i" "$best_env" 0
     run_first "$best_name-prewarm$i" "$best_env" 1
+    run_first "$best_name-warmup$i" "$best_env" 1 1
   done
 fi
 
@@ -265,10 +267,10 @@ say "p2p: $p2p"
     grep -h '^decode: ' "$W/$best_name.decode" | sed 's/^/    /'
   fi
   echo
-  echo "First transfer after the prefill appears, with and without pre-warm (decode started first in both; cold: it waits for the engine and loads the agent on the request's path; prewarm: it loads the agent on the ADDED event, then READs 1 GiB). ms after the prefill's registration (its record's registered_at_ms, same host clock); settings \`${best_env:-UCX defaults}\`:"
+  echo "First transfer after the prefill appears, with and without pre-warm (decode started first in all; cold: it waits for the engine and loads the agent on the request's path; prewarm: the library's pre-warm loads the agent and connects to it on the ADDED event, then the decode READs 1 GiB; warmup: as prewarm, and one READ of one block before the timed one). ms after the prefill's registration (its record's registered_at_ms, same host clock), then the first 1 GiB READ and the median of the repeats; settings \`${best_env:-UCX defaults}\`:"
   echo
-  echo "| case | mode | decode knows of it | NIXL load | agent loaded | first READ complete | handshake on the request's path |"
-  echo "| --- | --- | --- | --- | --- | --- | --- |"
+  echo "| case | mode | decode knows of it | NIXL load | agent loaded | first READ complete | handshake on the request's path | first READ | median READ |"
+  echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
   printf '%s' "$first_rows"
   echo
   echo "Stock NIXL (nixl-cu13 Python API, no nixl-etcd code in the agents; their only link NIXL_TCPSTORE_ENDPOINT -> \`nixl-etcd serve\` -> etcd), 256 MiB VRAM READ, every byte checked on the GPU:"
