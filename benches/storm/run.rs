@@ -546,13 +546,13 @@ pub fn run(o: &Options) -> Report {
     let settle_started = now_ms();
     let settle = Instant::now();
     let limit = Duration::from_secs_f64(o.settle_limit_s);
-    while settle.elapsed() < limit && !settled(&s, settle_started).is_empty_or_done() {
+    while settle.elapsed() < limit && !settled(&s, settle_started).healed() {
         s.pump(Instant::now() + Duration::from_millis(200));
     }
     s.report.settle_s = settle.elapsed().as_secs_f64();
     let end_state = settled(&s, settle_started);
     s.report.unserved_pairs = end_state.unserved.len() as u64;
-    s.report.manual_restarts = end_state.broken_engines(o);
+    s.report.manual_restarts = end_state.broken_engines();
     s.report.stale_holds = end_state.stale_holds;
     // What the engines say while they exit is not the storm's.
     while let Ok(line) = s.rx.try_recv() {
@@ -599,17 +599,18 @@ struct EndState {
 }
 
 impl EndState {
-    fn is_empty_or_done(&self) -> bool {
+    fn healed(&self) -> bool {
         self.unserved.is_empty() && self.stale_holds == 0
     }
 
     /// Engines that served nothing at all: what an operator would restart.
-    fn broken_engines(&self, o: &Options) -> u64 {
+    fn broken_engines(&self) -> u64 {
         let mut by_engine: HashMap<&str, usize> = HashMap::new();
         for (d, p) in &self.unserved {
             *by_engine.entry(d).or_default() += 1;
             *by_engine.entry(p).or_default() += 1;
         }
+        // A decode unserved with every prefill, or a prefill with every decode.
         by_engine
             .iter()
             .filter(|(e, n)| {
@@ -618,7 +619,7 @@ impl EndState {
                 } else {
                     self.decodes
                 };
-                **n >= pairs && (o.decodes > 0)
+                **n >= pairs
             })
             .count() as u64
     }
