@@ -689,7 +689,8 @@ class Client:
         under the client's lease. Registering again replaces.
 
         Raises:
-            TooLarge: the record does not fit in one etcd request; nothing written.
+            TooLarge: the metadata is over ``max_metadata_bytes`` (64 MiB by default;
+                larger than one etcd request is stored in chunks); nothing written.
             InvalidArgument: a bad engine id or rank.
             ConnectionFailed, Timeout, Closed.
         """
