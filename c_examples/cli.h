@@ -132,8 +132,8 @@ static inline int cli_parse(int argc, char **argv, const struct cli_spec *spec,
     return 0;
 }
 
-/* Helpers used by the threaded examples (tp_prefill, tp_decode); cli_parse
- * does not depend on them. */
+/* Parsers of an example's extra option (cli_spec's extra_fn), shared by
+ * the examples; cli_parse does not depend on them. */
 
 /* cli_extra_fn: a signed decimal, into the long long at ctx. */
 static inline int cli_extra_i64(const char *text, void *ctx)

@@ -37,21 +37,6 @@ static void report(const char *call, nixl_etcd_status st)
     fprintf(stderr, PROG ": %s failed: %s: %s\n", call, s ? s : "unknown status", e ? e : "");
 }
 
-/* cli_extra_fn for --timeout-ms: a signed decimal, into the long long at ctx. */
-static int parse_i64(const char *text, void *ctx)
-{
-    long long *out = ctx;
-    char *end = NULL;
-    if (text == NULL || *text == '\0')
-        return -1;
-    errno = 0;
-    long long v = strtoll(text, &end, 10);
-    if (errno != 0 || end == text || *end != '\0')
-        return -1;
-    *out = v;
-    return 0;
-}
-
 static double now_s(void)
 {
     struct timespec ts;
@@ -80,7 +65,7 @@ static int cleanup(nixl_etcd_client *client, nixl_etcd_buffer *bufs, uint32_t n)
 int main(int argc, char **argv)
 {
     long long timeout_ms = -1;
-    const struct cli_spec spec = {PROG, USAGE, "--timeout-ms", parse_i64, &timeout_ms};
+    const struct cli_spec spec = {PROG, USAGE, "--timeout-ms", cli_extra_i64, &timeout_ms};
     struct cli_args args;
     int rc = cli_parse(argc, argv, &spec, &args);
     if (rc != 0)

@@ -49,21 +49,6 @@ static void close_after_error(nixl_etcd_client *client)
         report("nixl_etcd_close", st);
 }
 
-/* cli_extra_fn for --hold: seconds, 0..1e9, into the double at ctx. */
-static int parse_seconds(const char *text, void *ctx)
-{
-    double *out = ctx;
-    char *end = NULL;
-    if (text == NULL || *text == '\0')
-        return -1;
-    errno = 0;
-    double v = strtod(text, &end);
-    if (errno != 0 || end == text || *end != '\0' || !(v >= 0.0) || v > 1e9)
-        return -1;
-    *out = v;
-    return 0;
-}
-
 static void on_signal(int sig)
 {
     (void)sig; /* never runs: the signals are blocked and taken with sigwait */
@@ -123,7 +108,7 @@ static int hold(const sigset_t *set, double hold_s)
 int main(int argc, char **argv)
 {
     double hold_s = -1.0;
-    const struct cli_spec spec = {PROG, USAGE, "--hold", parse_seconds, &hold_s};
+    const struct cli_spec spec = {PROG, USAGE, "--hold", cli_extra_seconds, &hold_s};
     struct cli_args args;
     int rc = cli_parse(argc, argv, &spec, &args);
     if (rc != 0)
