@@ -26,21 +26,19 @@ use std::io::{BufRead, Write};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use nixl_etcd::nixl::nixl_sys::{Agent, Backend, MemType, XferOp};
 use nixl_etcd::{Client, Config, Event, EventKind, Status};
 use serde_json::{json, Value};
 
+#[path = "../benches/storm/shared.rs"]
+mod shared;
+use shared::{now_ms, Rng};
+
 /// The layout before the agent metadata in a prefill's record: address,
 /// block size, block count, little-endian u64 each.
 const HEADER: usize = 24;
-
-fn now_ms() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64() * 1e3)
-}
 
 fn emit(mut line: Value) {
     line["t"] = json!(now_ms());
@@ -304,7 +302,7 @@ struct Decode<'a> {
     view: HashMap<String, i64>,
     suspect: HashMap<String, Suspect>,
     checks: mpsc::Sender<Check>,
-    rng: u64,
+    rng: Rng,
     /// The incarnation the current request is for.
     target: Option<String>,
 }
@@ -320,15 +318,6 @@ enum Failure {
 }
 
 impl Decode<'_> {
-    fn next_random(&mut self) -> u64 {
-        // splitmix64
-        self.rng = self.rng.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.rng;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
     fn drop_remote(&mut self, p: &str, why: &str, invalidate: bool) {
         let inc = self.loaded.get(p).map(|l| l.inc.clone());
         if invalidate {
@@ -404,7 +393,7 @@ impl Decode<'_> {
             return None;
         }
         alive.sort();
-        let i = (self.next_random() % alive.len() as u64) as usize;
+        let i = self.rng.below(alive.len());
         Some(alive.swap_remove(i))
     }
 
@@ -450,7 +439,7 @@ impl Decode<'_> {
     /// when every byte is the pattern of the loaded incarnation.
     fn read(&mut self, p: &str) -> Result<bool, (String, bool)> {
         let blocks = self.loaded[p].blocks as u64;
-        let block = (self.next_random() % blocks) as usize;
+        let block = self.rng.below(blocks as usize);
         let l = &self.loaded[p];
         let bs = l.block_bytes.min(self.local.len());
         let (remote, addr, seed) = (
@@ -584,7 +573,7 @@ fn decode(a: &Args, client: &Client, over: &Arc<AtomicBool>) -> Result<(), Strin
         view: HashMap::new(),
         suspect: HashMap::new(),
         checks,
-        rng: a.seed ^ seed_of(&inc),
+        rng: Rng(a.seed ^ seed_of(&inc)),
         target: None,
     };
     while !over.load(Ordering::Acquire) {

@@ -5,6 +5,8 @@
 
 #[path = "common/mod.rs"]
 mod common;
+#[path = "../benches/storm/shared.rs"]
+mod shared;
 #[path = "../benches/storm/run.rs"]
 mod storm;
 

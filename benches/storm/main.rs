@@ -13,6 +13,7 @@
 #[path = "../../tests/common/mod.rs"]
 mod common;
 mod run;
+mod shared;
 
 use std::process::Command;
 

@@ -875,6 +875,14 @@ impl EtcdCluster {
         s
     }
 
+    /// A library client of the whole cluster in `namespace` (`extra` as for
+    /// [`EtcdServer::options_json`]).
+    pub fn client(&self, namespace: &str, extra: &str) -> nixl_etcd::Client {
+        let opts = self.options_json(namespace, extra);
+        nixl_etcd::Client::open(nixl_etcd::Config::from_sources(|_| None, Some(&opts)).unwrap())
+            .unwrap()
+    }
+
     pub fn member(&self, i: usize) -> &EtcdServer {
         &self.members[i]
     }

@@ -68,10 +68,7 @@ fn recheck_answers_without_quorum() {
     let ns = unique_namespace("recheck-quorum");
     let owner = cluster.member(0).client(&ns, "");
     owner.register("prefill", 0, b"md").unwrap();
-    let opts = cluster.options_json(&ns, "\"timeout_s\":3");
-    let reader =
-        nixl_etcd::Client::open(nixl_etcd::Config::from_sources(|_| None, Some(&opts)).unwrap())
-            .unwrap();
+    let reader = cluster.client(&ns, "\"timeout_s\":3");
     let before = reader.recheck("prefill", 0).unwrap();
     cluster.kill(0);
     cluster.kill(1);
