@@ -7,22 +7,29 @@
 //! N rounds of each mode, alternated (default 30, `NIXL_ETCD_BENCH_SAMPLES`).
 //! Each round a new prefill agent registers a new engine with 1 MiB of "KV
 //! blocks", and a request comes once the registration is visible: it gets the
-//! remote agent, READs one 64 KiB block (the first transfer), then 10 more
-//! (steady). Modes, each with a decode agent of its own:
+//! remote agent and READs one 64 KiB block (the first transfer). Later
+//! requests come as the first did, after an idle gap (LATER_GAP, while the
+//! decode's thread sleeps), each READing one block (steady: what the
+//! hundredth request pays); then 10 READs back to back (a busy engine). On
+//! this VM a READ after an idle gap costs several times one back to back,
+//! connection or not: the vCPU sleeps. Modes, each with a decode agent of
+//! its own:
 //!
 //! - `cold` (no pre-warm): the request waits for the record and loads the
 //!   agent into NIXL (`Client::load_remote_agent`), then reads;
 //! - `prewarm_load`: the pre-warm loaded the agent before the request
 //!   (`PrewarmOptions::connect` off), the first READ connects;
-//! - `prewarm`: the pre-warm loaded the agent and connected to it;
-//! - `prewarm_read`: as `prewarm`, and the decode READ another block of the
-//!   same region once the pre-warm had loaded it (off the request's path),
-//!   as an engine that knows the remote's KV layout can.
+//! - `prewarm_connect`: the pre-warm loaded the agent and connected to it;
+//! - `prewarm`: as `prewarm_connect`, and the pre-warm ran the engine's
+//!   warm-up (`PrewarmOptions::warmup`: `Warmup::read` of WARMUP_BYTES at
+//!   another block of the region, from the layout the bench knows as an
+//!   engine knows its peer's from its payload).
 //!
 //! Prints, per mode, p50 over the rounds of the first request (handshake left
-//! on its path + its first READ) and of a steady READ, and their ratio; and
-//! the handshake alone. `--json` writes `{"prewarm": [{"mode", "first_ms",
-//! "steady_ms", "ratio", "handshake_ms"}...]}`. Nothing here is a timed
+//! on its path + its first READ), of a later request, of a READ back to back,
+//! the ratios first/steady and first/back-to-back, and the handshake alone.
+//! `--json` writes `{"prewarm": [{"mode", "first_ms", "steady_ms", "ratio",
+//! "back_to_back_ms", "handshake_ms"}...]}`. Nothing here is a timed
 //! assertion: the process fails only when a call fails.
 
 #[path = "../tests/common/mod.rs"]
@@ -32,11 +39,13 @@ mod common;
 #[path = "perf/stats.rs"]
 mod stats;
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{unique_namespace, EtcdServer};
 use nixl_etcd::nixl::nixl_sys::{Agent, Backend, MemType, XferOp};
-use nixl_etcd::prewarm::{Prewarm, PrewarmOptions};
+use nixl_etcd::prewarm::{Prewarm, PrewarmOptions, WarmupHook};
 use nixl_etcd::{Client, Config};
 
 const DEFAULT_ROUNDS: usize = 30;
@@ -73,6 +82,14 @@ fn summary(ms: Vec<f64>) -> (f64, f64, f64) {
 const BLOCKS: usize = 16;
 const BLOCK: usize = 64 << 10;
 const STEADY_READS: usize = 10;
+const LATER_REQUESTS: usize = 5;
+const LATER_GAP: Duration = Duration::from_millis(20);
+/// The warm-up READ's size: a few bytes set up what every size uses.
+const WARMUP_BYTES: usize = 64;
+
+fn relock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// One decode agent with a local block registered, and its pre-warm (for
 /// `cold`, a pre-warm of engines that never appear: it only holds the lock).
@@ -84,6 +101,7 @@ struct Decode<'a> {
     pw: Prewarm,
     first: Vec<f64>,
     steady: Vec<f64>,
+    busy: Vec<f64>,
     handshake: Vec<f64>,
 }
 
@@ -117,9 +135,11 @@ fn run(json: Option<String>) -> R<()> {
     let modes = [
         ("cold", false),
         ("prewarm_load", false),
+        ("prewarm_connect", true),
         ("prewarm", true),
-        ("prewarm_read", true),
     ];
+    // Each engine's KV address, as its payload would give it.
+    let layouts: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
     let agents: Vec<Agent> = modes
         .iter()
         .map(|(m, _)| Agent::new(&format!("bench-{m}-{pid}")).map_err(|e| e.message))
@@ -135,9 +155,26 @@ fn run(json: Option<String>) -> R<()> {
                 .register(MemType::Dram, &[(local, BLOCK, 0)], &ucx)
                 .map_err(|e| e.message)?,
         );
+        let warmup = (*mode == "prewarm").then(|| {
+            let layouts = layouts.clone();
+            WarmupHook::new(move |w| {
+                let remote = *relock(&layouts)
+                    .get(&w.loaded.engine_id)
+                    .ok_or("no layout")?;
+                let scratch = (local, WARMUP_BYTES, 0);
+                w.read(
+                    (MemType::Dram, MemType::Dram),
+                    scratch,
+                    (remote + BLOCK, WARMUP_BYTES, 0),
+                )
+                .map(drop)
+                .map_err(|e| e.to_string())
+            })
+        });
         let opts = PrewarmOptions {
             engines: vec![format!("{mode}-*")],
             connect: *connect,
+            warmup,
             ..Default::default()
         };
         // SAFETY: the agent outlives the pre-warm (dropped at the end of
@@ -152,6 +189,7 @@ fn run(json: Option<String>) -> R<()> {
             pw,
             first: vec![],
             steady: vec![],
+            busy: vec![],
             handshake: vec![],
         });
     }
@@ -166,6 +204,7 @@ fn run(json: Option<String>) -> R<()> {
             let p_ucx = p.create_backend("UCX", &[]).map_err(|e| e.message)?;
             let kv = vec![7u8; BLOCKS * BLOCK];
             let addr = kv.as_ptr() as usize;
+            relock(&layouts).insert(engine.clone(), addr);
             let _kv_reg = p
                 .register(MemType::Dram, &[(addr, kv.len(), 0)], &p_ucx)
                 .map_err(|e| e.message)?;
@@ -192,15 +231,25 @@ fn run(json: Option<String>) -> R<()> {
                 d.handshake.push(t.elapsed().as_secs_f64() * 1e3);
                 remote
             };
-            if d.mode == "prewarm_read" {
-                // What an engine that knows the remote's KV layout can do
-                // ahead: one small READ from the region (off the path).
-                read(d, &remote, addr + BLOCK)?;
-            }
             let first = read(d, &remote, addr);
-            let steady: R<Vec<f64>> = (1..=STEADY_READS)
-                .map(|b| read(d, &remote, addr + (b % BLOCKS) * BLOCK))
-                .collect();
+            let mut later = Vec::new();
+            let mut busy = Vec::new();
+            let mut steady_reads = || -> R<()> {
+                for b in 1..=LATER_REQUESTS {
+                    d.pw.unlock();
+                    std::thread::sleep(LATER_GAP);
+                    d.pw.lock();
+                    later.push(read(d, &remote, addr + (b % BLOCKS) * BLOCK)?);
+                }
+                for b in 1..=STEADY_READS {
+                    busy.push(read(d, &remote, addr + (b % BLOCKS) * BLOCK)?);
+                }
+                Ok(())
+            };
+            let steady = first
+                .as_ref()
+                .map_err(Clone::clone)
+                .and_then(|_| steady_reads());
             let done = if d.mode == "cold" {
                 d.agent.invalidate_remote(&remote).map_err(|e| e.message)
             } else {
@@ -209,9 +258,9 @@ fn run(json: Option<String>) -> R<()> {
             d.pw.unlock();
             let handshake = *d.handshake.last().unwrap_or(&0.0);
             d.first.push(handshake + first?);
-            let mut steady = steady?;
-            steady.sort_by(f64::total_cmp);
-            d.steady.push(steady[steady.len() / 2]);
+            steady?;
+            d.steady.push(summary(later).0);
+            d.busy.push(summary(busy).0);
             done?;
             // The prefill leaves; the pre-warm forgets its agent before it goes.
             prefill.unregister(&engine, 0).map_err(|e| e.to_string())?;
@@ -222,22 +271,28 @@ fn run(json: Option<String>) -> R<()> {
     }
     println!(
         "first request after a prefill appears (handshake left on its path + first 64 KiB READ) \
-         against a steady READ, p50 over {n} rounds (ms)"
+         against a later request (after an idle gap) and a READ back to back, p50 over {n} \
+         rounds (ms)"
     );
     let mut rows = Vec::new();
     for d in &sides {
-        let (f, s, h) = (
-            summary(d.first.clone()).0,
-            summary(d.steady.clone()).0,
-            summary(d.handshake.clone()).0,
+        let p50 = |v: &Vec<f64>| summary(v.clone()).0;
+        let (f, s, b, h) = (
+            p50(&d.first),
+            p50(&d.steady),
+            p50(&d.busy),
+            p50(&d.handshake),
         );
         println!(
-            "  {:<13} first {f:8.4}  steady {s:8.4}  first/steady {:6.2}  (handshake {h:.4})",
+            "  {:<16} first {f:8.4}  steady {s:7.4}  first/steady {:8.2}  back-to-back {b:7.4}  \
+             first/back-to-back {:8.2}  (handshake {h:.4})",
             d.mode,
-            f / s
+            f / s,
+            f / b
         );
         rows.push(format!(
-            "{{\"mode\":\"{}\",\"first_ms\":{f:.6},\"steady_ms\":{s:.6},\"ratio\":{:.4},\"handshake_ms\":{h:.6}}}",
+            "{{\"mode\":\"{}\",\"first_ms\":{f:.6},\"steady_ms\":{s:.6},\"ratio\":{:.4},\
+             \"back_to_back_ms\":{b:.6},\"handshake_ms\":{h:.6}}}",
             d.mode,
             f / s
         ));

@@ -800,6 +800,7 @@ fn prewarm(args: &Args, client: &Client, agent: &Agent) -> Result<Warm, String> 
         ranks: Ranks::All,
         max_engines: 1,
         connect: true,
+        warmup: None,
     };
     // SAFETY: a live agent (it has memory registered, so it is lent, not
     // given), not used by this thread until the pre-warm is stopped below.

@@ -19,6 +19,21 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#if defined(NIXL_ETCD_WITH_NIXL)
+/**
+ * Host memory, for `nixl_etcd_prewarm_read` (NIXL's `DRAM_SEG`).
+ */
+#define NIXL_ETCD_MEM_DRAM 0
+#endif
+
+#if defined(NIXL_ETCD_WITH_NIXL)
+/**
+ * GPU memory, for `nixl_etcd_prewarm_read` (NIXL's `VRAM_SEG`; the device
+ * is the CUDA device).
+ */
+#define NIXL_ETCD_MEM_VRAM 1
+#endif
+
 /**
  * An open client. Opaque: only pointers to it are handed out.
  */
@@ -93,6 +108,18 @@ typedef struct nixl_etcd_buffer {
   uint8_t *data;
   size_t len;
 } nixl_etcd_buffer;
+
+#if defined(NIXL_ETCD_WITH_NIXL)
+/**
+ * An engine's warm-up, see `nixl_etcd_prewarm_set_warmup`. Returns 0 when
+ * it succeeded; anything else is logged as a failure.
+ */
+typedef int32_t (*nixl_etcd_prewarm_warmup_fn)(void *user_data,
+                                               void *agent,
+                                               const char *engine_id,
+                                               uint32_t rank,
+                                               const char *remote_agent);
+#endif
 
 /**
  * A rank's whole record; release with `nixl_etcd_record_free`.
@@ -483,6 +510,54 @@ nixl_etcd_status nixl_etcd_prewarm_unlock(struct nixl_etcd_prewarm *p);
  * `p` is NULL or from `nixl_etcd_prewarm_start`, freed once.
  */
 void nixl_etcd_prewarm_free(struct nixl_etcd_prewarm *p);
+#endif
+
+#if defined(NIXL_ETCD_WITH_NIXL)
+/**
+ * Sets the engine's warm-up: `warmup(user_data, agent, engine_id, rank,
+ * remote_agent)` runs on the pre-warm's thread, with the agent's lock held,
+ * on each rank right after it is loaded and connected (and now on the ranks
+ * loaded already, before this returns), so that what the first transfer
+ * sets up on first use is set up ahead; `nixl_etcd_prewarm_read` is what it
+ * usually does. It returns 0 when it succeeded; a failure is logged and the
+ * first transfer pays for the set-up. NULL `warmup` clears it. Not while
+ * holding the pre-warm's lock.
+ *
+ * # Safety
+ * `p` is NULL or from `nixl_etcd_prewarm_start`, not freed; `warmup` is
+ * NULL or a valid function; `user_data` stays valid, and usable from
+ * another thread, until `nixl_etcd_prewarm_free` returns or the warm-up is
+ * cleared.
+ */
+nixl_etcd_status nixl_etcd_prewarm_set_warmup(struct nixl_etcd_prewarm *p,
+                                              nixl_etcd_prewarm_warmup_fn warmup,
+                                              void *user_data);
+#endif
+
+#if defined(NIXL_ETCD_WITH_NIXL)
+/**
+ * A warm-up READ: reads `len` bytes at `remote_addr` (device `remote_dev`,
+ * memory `remote_mem`) of the loaded remote agent `remote_agent` into
+ * `local_addr` (registered with `agent`; overwritten) twice, through the
+ * backend NIXL chooses, and returns once both completed. UCX sets up its
+ * endpoint's lanes on the first READ of a connection and selects its
+ * protocols on the second; later READs run at their steady speed. A few
+ * bytes are enough. Memory: `NIXL_ETCD_MEM_DRAM` or `NIXL_ETCD_MEM_VRAM`.
+ *
+ * # Safety
+ * `agent` is NULL or a live NIXL agent not used concurrently (inside a
+ * warm-up it is held for you); `remote_agent` is NULL or NUL-terminated;
+ * `local_addr` is registered with `agent` and writable for `len` bytes.
+ */
+nixl_etcd_status nixl_etcd_prewarm_read(void *agent,
+                                        const char *remote_agent,
+                                        uint32_t local_mem,
+                                        size_t local_addr,
+                                        uint64_t local_dev,
+                                        uint32_t remote_mem,
+                                        size_t remote_addr,
+                                        uint64_t remote_dev,
+                                        size_t len);
 #endif
 
 /**

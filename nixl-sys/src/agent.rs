@@ -372,6 +372,22 @@ impl Agent {
         backend: &Backend,
         notify: Option<&[u8]>,
     ) -> Result<XferReq<'a>> {
+        self.transfer_via(op, mem, local, remote_agent, remote, Some(backend), notify)
+    }
+
+    /// [`Agent::transfer`], with the backend NIXL chooses when `backend` is
+    /// `None`.
+    #[allow(clippy::too_many_arguments)]
+    fn transfer_via<'a>(
+        &'a self,
+        op: XferOp,
+        mem: (MemType, MemType),
+        local: &[(usize, usize, u64)],
+        remote_agent: &str,
+        remote: &[(usize, usize, u64)],
+        backend: Option<&Backend>,
+        notify: Option<&[u8]>,
+    ) -> Result<XferReq<'a>> {
         let lists = [(mem.0, local), (mem.1, remote)];
         let mut raw_lists = [null_mut(); 2];
         let destroy = |lists: &[raw::nixl_capi_xfer_dlist_t; 2]| {
@@ -407,7 +423,7 @@ impl Agent {
             }
         }
         let remote_c = cstring(remote_agent, "remote agent name")?;
-        let args = OptArgs::new(self.api, Some(backend))?;
+        let args = OptArgs::new(self.api, backend)?;
         if let Some(msg) = notify {
             args.notify(msg)?;
         }
@@ -637,6 +653,35 @@ pub unsafe fn make_connection_of(agent: raw::nixl_capi_agent_t, remote: &str) ->
         api.nixl_capi_agent_make_connection(agent, c.as_ptr(), null_mut()),
         "make_connection",
     )
+}
+
+/// READs `local.len()` regions of `remote_agent` (loaded already) into
+/// `local` in an agent created elsewhere, through the backend NIXL chooses,
+/// and waits up to `timeout` for completion.
+///
+/// # Safety
+/// `agent` is a live `nixl_capi_agent_t` not used concurrently; the local
+/// regions are registered with it and writable.
+pub unsafe fn read_of(
+    agent: raw::nixl_capi_agent_t,
+    mem: (MemType, MemType),
+    local: &[(usize, usize, u64)],
+    remote_agent: &str,
+    remote: &[(usize, usize, u64)],
+    timeout: Duration,
+) -> Result<()> {
+    let api = api()?;
+    if agent.is_null() {
+        return Err(Error::new(-1, "NIXL agent is NULL"));
+    }
+    // Borrowed, not owned: never destroyed here.
+    let borrowed = std::mem::ManuallyDrop::new(Agent {
+        api,
+        raw: agent,
+        name: String::new(),
+    });
+    let req = borrowed.transfer_via(XferOp::Read, mem, local, remote_agent, remote, None, None)?;
+    req.run(timeout)
 }
 
 impl Drop for Agent {

@@ -15,7 +15,7 @@ mod agent;
 mod loader;
 
 pub use agent::{
-    invalidate_remote_of, load_remote_metadata_into, local_metadata_of, make_connection_of, Agent,
-    Backend, MemType, Notification, Registration, XferOp, XferReq,
+    invalidate_remote_of, load_remote_metadata_into, local_metadata_of, make_connection_of,
+    read_of, Agent, Backend, MemType, Notification, Registration, XferOp, XferReq,
 };
 pub use loader::{api, library_path, Error, Result};

@@ -7,7 +7,70 @@ use super::boundary::{c_text, ffi_export, nonnull};
 use super::handles::nixl_etcd_client;
 use super::status::nixl_etcd_status;
 use crate::error::{Error, Result};
-use crate::prewarm::{Prewarm, PrewarmOptions, Ranks, DEFAULT_MAX_ENGINES};
+use crate::prewarm::{
+    read_twice, MemType, Prewarm, PrewarmOptions, Ranks, Warmup, WarmupHook, DEFAULT_MAX_ENGINES,
+};
+
+/// Host memory, for `nixl_etcd_prewarm_read` (NIXL's `DRAM_SEG`).
+pub const NIXL_ETCD_MEM_DRAM: u32 = 0;
+/// GPU memory, for `nixl_etcd_prewarm_read` (NIXL's `VRAM_SEG`; the device
+/// is the CUDA device).
+pub const NIXL_ETCD_MEM_VRAM: u32 = 1;
+
+/// An engine's warm-up, see `nixl_etcd_prewarm_set_warmup`. Returns 0 when
+/// it succeeded; anything else is logged as a failure.
+pub type nixl_etcd_prewarm_warmup_fn = Option<
+    unsafe extern "C" fn(
+        user_data: *mut c_void,
+        agent: *mut c_void,
+        engine_id: *const c_char,
+        rank: u32,
+        remote_agent: *const c_char,
+    ) -> i32,
+>;
+
+/// The C warm-up and its user data, handed to the pre-warm's thread.
+struct CWarmup {
+    f: unsafe extern "C" fn(*mut c_void, *mut c_void, *const c_char, u32, *const c_char) -> i32,
+    user_data: *mut c_void,
+}
+// SAFETY: the caller promises that `user_data` may be used from the
+// pre-warm's thread (documented on `nixl_etcd_prewarm_set_warmup`).
+unsafe impl Send for CWarmup {}
+// SAFETY: as for Send; the pre-warm calls it one rank at a time.
+unsafe impl Sync for CWarmup {}
+
+impl CWarmup {
+    fn call(&self, w: &Warmup<'_>) -> std::result::Result<(), String> {
+        let engine_id = c_text(&w.loaded.engine_id);
+        let remote = c_text(&w.loaded.remote);
+        // SAFETY: a valid function from the caller; the strings live until
+        // it returns; the agent is held under the pre-warm's lock.
+        let rc = unsafe {
+            (self.f)(
+                self.user_data,
+                w.agent().cast(),
+                engine_id.as_ptr(),
+                w.loaded.rank,
+                remote.as_ptr(),
+            )
+        };
+        match rc {
+            0 => Ok(()),
+            rc => Err(format!("the engine's warm-up returned {rc}")),
+        }
+    }
+}
+
+fn mem_type(m: u32, what: &str) -> Result<MemType> {
+    match m {
+        NIXL_ETCD_MEM_DRAM => Ok(MemType::Dram),
+        NIXL_ETCD_MEM_VRAM => Ok(MemType::Vram),
+        _ => Err(Error::invalid(format!(
+            "{what} is {m}: not NIXL_ETCD_MEM_DRAM (0) or NIXL_ETCD_MEM_VRAM (1)"
+        ))),
+    }
+}
 
 /// A running pre-warm. Opaque: only pointers to it are handed out.
 pub struct nixl_etcd_prewarm {
@@ -72,6 +135,7 @@ pub unsafe extern "C" fn nixl_etcd_prewarm_start(
                 n => n as usize,
             },
             connect: true,
+            warmup: None,
         };
         // SAFETY: a live agent that outlives the pre-warm, used by the caller
         // only under the pre-warm's lock (the caller's contract); not NULL.
@@ -162,5 +226,83 @@ pub unsafe extern "C" fn nixl_etcd_prewarm_free(p: *mut nixl_etcd_prewarm) {
             // once (the caller's contract).
             drop(unsafe { Box::from_raw(p) });
         }
+    })
+}
+
+/// Sets the engine's warm-up: `warmup(user_data, agent, engine_id, rank,
+/// remote_agent)` runs on the pre-warm's thread, with the agent's lock held,
+/// on each rank right after it is loaded and connected (and now on the ranks
+/// loaded already, before this returns), so that what the first transfer
+/// sets up on first use is set up ahead; `nixl_etcd_prewarm_read` is what it
+/// usually does. It returns 0 when it succeeded; a failure is logged and the
+/// first transfer pays for the set-up. NULL `warmup` clears it. Not while
+/// holding the pre-warm's lock.
+///
+/// # Safety
+/// `p` is NULL or from `nixl_etcd_prewarm_start`, not freed; `warmup` is
+/// NULL or a valid function; `user_data` stays valid, and usable from
+/// another thread, until `nixl_etcd_prewarm_free` returns or the warm-up is
+/// cleared.
+#[no_mangle]
+pub unsafe extern "C" fn nixl_etcd_prewarm_set_warmup(
+    p: *mut nixl_etcd_prewarm,
+    warmup: nixl_etcd_prewarm_warmup_fn,
+    user_data: *mut c_void,
+) -> nixl_etcd_status {
+    ffi_export!(; {
+        let p = prewarm(p)?;
+        let hook = warmup.map(|f| {
+            let cb = CWarmup { f, user_data };
+            WarmupHook::new(move |w| cb.call(w))
+        });
+        p.set_warmup(hook);
+        Ok(())
+    })
+}
+
+/// A warm-up READ: reads `len` bytes at `remote_addr` (device `remote_dev`,
+/// memory `remote_mem`) of the loaded remote agent `remote_agent` into
+/// `local_addr` (registered with `agent`; overwritten) twice, through the
+/// backend NIXL chooses, and returns once both completed. UCX sets up its
+/// endpoint's lanes on the first READ of a connection and selects its
+/// protocols on the second; later READs run at their steady speed. A few
+/// bytes are enough. Memory: `NIXL_ETCD_MEM_DRAM` or `NIXL_ETCD_MEM_VRAM`.
+///
+/// # Safety
+/// `agent` is NULL or a live NIXL agent not used concurrently (inside a
+/// warm-up it is held for you); `remote_agent` is NULL or NUL-terminated;
+/// `local_addr` is registered with `agent` and writable for `len` bytes.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn nixl_etcd_prewarm_read(
+    agent: *mut c_void,
+    remote_agent: *const c_char,
+    local_mem: u32,
+    local_addr: usize,
+    local_dev: u64,
+    remote_mem: u32,
+    remote_addr: usize,
+    remote_dev: u64,
+    len: usize,
+) -> nixl_etcd_status {
+    ffi_export!(
+        agent = nonnull(agent),
+        remote_agent = text(remote_agent);
+    {
+        let mem = (mem_type(local_mem, "local_mem")?, mem_type(remote_mem, "remote_mem")?);
+        if len == 0 {
+            return Err(Error::invalid("len is 0: a warm-up READ needs at least one byte"));
+        }
+        // SAFETY: the caller's contract.
+        unsafe {
+            read_twice(
+                agent.cast(),
+                remote_agent,
+                mem,
+                (local_addr, len, local_dev),
+                (remote_addr, len, remote_dev),
+            )
+        }?;
+        Ok(())
     })
 }

@@ -9,6 +9,7 @@
 
 mod agent_lock;
 mod select;
+mod warmup;
 mod worker;
 
 use std::sync::mpsc;
@@ -16,9 +17,12 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
+/// The memory kinds a warm-up READ names.
+pub use crate::nixl::nixl_sys::MemType;
 pub use agent_lock::AgentGuard;
 use agent_lock::{relock, AgentSlot};
 use select::Filter;
+pub use warmup::{read_twice, Warmup, WarmupFn, WarmupHook};
 use worker::{Shared, State};
 
 use crate::client::Client;
@@ -58,6 +62,11 @@ pub struct PrewarmOptions {
     /// first transfer does not pay for it. Costs one connection per loaded
     /// rank, as the first transfer would. On by default.
     pub connect: bool,
+    /// The engine's warm-up, run on each rank after it is loaded and
+    /// connected (see [`Warmup::read`]): what the first transfer would set
+    /// up on its path (UCX's lanes and protocols, CUDA IPC mappings) is set
+    /// up ahead. None by default: the library knows no remote address.
+    pub warmup: Option<WarmupHook>,
 }
 
 impl Default for PrewarmOptions {
@@ -67,6 +76,7 @@ impl Default for PrewarmOptions {
             ranks: Ranks::All,
             max_engines: DEFAULT_MAX_ENGINES,
             connect: true,
+            warmup: None,
         }
     }
 }
@@ -86,6 +96,9 @@ pub struct Loaded {
     /// ([`PrewarmOptions::connect`]); `None` when it did not (off, or NIXL
     /// could not: the first transfer connects then).
     pub connect_time: Option<Duration>,
+    /// How long the engine's warm-up took ([`PrewarmOptions::warmup`]);
+    /// `None` without one, or when it failed.
+    pub warmup_time: Option<Duration>,
 }
 
 enum Msg {
@@ -162,6 +175,7 @@ impl Prewarm {
             ranks: opts.ranks,
             max_engines: opts.max_engines,
             connect: opts.connect,
+            warmup: Mutex::new(opts.warmup.clone()),
             own_incarnation: client.incarnation().to_owned(),
         });
         let (tx, rx) = mpsc::channel::<Msg>();
@@ -287,6 +301,27 @@ impl Prewarm {
             // SAFETY: see above.
             agent: unsafe { &*agent },
         })
+    }
+
+    /// Sets (or with `None` clears) the warm-up for the ranks loaded from now
+    /// on, and runs it now on those loaded already; returns once it ran.
+    /// Not while holding the agent lock.
+    pub fn set_warmup(&self, hook: Option<WarmupHook>) {
+        *relock(self.shared.warmup.lock()) = hook;
+        self.shared.agent.lock();
+        for l in self.loaded() {
+            let took = self.shared.warm_up(&l);
+            let mut state = relock(self.shared.state.lock());
+            let same = state
+                .loaded
+                .get_mut(&l.engine_id)
+                .and_then(|r| r.get_mut(&l.rank))
+                .filter(|now| now.remote == l.remote);
+            if let Some(now) = same {
+                now.warmup_time = took;
+            }
+        }
+        self.shared.agent.unlock();
     }
 
     /// Takes the agent lock (blocks while the pre-warm loads); for callers of

@@ -2,11 +2,13 @@
 //! reload) and keeps at most `max_engines` engines loaded.
 
 use std::collections::{HashMap, VecDeque};
+use std::panic::AssertUnwindSafe;
 use std::sync::{Condvar, Mutex};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use super::agent_lock::{relock, AgentSlot};
 use super::select::{wants_rank, Filter};
+use super::warmup::{Warmup, WarmupHook};
 use super::{Loaded, Ranks};
 use crate::events::{Event, EventKind};
 use crate::nixl::nixl_sys;
@@ -27,6 +29,7 @@ pub(super) struct Shared {
     pub(super) ranks: Ranks,
     pub(super) max_engines: usize,
     pub(super) connect: bool,
+    pub(super) warmup: Mutex<Option<WarmupHook>>,
     pub(super) own_incarnation: String,
 }
 
@@ -156,7 +159,8 @@ impl Shared {
                 Ok(()) => Some(started.elapsed()),
                 Err(e) => {
                     log::debug!(
-                        "nixl-etcd pre-warm: could not connect to engine {} rank {} ahead                          ({}); the first transfer connects",
+                        "nixl-etcd pre-warm: could not connect to engine {} rank {} ahead \
+                         ({}); the first transfer connects",
                         ev.engine_id,
                         ev.rank,
                         e.message
@@ -165,35 +169,44 @@ impl Shared {
                 }
             }
         });
+        let loaded = loaded.map(|remote| {
+            let mut l = Loaded {
+                engine_id: ev.engine_id.clone(),
+                rank: ev.rank,
+                incarnation: ev.incarnation.clone(),
+                remote,
+                loaded_at: SystemTime::now(),
+                load_time: started.elapsed() - connected.unwrap_or_default(),
+                connect_time: connected,
+                warmup_time: None,
+            };
+            l.warmup_time = self.warm_up(&l);
+            l
+        });
         self.agent.unlock();
         let mut state = relock(self.state.lock());
         let Some(ranks) = state.loaded.get_mut(&ev.engine_id) else {
             return;
         };
         match loaded {
-            Some(remote) => {
+            Some(l) => {
                 log::debug!(
-                    "nixl-etcd pre-warmed engine {} rank {}: NIXL agent {remote} loaded{}",
+                    "nixl-etcd pre-warmed engine {} rank {}: NIXL agent {} loaded{}{}",
                     ev.engine_id,
                     ev.rank,
+                    l.remote,
                     if connected.is_some() {
                         " and connected"
                     } else {
                         ""
+                    },
+                    if l.warmup_time.is_some() {
+                        ", warmed up"
+                    } else {
+                        ""
                     }
                 );
-                ranks.insert(
-                    ev.rank,
-                    Loaded {
-                        engine_id: ev.engine_id.clone(),
-                        rank: ev.rank,
-                        incarnation: ev.incarnation.clone(),
-                        remote,
-                        loaded_at: SystemTime::now(),
-                        load_time: started.elapsed() - connected.unwrap_or_default(),
-                        connect_time: connected,
-                    },
-                );
+                ranks.insert(ev.rank, l);
             }
             None => {
                 ranks.remove(&ev.rank);
@@ -201,6 +214,34 @@ impl Shared {
         }
         if ranks.is_empty() {
             state.loaded.remove(&ev.engine_id);
+        }
+    }
+
+    /// Runs the engine's warm-up on a rank just loaded (the agent's lock is
+    /// held); how long it took, or `None` when there is none or it failed
+    /// (logged: the first transfer then sets up what it would have).
+    pub(super) fn warm_up(&self, l: &Loaded) -> Option<Duration> {
+        let hook = relock(self.warmup.lock()).clone()?;
+        let started = Instant::now();
+        let call = Warmup {
+            agent: self.agent.raw,
+            loaded: l,
+        };
+        // The engine's code: a panic in it must not end the pre-warm.
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| (hook.0)(&call)))
+            .unwrap_or_else(|_| Err("it panicked".into()));
+        match outcome {
+            Ok(()) => Some(started.elapsed()),
+            Err(e) => {
+                log::warn!(
+                    "nixl-etcd pre-warm: the warm-up of engine {} rank {} (NIXL agent {}) \
+                     failed: {e}; its first transfer sets up what the warm-up would have",
+                    l.engine_id,
+                    l.rank,
+                    l.remote
+                );
+                None
+            }
         }
     }
 }

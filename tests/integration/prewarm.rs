@@ -9,8 +9,8 @@ use crate::common;
 use std::ffi::{CStr, CString};
 use std::time::Duration;
 
-use nixl_etcd::nixl::nixl_sys::{Agent, Backend};
-use nixl_etcd::prewarm::{Prewarm, PrewarmOptions, Ranks};
+use nixl_etcd::nixl::nixl_sys::{Agent, Backend, MemType, Registration};
+use nixl_etcd::prewarm::{Loaded, Prewarm, PrewarmOptions, Ranks, WarmupHook};
 use nixl_etcd::Status;
 
 use crate::common::{unique_namespace, EtcdServer};
@@ -47,6 +47,7 @@ fn a_decode_loads_the_ranks_it_reads_as_they_appear_drops_them_as_they_leave_and
             },
             max_engines: 16,
             connect: true,
+            warmup: None,
         },
     )
     .unwrap();
@@ -141,6 +142,7 @@ fn engines_beyond_the_cap_wait_for_a_slot() {
             ranks: Ranks::All,
             max_engines: 1,
             connect: true,
+            warmup: None,
         },
     )
     .unwrap();
@@ -328,5 +330,227 @@ fn c_exports_prewarm_an_agent_the_caller_keeps() {
         nixl_etcd_prewarm_free(std::ptr::null_mut());
         // The loaded agent stays loaded after the pre-warm is gone.
         assert!(d.has_remote(p.name()));
+    }
+}
+
+/// `len` bytes at `addr` registered with `a` as DRAM.
+fn dram<'a>(a: &'a Agent, ucx: &Backend, addr: usize, len: usize) -> Registration<'a> {
+    a.register(MemType::Dram, &[(addr, len, 0)], ucx).unwrap()
+}
+
+/// `a` published as `engine` rank 0, once the pre-warm has loaded it.
+fn appear(prefill: &nixl_etcd::Client, pw: &Prewarm, engine: &str, a: &Agent) -> Loaded {
+    prefill.publish_agent(engine, 0, a).unwrap();
+    pw.wait_remote(engine, 0, Some(LONG)).unwrap();
+    pw.loaded()
+        .into_iter()
+        .find(|l| l.engine_id == engine)
+        .unwrap()
+}
+
+/// The prefill's "KV block": bytes a warm-up READ must bring over exactly.
+fn block(seed: u8) -> Vec<u8> {
+    (0..4096u32)
+        .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+        .collect()
+}
+
+#[test]
+fn the_engines_warm_up_reads_each_rank_ahead_and_a_failing_one_leaves_it_loaded() {
+    let etcd = EtcdServer::start();
+    let ns = unique_namespace("prewarm-warmup");
+    let decode = etcd.client(&ns, "");
+    let prefill = etcd.client(&ns, "");
+    let (d, d_ucx) = agent("wu-decode");
+    let mut scratch = vec![0u8; 4096];
+    let local = scratch.as_mut_ptr() as usize;
+    let reg = dram(&d, &d_ucx, local, scratch.len());
+    // The engines' KV addresses, as their payloads would give them.
+    let layouts = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(String, usize)>::new()));
+    let known = layouts.clone();
+    let hook = WarmupHook::new(move |w| {
+        let addr = known
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(e, _)| *e == w.loaded.engine_id)
+            .map(|(_, a)| *a)
+            .ok_or_else(|| format!("no layout for {}", w.loaded.engine_id))?;
+        w.read(
+            (MemType::Dram, MemType::Dram),
+            (local, 4096, 0),
+            (addr, 4096, 0),
+        )
+        .map(drop)
+        .map_err(|e| e.to_string())
+    });
+    let opts = PrewarmOptions {
+        engines: vec!["wu_*".into()],
+        warmup: Some(hook),
+        ..Default::default()
+    };
+    // SAFETY: `d` outlives the pre-warm (stopped below) and is used under
+    // its lock only.
+    let pw = unsafe { Prewarm::start_raw(&decode, d.as_raw(), opts) }.unwrap();
+
+    let (p, p_ucx) = agent("wu-prefill");
+    let kv = block(7);
+    let _kv_reg = dram(&p, &p_ucx, kv.as_ptr() as usize, kv.len());
+    layouts
+        .lock()
+        .unwrap()
+        .push(("wu_a".into(), kv.as_ptr() as usize));
+    prefill.publish_agent("wu_a", 0, &p).unwrap();
+    pw.wait_remote("wu_a", 0, Some(LONG)).unwrap();
+    let l = pw.loaded().remove(0);
+    assert!(l.warmup_time.is_some(), "{l:?}");
+    assert!(l.connect_time.is_some(), "{l:?}");
+    pw.lock();
+    assert_eq!(scratch, kv, "the warm-up READ brought the block over");
+    pw.unlock();
+
+    // An engine whose layout the warm-up does not know: it fails, the rank
+    // stays loaded (the first transfer sets up what it would have).
+    let (q, _q_ucx) = agent("wu-unknown");
+    let b = appear(&prefill, &pw, "wu_b", &q);
+    assert_eq!(b.warmup_time, None);
+    pw.lock();
+    assert!(d.has_remote(q.name()));
+    pw.unlock();
+
+    // Cleared: later ranks are loaded without one.
+    pw.set_warmup(None);
+    let (r, _r_ucx) = agent("wu-later");
+    assert_eq!(appear(&prefill, &pw, "wu_c", &r).warmup_time, None);
+
+    assert!(pw.stop().is_none());
+    drop(reg);
+    for c in [&decode, &prefill] {
+        c.close().unwrap();
+    }
+}
+
+/// What a C engine's warm-up gets, checked by the test.
+struct CWarmupSeen {
+    local: usize,
+    remote_addr: usize,
+    calls: std::sync::Mutex<Vec<(String, u32, String, i32)>>,
+}
+
+unsafe extern "C" fn c_warmup(
+    user: *mut std::ffi::c_void,
+    agent: *mut std::ffi::c_void,
+    engine_id: *const std::ffi::c_char,
+    rank: u32,
+    remote_agent: *const std::ffi::c_char,
+) -> i32 {
+    use nixl_etcd::ffi::*;
+    let seen = &*(user as *const CWarmupSeen);
+    let rc = nixl_etcd_prewarm_read(
+        agent,
+        remote_agent,
+        NIXL_ETCD_MEM_DRAM,
+        seen.local,
+        0,
+        NIXL_ETCD_MEM_DRAM,
+        seen.remote_addr,
+        0,
+        4096,
+    );
+    seen.calls.lock().unwrap().push((
+        CStr::from_ptr(engine_id).to_str().unwrap().to_owned(),
+        rank,
+        CStr::from_ptr(remote_agent).to_str().unwrap().to_owned(),
+        rc,
+    ));
+    rc
+}
+
+#[test]
+fn c_warm_up_set_after_a_rank_loaded_runs_on_it_and_reads_its_bytes() {
+    use nixl_etcd::ffi::*;
+
+    let etcd = EtcdServer::start();
+    let ns = unique_namespace("prewarm-capi-warmup");
+    let decode = capi::open(&etcd.options_json(&ns, "")).unwrap();
+    let prefill = capi::open(&etcd.options_json(&ns, "")).unwrap();
+    let (d, d_ucx) = agent("cwu-decode");
+    let mut scratch = vec![0u8; 4096];
+    let reg = dram(&d, &d_ucx, scratch.as_mut_ptr() as usize, 4096);
+    let (p, p_ucx) = agent("cwu-prefill");
+    let kv = block(9);
+    let _kv_reg = dram(&p, &p_ucx, kv.as_ptr() as usize, kv.len());
+    let seen = CWarmupSeen {
+        local: scratch.as_mut_ptr() as usize,
+        remote_addr: kv.as_ptr() as usize,
+        calls: Default::default(),
+    };
+    let user = &seen as *const CWarmupSeen as *mut std::ffi::c_void;
+    let engines = CString::new("cwu_*").unwrap();
+    let remote = CString::new(p.name()).unwrap();
+    unsafe {
+        // Bad arguments to the READ: clear errors, nothing read.
+        assert_eq!(
+            nixl_etcd_prewarm_read(std::ptr::null_mut(), remote.as_ptr(), 0, 1, 0, 0, 1, 0, 1),
+            NIXL_ETCD_ERR_INVALID_ARGUMENT
+        );
+        assert_eq!(capi::last_error(), "agent is NULL");
+        assert_eq!(
+            nixl_etcd_prewarm_read(d.as_raw().cast(), remote.as_ptr(), 7, 1, 0, 0, 1, 0, 1),
+            NIXL_ETCD_ERR_INVALID_ARGUMENT
+        );
+        assert!(
+            capi::last_error().starts_with("local_mem is 7"),
+            "{}",
+            capi::last_error()
+        );
+        let mut pw = std::ptr::null_mut();
+        assert_eq!(
+            nixl_etcd_prewarm_start(
+                decode.0,
+                d.as_raw().cast(),
+                engines.as_ptr(),
+                0,
+                0,
+                0,
+                &mut pw
+            ),
+            NIXL_ETCD_OK
+        );
+        let engine = CString::new("cwu_a").unwrap();
+        assert_eq!(
+            nixl_etcd_publish_agent(prefill.0, engine.as_ptr(), 0, p.as_raw().cast()),
+            NIXL_ETCD_OK
+        );
+        let mut name = std::ptr::null_mut();
+        assert_eq!(
+            nixl_etcd_prewarm_remote(pw, engine.as_ptr(), 0, 60_000, &mut name),
+            NIXL_ETCD_OK
+        );
+        nixl_etcd_string_free(name);
+        // Set after the rank was loaded: it runs on it before returning.
+        assert_eq!(
+            nixl_etcd_prewarm_set_warmup(pw, Some(c_warmup), user),
+            NIXL_ETCD_OK,
+            "{}",
+            capi::last_error()
+        );
+        assert_eq!(
+            *seen.calls.lock().unwrap(),
+            [("cwu_a".to_owned(), 0, p.name().to_owned(), NIXL_ETCD_OK)]
+        );
+        assert_eq!(nixl_etcd_prewarm_lock(pw), NIXL_ETCD_OK);
+        assert_eq!(scratch, kv);
+        assert_eq!(nixl_etcd_prewarm_unlock(pw), NIXL_ETCD_OK);
+        assert_eq!(
+            nixl_etcd_prewarm_set_warmup(std::ptr::null_mut(), Some(c_warmup), user),
+            NIXL_ETCD_ERR_INVALID_ARGUMENT
+        );
+        nixl_etcd_prewarm_free(pw);
+    }
+    drop(reg);
+    unsafe {
+        nixl_etcd_close(decode.0);
+        nixl_etcd_close(prefill.0);
     }
 }
