@@ -89,6 +89,10 @@ def main() -> int:
     ap.add_argument("--handshakes", type=int, default=50)
     ap.add_argument("--requests", type=int, default=10)
     ap.add_argument("--out")
+    ap.add_argument("--debug-decodes", action="store_true",
+                    help="the decodes log at DEBUG (vLLM's handshake timings), for a breakdown")
+    ap.add_argument("--keep-logs", action="store_true",
+                    help="keep the engines' logs (their directory is printed) after a run that succeeded")
     a = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="nixl-etcd-bench-"))
@@ -111,17 +115,20 @@ def main() -> int:
             VLLM_NIXL_ETCD_LEASE_TTL="30",
         )
         p_port = free_port()
+        decode = dict(common, VLLM_LOGGING_LEVEL="DEBUG") if a.debug_decodes else common
         specs = {
             "P": dict(engine_id="prefill_engine", role="kv_producer",
                       env=dict(common, VLLM_NIXL_USE_ETCD="1", VLLM_NIXL_SIDE_CHANNEL_PORT=str(p_port))),
             "D_etcd": dict(engine_id="decode_etcd", role="kv_consumer",
-                           env=dict(common, VLLM_NIXL_USE_ETCD="1",
+                           env=dict(decode, VLLM_NIXL_USE_ETCD="1",
                                     VLLM_NIXL_SIDE_CHANNEL_PORT=str(free_port()))),
             "D_warm": dict(engine_id="decode_warm", role="kv_consumer",
-                           env=dict(common, VLLM_NIXL_USE_ETCD="1", VLLM_NIXL_ETCD_PREWARM="1",
+                           env=dict(decode, VLLM_NIXL_USE_ETCD="1", VLLM_NIXL_ETCD_PREWARM="1",
+                                    # P only: not the bench's copies of P's payload.
+                                    VLLM_NIXL_ETCD_PREWARM_ENGINES="prefill_engine",
                                     VLLM_NIXL_SIDE_CHANNEL_PORT=str(free_port()))),
             "D_zmq": dict(engine_id="decode_zmq", role="kv_consumer",
-                          env=dict(common, VLLM_NIXL_USE_ETCD="0",
+                          env=dict(decode, VLLM_NIXL_USE_ETCD="0",
                                    VLLM_NIXL_SIDE_CHANNEL_PORT=str(free_port()))),
         }
         with ThreadPoolExecutor(len(specs)) as pool:
@@ -149,8 +156,10 @@ def main() -> int:
                 e.kill()
         etcd.kill()
         etcd.wait()
-        if succeeded:
+        if succeeded and not a.keep_logs:
             shutil.rmtree(work, ignore_errors=True)
+        elif succeeded:
+            print(f"engines' logs kept in {work}", file=sys.stderr)
         else:
             # What went wrong is in the engines' logs: kept, and said where.
             logs = ", ".join(sorted(p.name for p in work.glob("*.log")))

@@ -1,6 +1,6 @@
 """The decode's pre-warm (``VLLM_NIXL_ETCD_PREWARM``): vLLM's own handshake
 with each wanted remote engine starts as the engine appears in etcd, off the
-first request's path."""
+first request's path, and is followed by a warm-up READ (:mod:`.warmup`)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any, List, Set
 
 from ..client import Client, Event, EventKind
 from . import shape as shapes
-from . import state
+from . import state, warmup
 from .config import PrewarmConfig
 
 logger = logging.getLogger("vllm.nixl_etcd")
@@ -135,6 +135,8 @@ class Prewarm:
                 parallel,
                 (time.perf_counter() - started) * 1e3,
             )
+            # What the first transfer would set up, set up here (logged, never raised).
+            warmup.warm_up(self.worker, self.client, engine_id, parallel)
 
         fut.add_done_callback(done)
 
