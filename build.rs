@@ -16,6 +16,7 @@ fn main() {
         .expect("cbindgen.toml is readable");
     let bindings = cbindgen::Builder::new()
         .with_config(config)
+        .with_after_include(version_defines())
         .with_src(crate_dir.join("src/ffi/mod.rs"))
         .generate()
         .expect("cbindgen generates the header");
@@ -34,4 +35,19 @@ fn soname() {
         let major = std::env::var("CARGO_PKG_VERSION_MAJOR").unwrap();
         println!("cargo:rustc-cdylib-link-arg=-Wl,-soname,libnixl_etcd.so.{major}");
     }
+}
+
+/// The crate's version as macros in the header, so that C code can check at
+/// compile time what `nixl_etcd_version()` says at run time.
+fn version_defines() -> String {
+    let part = |p: &str| std::env::var(format!("CARGO_PKG_VERSION_{p}")).unwrap();
+    format!(
+        "\n/** This header's version (equal to what nixl_etcd_version() returns). */\n\
+         #define NIXL_ETCD_VERSION_MAJOR {}\n\
+         #define NIXL_ETCD_VERSION_MINOR {}\n\
+         #define NIXL_ETCD_VERSION_PATCH {}\n",
+        part("MAJOR"),
+        part("MINOR"),
+        part("PATCH")
+    )
 }

@@ -19,6 +19,12 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/** This header's version (equal to what nixl_etcd_version() returns). */
+#define NIXL_ETCD_VERSION_MAJOR 0
+#define NIXL_ETCD_VERSION_MINOR 2
+#define NIXL_ETCD_VERSION_PATCH 0
+
+
 #if defined(NIXL_ETCD_WITH_NIXL)
 /**
  * Host memory, for `nixl_etcd_prewarm_read` (NIXL's `DRAM_SEG`).
@@ -718,7 +724,7 @@ const char *nixl_etcd_last_error(void);
 const char *nixl_etcd_status_str(nixl_etcd_status status);
 
 /**
- * The library's version, e.g. "0.1.0".
+ * The library's version, e.g. "0.2.0".
  */
 const char *nixl_etcd_version(void);
 

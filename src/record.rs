@@ -8,6 +8,13 @@ use crate::blob::BlobRef;
 use crate::error::{Error, Result};
 
 /// Version of the record layout. Readers refuse versions they do not know.
+///
+/// The rule for mixed versions (a rolling upgrade, docs/design.md): within one
+/// format a newer writer may only add optional fields, which older readers
+/// ignore; anything an older reader would misread takes a new format number,
+/// which such a reader refuses by name. Records in the wire format 0.1 writes
+/// are kept as fixtures (`tests/fixtures/records/`): this version reads them
+/// and writes the same bytes for the same fields.
 pub const FORMAT_VERSION: u32 = 1;
 
 /// One rank's registration, as written to etcd.
@@ -271,5 +278,82 @@ mod tests {
             assert!(err.message.contains(want), "{} lacks {want}", err.message);
             assert!(err.message.contains("/ns/e/rank_1"));
         }
+    }
+
+    /// A record in the wire format 0.1 writes (`tests/fixtures/records/NAME`).
+    fn fixture(name: &str) -> Vec<u8> {
+        let path = format!(
+            "{}/tests/fixtures/records/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+    }
+
+    /// `rec` with the fields `Record::new` takes from the process and clock.
+    fn as_written(rec: Record, pid: u32, registered_at_ms: u64) -> Record {
+        Record {
+            pid,
+            registered_at_ms,
+            ..rec
+        }
+    }
+
+    #[test]
+    fn records_in_0_1s_wire_format_are_read_and_written_byte_for_byte() {
+        // Inline metadata: read by this version, and written the same.
+        let v = fixture("inline-0.1.json");
+        let (rec, md) = Record::from_json("k", &v, "prefill_engine", 0).unwrap();
+        assert_eq!(md, b"nixl\0{\"md\":1");
+        assert_eq!((rec.host.as_str(), rec.pid), ("10.0.0.7", 4242));
+        let now = Record::new("prefill_engine", 0, "10.0.0.7", "9f2c1e5a7b3d4c6e", &md);
+        assert_eq!(as_written(now, 4242, 1764547200000).to_json(), v);
+
+        let v = fixture("world-size-0.1.json");
+        let (rec, md) = Record::from_json("k", &v, "prefill_tp4", 3).unwrap();
+        assert_eq!(
+            (rec.world_size, md.as_slice()),
+            (Some(4), &[0, 1, 2, 3, 255][..])
+        );
+        let mut now = Record::new("prefill_tp4", 3, "gpu-node-12", "0a1b2c3d4e5f6071", &md);
+        now.world_size = Some(4);
+        assert_eq!(as_written(now, 777, 1764547200123).to_json(), v);
+
+        // Chunked: the reference is read (the chunks are fetched after).
+        let v = fixture("chunked-0.1.json");
+        let (rec, md) = Record::from_json("k", &v, "big_engine", 1).unwrap();
+        assert!(md.is_empty());
+        let blob = rec.blob.clone().unwrap();
+        assert_eq!((blob.chunks, blob.chunk_size), (3, 1 << 20));
+        let now = Record::chunked(
+            "big_engine",
+            1,
+            "gpu-node-3",
+            "ffeeddccbbaa9988",
+            3_000_000,
+            blob,
+        );
+        assert_eq!(as_written(now, 9001, 1764547201000).to_json(), v);
+    }
+
+    #[test]
+    fn a_later_writers_optional_field_is_ignored_and_a_later_format_refused_by_name() {
+        let mut v: serde_json::Value = serde_json::from_slice(&fixture("inline-0.1.json")).unwrap();
+        v["added_later"] = serde_json::json!({"any": [1, 2]});
+        let (_, md) =
+            Record::from_json("k", &serde_json::to_vec(&v).unwrap(), "prefill_engine", 0).unwrap();
+        assert_eq!(md, b"nixl\0{\"md\":1");
+        v["format"] = 2.into();
+        let err = Record::from_json(
+            "/ns/k",
+            &serde_json::to_vec(&v).unwrap(),
+            "prefill_engine",
+            0,
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.message,
+            "record at key /ns/k is unreadable: format version 2, this library reads version 1; \
+             check that every writer under this namespace runs a compatible nixl-etcd"
+        );
     }
 }

@@ -135,7 +135,7 @@ def _b_text(raw: Optional[bytes]) -> str:
 
 
 def version() -> str:
-    """The library's version (``nixl_etcd_version``), e.g. ``"0.1.0"``."""
+    """The library's version (``nixl_etcd_version``), e.g. ``"0.2.0"``."""
     return _b_text(_ffi.lib().nixl_etcd_version())
 
 

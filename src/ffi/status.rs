@@ -93,7 +93,7 @@ pub extern "C" fn nixl_etcd_status_str(status: nixl_etcd_status) -> *const c_cha
         .unwrap_or(c"unknown status".as_ptr())
 }
 
-/// The library's version, e.g. "0.1.0".
+/// The library's version, e.g. "0.2.0".
 #[no_mangle]
 pub extern "C" fn nixl_etcd_version() -> *const c_char {
     concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()

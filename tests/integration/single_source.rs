@@ -189,3 +189,36 @@ fn the_store_options_are_the_same_in_serve_help_and_the_docs() {
         );
     }
 }
+
+#[test]
+fn the_version_is_the_same_in_the_header_the_library_cargo_and_python() {
+    let header = read("include/nixl_etcd.h");
+    let define = |part: &str| -> String {
+        let name = format!("#define NIXL_ETCD_VERSION_{part} ");
+        header
+            .lines()
+            .find_map(|l| l.strip_prefix(name.as_str()))
+            .unwrap_or_else(|| panic!("the header lacks NIXL_ETCD_VERSION_{part}"))
+            .trim()
+            .to_owned()
+    };
+    let from_header = format!(
+        "{}.{}.{}",
+        define("MAJOR"),
+        define("MINOR"),
+        define("PATCH")
+    );
+    // SAFETY: a static NUL-terminated string.
+    let from_library = unsafe { std::ffi::CStr::from_ptr(nixl_etcd::ffi::nixl_etcd_version()) }
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(from_header, env!("CARGO_PKG_VERSION"));
+    assert_eq!(from_library, env!("CARGO_PKG_VERSION"));
+    // The Python package takes its version from Cargo.toml (python/setup.py).
+    let setup = read("python/setup.py");
+    assert!(
+        setup.contains("version=crate_version()"),
+        "setup.py's version"
+    );
+}
