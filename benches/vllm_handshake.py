@@ -89,6 +89,9 @@ def main() -> int:
     ap.add_argument("--handshakes", type=int, default=50)
     ap.add_argument("--requests", type=int, default=10)
     ap.add_argument("--out")
+    ap.add_argument("--pair", choices=["etcd", "warm", "zmq"],
+                    help="only P and that one decode alive (no handshake section): its first "
+                         "request's TTFT against the later ones, without the other engines' load")
     ap.add_argument("--debug-decodes", action="store_true",
                     help="the decodes log at DEBUG (vLLM's handshake timings), for a breakdown")
     ap.add_argument("--keep-logs", action="store_true",
@@ -131,6 +134,8 @@ def main() -> int:
                           env=dict(decode, VLLM_NIXL_USE_ETCD="0",
                                    VLLM_NIXL_SIDE_CHANNEL_PORT=str(free_port()))),
         }
+        if a.pair:
+            specs = {k: v for k, v in specs.items() if k in ("P", f"D_{a.pair}")}
         with ThreadPoolExecutor(len(specs)) as pool:
             futs = {
                 k: pool.submit(Engine, sys.executable, model, str(work / f"{k}.log"), **v)
@@ -140,9 +145,11 @@ def main() -> int:
         engines.extend(named.values())
         print(f"engines up; logs in {work}", file=sys.stderr)
 
-        hs = handshakes(endpoint, ns, p_port, a.handshakes)
-        ttft = ttfts(named, a.requests)
-        table = render(hs, ttft, a.handshakes, a.requests)
+        if a.pair:
+            table = render_pair(a.pair, ttfts(named, a.requests), a.requests)
+        else:
+            hs = handshakes(endpoint, ns, p_port, a.handshakes)
+            table = render(hs, ttfts(named, a.requests), a.handshakes, a.requests)
         print(table)
         if a.out:
             Path(a.out).write_text(table + "\n")
@@ -234,12 +241,12 @@ def ttfts(named: Dict[str, Engine], n: int) -> Dict[str, List[float]]:
     out: Dict[str, List[float]] = {"etcd": [], "warm": [], "zmq": [], "prefill": []}
     # D_warm handshakes with P when P appears: wait for its line, not a sleep.
     deadline = time.monotonic() + 300
-    while "pre-warmed engine prefill_engine" not in named["D_warm"].log_text():
+    while "D_warm" in named and "pre-warmed engine prefill_engine" not in named["D_warm"].log_text():
         if time.monotonic() > deadline:
             raise RuntimeError("D_warm did not pre-warm P: " + named["D_warm"].log_tail())
         time.sleep(0.2)
     for i in range(n):
-        ways = (("etcd", named["D_etcd"]), ("warm", named["D_warm"]), ("zmq", named["D_zmq"]))
+        ways = [(w, named[f"D_{w}"]) for w in ("etcd", "warm", "zmq") if f"D_{w}" in named]
         for way, d in ways:
             r = p.generate(prompt, 1, kv_transfer_params={"do_remote_decode": True})
             assert r["ok"], r
@@ -277,6 +284,20 @@ def render(hs: Dict[str, Dict[str, List[float]]], ttft: Dict[str, List[float]], 
     pf = statistics.median(ttft["prefill"]) * ms
     rows.append(f"| prefill leg (max_tokens=1) p50, same prefill for both (ms) | {pf:.1f} | {pf:.1f} | 1.00 |")
     return "\n".join(rows)
+
+
+def render_pair(way: str, ttft: Dict[str, List[float]], m: int) -> str:
+    ms = 1e3
+    first, later = ttft[way][0] * ms, statistics.median(ttft[way][1:]) * ms
+    name = {"etcd": "etcd", "warm": "etcd with VLLM_NIXL_ETCD_PREWARM=1", "zmq": "ZMQ (stock)"}[way]
+    return "\n".join([
+        f"P and one decode ({name}) alive; {m} P/D requests; {os.cpu_count()} CPUs, load average "
+        f"{os.getloadavg()[0]:.1f} at the end.",
+        "",
+        "| decode | first TTFT (ms) | later TTFT p50 (ms) | first / later |",
+        "|---|---|---|---|",
+        f"| {name} | {first:.1f} | {later:.1f} | {first / later:.2f} |",
+    ])
 
 
 if __name__ == "__main__":

@@ -14,9 +14,10 @@
 //! print a `FIRST` line: ms from the prefill's registration (its record's
 //! `registered_at_ms`) to the decode knowing of it, to the agent loaded, and to
 //! the first READ complete, and the handshake left on the request's path.
-//! With `--warmup 1` the decode READs one block before the timed first READ
-//! (what an engine that knows the remote's layout can do ahead): its `first_ms`
-//! then shows what is left of the first transfer's set-up.
+//! With `--warmup 1` (and `--prewarm 1`) the pre-warm also runs the engine's
+//! warm-up (`PrewarmOptions::warmup`): two READs of one block, from the layout
+//! the prefill published, before the request; its `first_ms` then shows what
+//! is left of the first transfer's set-up.
 //!
 //! The prefill allocates its KV blocks with cuMemAlloc (1 GiB by default: 512
 //! blocks of 2 MiB), fills every 32-bit word with a value that depends on the
@@ -51,7 +52,7 @@ use cudarc::driver::{result as cu, sys as cusys, CudaContext, CudaFunction, Laun
 use cudarc::driver::{DriverError, PushKernelArg};
 use cudarc::nvrtc::{result as rtc, sys as rtcsys, Ptx};
 use nixl_etcd::nixl::nixl_sys::{Agent, Backend, MemType, XferOp};
-use nixl_etcd::prewarm::{Prewarm, PrewarmOptions, Ranks};
+use nixl_etcd::prewarm::{Prewarm, PrewarmOptions, Ranks, WarmupHook};
 use nixl_etcd::Client;
 
 const DONE: &[u8] = b"gpu-kv-blocks-read";
@@ -153,6 +154,9 @@ fn parse() -> Result<Args, String> {
             "--warmup" => args.warmup = n != 0,
             _ => return Err(format!("bad option {flag} {value}\n{usage}")),
         }
+    }
+    if args.warmup && !args.prewarm {
+        return Err("--warmup 1 needs --prewarm 1: the warm-up runs in the pre-warm".into());
     }
     Ok(args)
 }
@@ -547,7 +551,13 @@ fn decode(args: &Args, client: &Client) -> Result<(), String> {
     // Pre-warm (the library's): the prefill's agent is loaded when it
     // appears, before the request.
     let warm = match args.prewarm {
-        true => Some(prewarm(args, client, &agent)?),
+        true => Some(prewarm(
+            args,
+            client,
+            &agent,
+            &ctx,
+            (local.ptr as usize, cap),
+        )?),
         false => {
             println!("decode: ready, waiting for {}", args.engine);
             None
@@ -582,30 +592,6 @@ fn decode(args: &Args, client: &Client) -> Result<(), String> {
             "the prefill's KV ({blocks} blocks of {bb} bytes) does not fit this decode's \
              {cap} bytes: give the decode the same --blocks and --block-kib"
         ));
-    }
-    if args.warmup {
-        // One READ of one block before the timed one: what an engine that
-        // knows the remote's layout can do ahead (the first RMA to a remote
-        // region pays its set-up).
-        let one = [(local.ptr as usize, bb, args.device as u64)];
-        let from = [(layout.addr, bb, layout.device)];
-        let t = Instant::now();
-        agent
-            .transfer(
-                XferOp::Read,
-                (MemType::Vram, MemType::Vram),
-                &one,
-                &remote,
-                &from,
-                &ucx,
-                None,
-            )
-            .and_then(|x| x.run(args.timeout))
-            .map_err(|e| e.to_string())?;
-        println!(
-            "decode: warm-up READ of one block ({bb} bytes) in {:.3} ms",
-            t.elapsed().as_secs_f64() * 1e3
-        );
     }
     local.poison()?;
     let locals: Vec<_> = (0..blocks)
@@ -793,14 +779,53 @@ struct Warm {
 }
 
 /// Pre-warms `agent` with the library's [`Prewarm`] following the prefill's
-/// engine until its rank 0 is loaded, then stops it.
-fn prewarm(args: &Args, client: &Client, agent: &Agent) -> Result<Warm, String> {
+/// engine until its rank 0 is loaded, then stops it. With `--warmup 1` the
+/// pre-warm also runs the engine's warm-up: READs of one block (from the
+/// layout the prefill published) into `scratch` (address, bytes), before
+/// the request.
+fn prewarm(
+    args: &Args,
+    client: &Client,
+    agent: &Agent,
+    ctx: &Arc<CudaContext>,
+    scratch: (usize, usize),
+) -> Result<Warm, String> {
+    let warmup = args.warmup.then(|| {
+        let (client, engine, timeout, device, ctx) = (
+            client.clone(),
+            args.engine.clone(),
+            args.timeout,
+            args.device as u64,
+            ctx.clone(),
+        );
+        WarmupHook::new(move |w| {
+            // The pre-warm's thread: UCX's CUDA transports need the context.
+            drv(ctx.bind_to_thread(), "bind context")?;
+            let rec = client
+                .wait(&layout_engine(&engine), 0, Some(timeout))
+                .map_err(|e| e.to_string())?;
+            let layout = parse_layout(&rec.metadata)?;
+            let bytes = layout.block_bytes.min(scratch.1);
+            let took = w
+                .read(
+                    (MemType::Vram, MemType::Vram),
+                    (scratch.0, bytes, device),
+                    (layout.addr, bytes, layout.device),
+                )
+                .map_err(|e| e.to_string())?;
+            println!(
+                "decode: pre-warm's warm-up: two READs of one block ({bytes} bytes) in {:.3} ms",
+                took.as_secs_f64() * 1e3
+            );
+            Ok(())
+        })
+    });
     let opts = PrewarmOptions {
         engines: vec![args.engine.clone()],
         ranks: Ranks::All,
         max_engines: 1,
         connect: true,
-        warmup: None,
+        warmup,
     };
     // SAFETY: a live agent (it has memory registered, so it is lent, not
     // given), not used by this thread until the pre-warm is stopped below.

@@ -267,7 +267,7 @@ say "p2p: $p2p"
     grep -h '^decode: ' "$W/$best_name.decode" | sed 's/^/    /'
   fi
   echo
-  echo "First transfer after the prefill appears, with and without pre-warm (decode started first in all; cold: it waits for the engine and loads the agent on the request's path; prewarm: the library's pre-warm loads the agent and connects to it on the ADDED event, then the decode READs 1 GiB; warmup: as prewarm, and one READ of one block before the timed one). ms after the prefill's registration (its record's registered_at_ms, same host clock), then the first 1 GiB READ and the median of the repeats; settings \`${best_env:-UCX defaults}\`:"
+  echo "First transfer after the prefill appears, with and without pre-warm (decode started first in all; cold: it waits for the engine and loads the agent on the request's path; prewarm: the library's pre-warm loads the agent and connects to it on the ADDED event, then the decode READs 1 GiB; warmup: as prewarm, and the pre-warm runs the engine's warm-up, two READs of one block, before the request). ms after the prefill's registration (its record's registered_at_ms, same host clock), then the first 1 GiB READ and the median of the repeats; settings \`${best_env:-UCX defaults}\`:"
   echo
   echo "| case | mode | decode knows of it | NIXL load | agent loaded | first READ complete | handshake on the request's path | first READ | median READ |"
   echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
