@@ -24,11 +24,21 @@ def fake_cargo(tmp_path: Path, artifact: str, rc: int = 0) -> Path:
         "target": {"name": "nixl_etcd", "kind": ["cdylib", "staticlib", "rlib"]},
         "filenames": [artifact.replace(".so", ".a"), artifact],
     }
+    command = tmp_path / "nixl-etcd-built"
+    command.write_text("#!/bin/sh\necho nixl-etcd 0.0.0\n")
+    command.chmod(0o755)
+    bin_message = {
+        "reason": "compiler-artifact",
+        "target": {"name": "nixl-etcd", "kind": ["bin"]},
+        "filenames": [str(command)],
+        "executable": str(command),
+    }
     script = tmp_path / "cargo"
     script.write_text(
         "#!/bin/sh\n"
         f'echo "$@" > "{tmp_path}/cargo-args"\n'
         f"echo '{json.dumps(message)}'\n"
+        f"echo '{json.dumps(bin_message)}'\n"
         f"exit {rc}\n"
     )
     script.chmod(script.stat().st_mode | stat.S_IXUSR)
@@ -54,11 +64,14 @@ def test_setup_py_ships_the_library_inside_the_package(tmp_path):
     out = build(tmp_path, fake_cargo(tmp_path, lib), NIXL_ETCD_CARGO_FEATURES="nixl")
     assert out.returncode == 0, out.stdout
     args = (tmp_path / "cargo-args").read_text().split()
-    assert args[:3] == ["build", "--release", "--lib"]
+    assert args[:5] == ["build", "--release", "--lib", "--bin", "nixl-etcd"]
     assert "--features" in args and "nixl" in args
     assert str(REPO / "Cargo.toml") in args
     [shipped] = list((tmp_path / "build").glob("lib*/nixl_etcd/libnixl_etcd.so"))
     assert shipped.read_bytes() == Path(lib).read_bytes()
+    [command] = list((tmp_path / "build").glob("lib*/nixl_etcd/bin/nixl-etcd"))
+    assert command.read_bytes() == (tmp_path / "nixl-etcd-built").read_bytes()
+    assert os.access(command, os.X_OK)
     # the built package finds its own copy first, with no environment help
     env = dict(os.environ, PYTHONPATH=str(shipped.parent.parent))
     env.pop(_ffi.LIBRARY_ENV, None)
