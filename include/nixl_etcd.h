@@ -350,6 +350,19 @@ nixl_etcd_status nixl_etcd_close(struct nixl_etcd_client *c);
 nixl_etcd_status nixl_etcd_set_log_callback(nixl_etcd_log_callback callback, void *user_data);
 
 /**
+ * The process's nixl-etcd metrics (registrations, lookups by where they
+ * were answered, waits, events by kind, lease grants and re-grants,
+ * keep-alive failures, watch starts and restarts) as an OpenMetrics text
+ * exposition ending in `# EOF`, in `*out` (free with
+ * `nixl_etcd_buffer_free`): what a Prometheus scrape of the process
+ * serves. No etcd call.
+ *
+ * # Safety
+ * `out` is NULL or writable.
+ */
+nixl_etcd_status nixl_etcd_metrics(struct nixl_etcd_buffer *out);
+
+/**
  * Publishes `blob` (`len` bytes, opaque, may contain NUL bytes) in the key
  * layout of NIXL's built-in etcd exchange, so that peers still using it find
  * the agent unchanged: the marker `{ns}/{agent_name}/` (empty) and

@@ -6,6 +6,8 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::{JoinHandle, ThreadId};
 
+use crate::metrics;
+
 /// What happened to a rank's record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum EventKind {
@@ -57,6 +59,12 @@ impl Subscription {
         if self.active.load(Ordering::Acquire)
             && self.engine.as_deref().is_none_or(|e| e == ev.engine_id)
         {
+            metrics::get().event(match ev.kind {
+                EventKind::Added => "added",
+                EventKind::Updated => "updated",
+                EventKind::Replaced => "replaced",
+                EventKind::Removed => "removed",
+            });
             (self.callback)(ev);
         }
     }

@@ -16,6 +16,7 @@ pub mod ffi;
 pub mod keys;
 pub mod limits;
 pub mod logging;
+pub mod metrics;
 #[cfg(feature = "nixl")]
 pub mod nixl;
 pub mod nixl_layout;

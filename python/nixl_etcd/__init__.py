@@ -29,6 +29,7 @@ from .client import (
     library_path,
     log_to_python,
     log_to_stderr,
+    metrics,
     status_str,
     target_ranks,
     version,
@@ -88,6 +89,7 @@ __all__ = [
     "log_to_python",
     "log_to_stderr",
     "status_str",
+    "metrics",
     "target_ranks",
     "version",
 ]

@@ -242,6 +242,28 @@ _SIGNATURES = [
     ("nixl_etcd_prewarm_unlock", c_status, [ctypes.c_void_p], False),
     ("nixl_etcd_prewarm_free", None, [ctypes.c_void_p], False),
     (
+        "nixl_etcd_prewarm_set_warmup",
+        c_status,
+        [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p],  # pre-warm, function, user data
+        False,
+    ),
+    (
+        "nixl_etcd_prewarm_read",
+        c_status,
+        [
+            ctypes.c_void_p,  # nixl_capi_agent_t
+            ctypes.c_char_p,
+            ctypes.c_uint32,
+            ctypes.c_size_t,
+            ctypes.c_uint64,
+            ctypes.c_uint32,
+            ctypes.c_size_t,
+            ctypes.c_uint64,
+            ctypes.c_size_t,
+        ],
+        False,
+    ),
+    (
         "nixl_etcd_serve_nixl_store",
         c_status,
         [c_client_p, ctypes.c_char_p, ctypes.POINTER(ctypes.c_uint16)],
@@ -259,6 +281,7 @@ _SIGNATURES = [
     ("nixl_etcd_last_error", ctypes.c_char_p, [], True),
     ("nixl_etcd_status_str", ctypes.c_char_p, [c_status], True),
     ("nixl_etcd_version", ctypes.c_char_p, [], True),
+    ("nixl_etcd_metrics", c_status, [_buffer_p], True),
     ("nixl_etcd_enabled", ctypes.c_bool, [], True),
 ]
 

@@ -139,6 +139,16 @@ def version() -> str:
     return _b_text(_ffi.lib().nixl_etcd_version())
 
 
+def metrics() -> str:
+    """The process's nixl-etcd metrics (``nixl_etcd_metrics``): registrations,
+    lookups, waits, events, lease grants and re-grants, keep-alive failures,
+    watch starts and restarts, as an OpenMetrics text exposition ending in
+    ``# EOF``. No etcd call."""
+    buf = _ffi.c_buffer()
+    check(_ffi.lib().nixl_etcd_metrics(ctypes.byref(buf)))
+    return _take_buffer(buf).decode("utf-8")
+
+
 def enabled() -> bool:
     """Whether ``VLLM_NIXL_USE_ETCD`` enables etcd coordination (1, true, yes, on)."""
     return bool(_ffi.lib().nixl_etcd_enabled())

@@ -464,3 +464,30 @@ def test_secrets_never_shown(private_etcd, ns, caplog, capfd, monkeypatch):
     seen += list(capfd.readouterr())
     leaked = [s for s in seen if secret in s]
     assert leaked == []
+
+
+def _sample(text: str, series: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_metrics_count_what_the_client_did(open_client):
+    """nixl_etcd.metrics(): the OpenMetrics text of the process's counters,
+    each moved by exactly the calls made."""
+    before = nixl_etcd.metrics()
+    c = open_client()
+    e = engine("metrics")
+    c.register(e, 0, b"x")
+    c.register(e, 1, b"y")
+    assert c.wait(e, 1, timeout=30) == b"y"
+    after = nixl_etcd.metrics()
+    for series, moved in [
+        ('nixl_etcd_registrations_total{result="ok"}', 2),
+        ('nixl_etcd_waits_total{result="found"}', 1),
+        ("nixl_etcd_wait_seconds_count", 1),
+    ]:
+        assert _sample(after, series) - _sample(before, series) == moved, (series, after)
+    assert "# TYPE nixl_etcd_lease_grants counter" in after
+    assert after.endswith("# EOF\n")

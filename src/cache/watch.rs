@@ -20,6 +20,7 @@ use super::{complete, Entry, RankId, Slot};
 use crate::error::{Error, Result, Status};
 use crate::etcd_error::{self, Op};
 use crate::keys;
+use crate::metrics;
 use crate::session::{self, Conn};
 use crate::sign::Signer;
 
@@ -235,6 +236,7 @@ impl Streams {
             ctx.mark_stale(inf);
         }
         for w in all {
+            metrics::get().watch_restarts.inc();
             ctx.relist(w, *backoff);
         }
         *backoff = (*backoff * 2).min(Duration::from_secs(2));
@@ -325,6 +327,7 @@ async fn add(ctx: &Ctx, streams: &mut Streams, inf: &Weak<Informer>, revision: i
             streams.open = Some(stream.split());
         }
     }
+    metrics::get().watch_starts.inc();
     streams.pending.push_back(inf.clone());
     Ok(())
 }

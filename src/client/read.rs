@@ -11,6 +11,7 @@ use crate::error::{Error, Result, Status};
 use crate::etcd_error::{self, Op};
 use crate::events::Callback;
 use crate::keys;
+use crate::metrics;
 
 impl Client {
     /// The record of (`engine_id`, `rank`), or `NOT_FOUND` at once.
@@ -22,6 +23,7 @@ impl Client {
         // A cache hit is answered on the calling thread, without the runtime.
         self.check_usable()?;
         if let Some(hit) = self.inner.cache.cached(engine_id, rank) {
+            metrics::get().lookup(if hit.is_ok() { "cache" } else { "error" });
             log_handshake(started);
             return hit;
         }
@@ -55,7 +57,9 @@ impl Client {
                 get_record(&inner, &key, Read::Linearizable)
                     .await?
                     .ok_or_else(|| not_found(inner.session.cfg(), &id, rank, &key))
-            })?;
+            });
+        metrics::get().lookup(if found.is_ok() { "etcd" } else { "error" });
+        let found = found?;
         log_handshake(started);
         Ok(found)
     }
@@ -116,7 +120,14 @@ impl Client {
                     ),
                 ),
                 _ => e,
-            })?;
+            });
+        let result = match &found {
+            Ok(_) => "found",
+            Err(e) if e.status == Status::ErrTimeout => "timeout",
+            Err(_) => "error",
+        };
+        metrics::get().wait(result, started.elapsed().as_secs_f64());
+        let found = found?;
         log_handshake(started);
         Ok(found)
     }

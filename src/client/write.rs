@@ -11,6 +11,7 @@ use crate::config::Config;
 use crate::error::{Error, Result, Status};
 use crate::etcd_error::Op;
 use crate::keys;
+use crate::metrics;
 use crate::record::Record;
 use crate::session::{Delete, Held};
 
@@ -66,7 +67,7 @@ impl Client {
         };
         let inner = self.inner.clone();
         let id = engine_id.to_owned();
-        self.call(Op::Register, cfg.timeout, async move {
+        let written = self.call(Op::Register, cfg.timeout, async move {
             let mut st = inner.session.lock().await;
             let revision = write_record(&inner, &mut st, &key, value, chunks, generation).await?;
             let entry = Entry { revision, ..entry };
@@ -74,7 +75,9 @@ impl Client {
                 .cache
                 .write_through(&key, (id, rank), Some(Ok(entry)), revision);
             Ok(())
-        })?;
+        });
+        metrics::get().registration(written.is_ok());
+        written?;
         let first = self
             .inner
             .announced

@@ -17,6 +17,7 @@ mod boundary;
 mod events;
 mod handles;
 mod log;
+mod metrics;
 mod nixl;
 #[cfg(feature = "nixl")]
 mod prewarm;
@@ -27,6 +28,7 @@ mod store;
 pub use events::*;
 pub use handles::*;
 pub use log::*;
+pub use metrics::*;
 pub use nixl::*;
 #[cfg(feature = "nixl")]
 pub use prewarm::*;

@@ -13,6 +13,7 @@ use super::{Conn, Session};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::etcd_error::{self, Op};
+use crate::metrics;
 
 /// What the session guards: the lease and everything attached to it.
 pub(super) struct LeaseState {
@@ -251,12 +252,14 @@ async fn write_values_once(
 pub(super) async fn grant(conn: &Conn, op: Op) -> Result<etcd_client::LeaseGrantResponse> {
     let cfg = conn.cfg();
     let ttl = cfg.lease_ttl_s;
-    etcd_error::retry_transient(cfg, || {
+    let granted = etcd_error::retry_transient(cfg, || {
         let mut leases = conn.etcd().lease_client();
         async move { leases.grant(ttl, None).await }
     })
     .await
-    .map_err(|e| etcd_error::map(e, op, cfg))
+    .map_err(|e| etcd_error::map(e, op, cfg))?;
+    metrics::get().lease_grants.inc();
+    Ok(granted)
 }
 
 /// Grants a new lease and re-writes every registration under it.
@@ -286,6 +289,7 @@ async fn regrant(conn: &Conn, st: &mut LeaseState, why: &str) -> Result<()> {
             .map_err(|e| etcd_error::map(e, Op::KeepAlive, cfg))?;
     }
     st.lease_id = granted.id();
+    metrics::get().lease_regrants.inc();
     log::warn!(
         "ETCD lease {old:x} was lost ({why}); granted lease {:x} (ttl {} s) and re-registered \
          {} key(s)",
@@ -355,6 +359,7 @@ pub(super) async fn keep_alive(session: Weak<Session>, granted_ttl: i64) {
             }
             Ok(Answer::Pending) => {
                 if !warned && now > last_ok + ttl / 2 {
+                    metrics::get().keepalive_failures.inc();
                     log::warn!(
                         "renewing ETCD lease {lease_id:x} timed out; check etcd at {}",
                         conn.cfg().endpoints.join(",")
@@ -364,6 +369,7 @@ pub(super) async fn keep_alive(session: Weak<Session>, granted_ttl: i64) {
             }
             Err(e) => {
                 renewer = None;
+                metrics::get().keepalive_failures.inc();
                 if !warned {
                     log::warn!(
                         "could not renew ETCD lease {lease_id:x}: {e}; records stay until it \
