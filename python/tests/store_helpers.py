@@ -140,6 +140,12 @@ class Serve:
                 self._reader.join(timeout=5)
             raise AssertionError(f"no ready line from nixl-etcd serve: {line!r}\n{self.log()}")
         self.endpoint = line.split("NIXL_TCPSTORE_ENDPOINT=")[1].split()[0]
+        #: ``--metrics``: the base URL of its HTTP endpoints, from the ready line.
+        self.metrics_url = (
+            line.split(", metrics ")[1].strip().removesuffix("/metrics")
+            if ", metrics " in line
+            else None
+        )
 
     def _drain(self) -> None:
         for line in self.proc.stderr:

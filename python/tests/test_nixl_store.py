@@ -228,3 +228,46 @@ def test_etcd_restart_reads_from_the_copy_then_recovers(private_etcd, nixl_ns, f
     assert b.reads(c)["bad"] == 0
     assert len(keys(etcd, f"{nixl_ns}/{a.name}/")) == 2
     assert len(keys(etcd, f"{nixl_ns}/{c.name}/")) == 2
+
+
+def _get(url: str):
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r:
+            return r.status, r.headers.get("Content-Type"), r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers.get("Content-Type"), e.read().decode()
+
+
+def _sample(text: str, series: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_serve_metrics_health_and_readiness_over_http(private_etcd, nixl_ns, fleet):
+    """`serve --metrics`: /metrics (OpenMetrics) moves when an agent
+    publishes (its writer's lease); /healthz answers; /readyz says ready while
+    etcd answers and 503 with the reason while it is down."""
+    store = Serve(private_etcd, nixl_ns, "--metrics", "127.0.0.1:0")
+    fleet.append(store)
+    assert store.metrics_url and store.metrics_url.startswith("http://127.0.0.1:")
+    status, kind, before = _get(store.metrics_url + "/metrics")
+    assert (status, kind) == (200, "application/openmetrics-text; version=1.0.0; charset=utf-8")
+    assert before.endswith("# EOF\n")
+    a = Agent(f"M{names()}", store.env)
+    fleet.append(a)
+    a.do("publish")
+    assert wait_until(lambda: keys(private_etcd, f"{nixl_ns}/{a.name}/") != [], timeout=30)
+    _, _, after = _get(store.metrics_url + "/metrics")
+    assert _sample(after, "nixl_etcd_lease_grants_total") > _sample(before, "nixl_etcd_lease_grants_total")
+    assert _get(store.metrics_url + "/healthz")[::2] == (200, "ok\n")
+    assert _get(store.metrics_url + "/readyz")[::2] == (200, "ready: etcd answers\n")
+    assert _get(store.metrics_url + "/nope")[0] == 404
+    private_etcd.stop()
+    status, _, body = _get(store.metrics_url + "/readyz")
+    assert status == 503 and body.startswith("not ready: ETCD connection failed"), body
+    assert _get(store.metrics_url + "/healthz")[0] == 200

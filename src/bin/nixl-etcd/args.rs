@@ -27,11 +27,13 @@ Commands:
   health                        every endpoint: reachable, leader, version,
                                 round-trip time, and whether a linearizable
                                 read through it succeeds (a quorum)
-  serve [--listen HOST:PORT] [STORE OPTIONS]
+  serve [--listen HOST:PORT] [--metrics HOST:PORT] [STORE OPTIONS]
                                 the metadata store behind stock NIXL's
                                 NIXL_TCPSTORE_ENDPOINT, with etcd behind it
                                 (default 127.0.0.1:29479); prints one ready
-                                line, stops on SIGINT or SIGTERM
+                                line, stops on SIGINT or SIGTERM; --metrics
+                                serves /metrics (OpenMetrics), /healthz and
+                                /readyz (etcd answers a read) over HTTP
 
 Options (anywhere on the line; the environment applies as for the library:
 VLLM_NIXL_ETCD_ENDPOINTS, VLLM_NIXL_ETCD_NAMESPACE, VLLM_NIXL_ETCD_TIMEOUT,
@@ -91,6 +93,8 @@ pub enum Command {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServeArgs {
     pub listen: String,
+    /// `--metrics HOST:PORT`: `/metrics`, `/healthz` and `/readyz` over HTTP.
+    pub metrics: Option<String>,
     pub store: StoreOptions,
 }
 
@@ -168,6 +172,7 @@ pub fn parse(argv: Vec<String>) -> Result<Args, CliError> {
     let mut version = false;
     let mut only_positional = false;
     let mut listen: Option<String> = None;
+    let mut metrics: Option<String> = None;
     let mut store = StoreOptions::default();
     let mut store_flags: Vec<String> = Vec::new();
     while let Some(word) = words.next() {
@@ -220,6 +225,7 @@ pub fn parse(argv: Vec<String>) -> Result<Args, CliError> {
             }
             "--raw" => raw = Some(words.value(&flag, inline)?),
             "--listen" => listen = Some(words.value(&flag, inline)?),
+            "--metrics" => metrics = Some(words.value(&flag, inline)?),
             "--timeout" => {
                 let v = words.value(&flag, inline)?;
                 timeout = Some(parse_seconds(&v)?);
@@ -272,6 +278,7 @@ pub fn parse(argv: Vec<String>) -> Result<Args, CliError> {
     refuse("--timeout", timeout.is_none() || name == "wait")?;
     refuse("--raw", raw.is_none() || name == "get")?;
     refuse("--listen", listen.is_none() || name == "serve")?;
+    refuse("--metrics", metrics.is_none() || name == "serve")?;
     for f in &store_flags {
         refuse(f, name == "serve")?;
     }
@@ -335,6 +342,7 @@ pub fn parse(argv: Vec<String>) -> Result<Args, CliError> {
                 listen: listen.unwrap_or_else(|| {
                     format!("127.0.0.1:{}", nixl_etcd::nixl_store::DEFAULT_PORT)
                 }),
+                metrics: metrics.clone(),
                 store: store.clone(),
             })
         }
@@ -402,6 +410,7 @@ mod tests {
             p("serve").unwrap().command,
             Command::Serve(ServeArgs {
                 listen: "127.0.0.1:29479".into(),
+                metrics: None,
                 store: StoreOptions::default(),
             })
         );
@@ -421,6 +430,7 @@ mod tests {
             .command,
             Command::Serve(ServeArgs {
                 listen: "0.0.0.0:7000".into(),
+                metrics: None,
                 store,
             })
         );

@@ -8,6 +8,7 @@ mod fail;
 mod fmt;
 mod get;
 mod health;
+mod http;
 mod list;
 mod serve;
 mod wait;

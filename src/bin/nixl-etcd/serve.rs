@@ -1,5 +1,6 @@
 //! `serve [--listen HOST:PORT] [store options]`: the metadata store behind stock NIXL's
-//! `NIXL_TCPSTORE_ENDPOINT`, with etcd behind it, until SIGINT or SIGTERM.
+//! `NIXL_TCPSTORE_ENDPOINT`, with etcd behind it, until SIGINT or SIGTERM;
+//! with `--metrics HOST:PORT`, its HTTP endpoints ([`crate::http`]).
 
 use std::io::Write;
 
@@ -19,13 +20,24 @@ pub fn run(cfg: &Config, args: &ServeArgs, signals: libc::sigset_t) -> Result<()
         }
     };
     let addr = store.local_addr();
+    let metrics = match &args.metrics {
+        Some(at) => match crate::http::start(at, client.clone()) {
+            Ok(bound) => format!(", metrics http://{bound}/metrics"),
+            Err(e) => {
+                let _ = store.stop();
+                let _ = client.close();
+                return Err(e);
+            }
+        },
+        None => String::new(),
+    };
     {
         // The ready line: scripts wait for it and take the endpoint from it.
         let mut out = std::io::stdout().lock();
         writeln!(
             out,
             "nixl-etcd serve: ready, NIXL_TCPSTORE_ENDPOINT={addr} (etcd {}, NIXL namespace {:?}, \
-             pid {})",
+             pid {}){metrics}",
             cfg.endpoints.join(","),
             cfg.nixl_namespace,
             std::process::id()
