@@ -25,6 +25,22 @@
 #define NIXL_ETCD_VERSION_PATCH 0
 
 
+/**
+ * The lease is renewed within its TTL.
+ */
+#define NIXL_ETCD_LEASE_KEPT 0
+
+/**
+ * Renewals fail or answer late; the lease holds until its TTL runs out.
+ */
+#define NIXL_ETCD_LEASE_RENEWING 1
+
+/**
+ * The TTL ran out (or etcd forgot the lease): the client's records are gone
+ * until the re-grant, in progress, puts them back.
+ */
+#define NIXL_ETCD_LEASE_LOST 2
+
 #if defined(NIXL_ETCD_WITH_NIXL)
 /**
  * Host memory, for `nixl_etcd_prewarm_read` (NIXL's `DRAM_SEG`).
@@ -330,6 +346,21 @@ nixl_etcd_status nixl_etcd_open(const char *options_json, struct nixl_etcd_clien
  * `c` is NULL or a handle from `nixl_etcd_open`.
  */
 nixl_etcd_status nixl_etcd_close(struct nixl_etcd_client *c);
+
+/**
+ * Where the client's lease stands: `*condition` one of
+ * `NIXL_ETCD_LEASE_KEPT`, `_RENEWING`, `_LOST`; `*since_ms` when it came to
+ * that condition (milliseconds since the Unix epoch); `*regrants` how many
+ * times the lease was lost and granted again (its records re-registered).
+ * Each output may be NULL. No etcd call: for health checks.
+ *
+ * # Safety
+ * Each output is NULL or writable.
+ */
+nixl_etcd_status nixl_etcd_lease_health(struct nixl_etcd_client *c,
+                                        uint32_t *condition,
+                                        uint64_t *since_ms,
+                                        uint64_t *regrants);
 
 /**
  * Sends the library's log lines to `callback(user_data, level, target,

@@ -31,6 +31,7 @@ pub mod sign;
 pub mod tp;
 
 pub use client::{Client, Found};
+pub use client::{LeaseCondition, LeaseHealth};
 pub use config::Config;
 pub use error::{Error, Result, Status};
 /// The cause of an etcd-client error in one line (gRPC message and sources).

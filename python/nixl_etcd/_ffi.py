@@ -124,6 +124,17 @@ _SIGNATURES = [
     ("nixl_etcd_open", c_status, [ctypes.c_char_p, ctypes.POINTER(c_client_p)], True),
     ("nixl_etcd_close", c_status, [c_client_p], True),
     (
+        "nixl_etcd_lease_health",
+        c_status,
+        [
+            c_client_p,
+            ctypes.POINTER(ctypes.c_uint32),
+            ctypes.POINTER(ctypes.c_uint64),
+            ctypes.POINTER(ctypes.c_uint64),
+        ],
+        True,
+    ),
+    (
         "nixl_etcd_register",
         c_status,
         [c_client_p, ctypes.c_char_p, ctypes.c_uint32, _u8_p, ctypes.c_size_t],

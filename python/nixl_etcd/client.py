@@ -694,6 +694,24 @@ class Client:
 
     # -- rank records ------------------------------------------------------
 
+    def lease_health(self) -> Dict[str, Any]:
+        """Where this client's lease stands (``nixl_etcd_lease_health``, no
+        etcd call): ``{"condition": "kept" | "renewing" | "lost", "since":
+        seconds since the epoch it came to that, "regrants": times it was lost
+        and granted again}``."""
+        cond, since, regrants = ctypes.c_uint32(), ctypes.c_uint64(), ctypes.c_uint64()
+        check(
+            _ffi.lib().nixl_etcd_lease_health(
+                self._h(), ctypes.byref(cond), ctypes.byref(since), ctypes.byref(regrants)
+            )
+        )
+        names = {0: "kept", 1: "renewing", 2: "lost"}
+        return {
+            "condition": names.get(cond.value, f"unknown ({cond.value})"),
+            "since": since.value / 1000.0,
+            "regrants": regrants.value,
+        }
+
     def register(self, engine_id: str, rank: int, metadata: BytesLike) -> None:
         """Publishes ``metadata`` (binary, NUL bytes allowed) for (engine_id, rank)
         under the client's lease. Registering again replaces.

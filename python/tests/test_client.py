@@ -491,3 +491,10 @@ def test_metrics_count_what_the_client_did(open_client):
         assert _sample(after, series) - _sample(before, series) == moved, (series, after)
     assert "# TYPE nixl_etcd_lease_grants counter" in after
     assert after.endswith("# EOF\n")
+
+
+def test_lease_health_of_a_fresh_client_is_kept(open_client):
+    c = open_client()
+    h = c.lease_health()
+    assert h["condition"] == "kept" and h["regrants"] == 0, h
+    assert abs(h["since"] - time.time()) < 600, h

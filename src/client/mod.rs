@@ -20,6 +20,7 @@ use crate::etcd_error::{self, Op};
 use crate::events::Hub;
 use crate::runtime;
 use crate::session::Session;
+pub use crate::session::{LeaseCondition, LeaseHealth};
 use crate::sign::Signer;
 
 pub use write::inline_limit;
@@ -117,6 +118,13 @@ impl Client {
     /// Unique per client; a peer seeing a new one knows the rank restarted.
     pub fn incarnation(&self) -> &str {
         &self.inner.incarnation
+    }
+
+    /// Where this client's lease stands: kept, renewing (renewals failing or
+    /// late) or lost (its TTL ran out; re-granting), since when, and how many
+    /// times it was lost and granted again. No etcd call.
+    pub fn lease_health(&self) -> LeaseHealth {
+        self.inner.session.lease_health()
     }
 
     /// The lease everything is attached to now (changes if it was lost).

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Once};
 
 use super::boundary::ffi_export;
 use super::status::nixl_etcd_status;
-use crate::client::Client;
+use crate::client::{Client, LeaseCondition};
 use crate::config::Config;
 use crate::error::{Error, Result, Status};
 use crate::runtime;
@@ -112,5 +112,56 @@ pub unsafe extern "C" fn nixl_etcd_close(c: *mut nixl_etcd_client) -> nixl_etcd_
                 )
             })?;
         client.close()
+    })
+}
+
+/// The lease is renewed within its TTL.
+pub const NIXL_ETCD_LEASE_KEPT: u32 = 0;
+/// Renewals fail or answer late; the lease holds until its TTL runs out.
+pub const NIXL_ETCD_LEASE_RENEWING: u32 = 1;
+/// The TTL ran out (or etcd forgot the lease): the client's records are gone
+/// until the re-grant, in progress, puts them back.
+pub const NIXL_ETCD_LEASE_LOST: u32 = 2;
+
+/// Where the client's lease stands: `*condition` one of
+/// `NIXL_ETCD_LEASE_KEPT`, `_RENEWING`, `_LOST`; `*since_ms` when it came to
+/// that condition (milliseconds since the Unix epoch); `*regrants` how many
+/// times the lease was lost and granted again (its records re-registered).
+/// Each output may be NULL. No etcd call: for health checks.
+///
+/// # Safety
+/// Each output is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn nixl_etcd_lease_health(
+    c: *mut nixl_etcd_client,
+    condition: *mut u32,
+    since_ms: *mut u64,
+    regrants: *mut u64,
+) -> nixl_etcd_status {
+    ffi_export!(
+        condition = opt_out(condition),
+        since_ms = opt_out(since_ms),
+        regrants = opt_out(regrants),
+        client = handle(c);
+    {
+        let h = client.lease_health();
+        if let Some(out) = condition {
+            *out = match h.condition {
+                LeaseCondition::Kept => NIXL_ETCD_LEASE_KEPT,
+                LeaseCondition::Renewing => NIXL_ETCD_LEASE_RENEWING,
+                LeaseCondition::Lost => NIXL_ETCD_LEASE_LOST,
+            };
+        }
+        if let Some(out) = since_ms {
+            *out = h
+                .since
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0);
+        }
+        if let Some(out) = regrants {
+            *out = h.regrants;
+        }
+        Ok(())
     })
 }

@@ -16,6 +16,50 @@ use crate::etcd_error::{self, Op};
 use crate::metrics;
 
 /// What the session guards: the lease and everything attached to it.
+/// Where a client's lease stands ([`LeaseHealth`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseCondition {
+    /// Renewed within its TTL.
+    Kept,
+    /// Renewals fail or answer late (etcd unreachable or slow); the lease
+    /// holds until its TTL runs out.
+    Renewing,
+    /// Not renewed before its TTL ran out, or etcd no longer knows it: the
+    /// client's records are gone from etcd until a re-grant puts them back.
+    Lost,
+}
+
+/// The state of a client's lease, for an operator or a health check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseHealth {
+    pub condition: LeaseCondition,
+    /// Since when it has been in `condition` (when it was granted, for `Kept`
+    /// at start).
+    pub since: std::time::SystemTime,
+    /// How many times it was lost and granted again.
+    pub regrants: u64,
+}
+
+impl LeaseHealth {
+    pub(super) fn new() -> LeaseHealth {
+        LeaseHealth {
+            condition: LeaseCondition::Kept,
+            since: std::time::SystemTime::now(),
+            regrants: 0,
+        }
+    }
+}
+
+/// Moves the session's lease health to `condition` (the time changes only
+/// with the condition).
+fn health_to(session: &Session, condition: LeaseCondition) {
+    let mut h = session.health.lock().unwrap_or_else(|e| e.into_inner());
+    if h.condition != condition {
+        h.condition = condition;
+        h.since = std::time::SystemTime::now();
+    }
+}
+
 pub(super) struct LeaseState {
     pub(super) lease_id: i64,
     /// Every key held under the lease (rank records, chunks, NIXL-layout
@@ -302,6 +346,14 @@ async fn regrant(conn: &Conn, st: &mut LeaseState, why: &str) -> Result<()> {
     Ok(())
 }
 
+/// A re-grant succeeded: kept again, one more re-grant.
+fn regranted(session: &Session) {
+    let mut h = session.health.lock().unwrap_or_else(|e| e.into_inner());
+    h.condition = LeaseCondition::Kept;
+    h.since = std::time::SystemTime::now();
+    h.regrants += 1;
+}
+
 /// Background task: asks etcd to renew the lease every third of its TTL and
 /// takes every answer as a renewal. An answer may come late without harm:
 /// etcd's gRPC proxy answers at the cadence of its own keep-alive, not at
@@ -335,6 +387,7 @@ pub(super) async fn keep_alive(session: Weak<Session>, granted_ttl: i64) {
             Ok(Answer::Renewed(new_ttl)) => {
                 ttl = Duration::from_secs(new_ttl.max(1) as u64);
                 last_ok = now;
+                health_to(&session, LeaseCondition::Kept);
                 if warned {
                     log::info!("ETCD lease {lease_id:x} renewed again; etcd is reachable");
                     warned = false;
@@ -349,8 +402,10 @@ pub(super) async fn keep_alive(session: Weak<Session>, granted_ttl: i64) {
                     return;
                 }
                 if st.lease_id == lease_id {
-                    if let Err(e) = regrant(conn, &mut st, "etcd no longer knows it").await {
-                        log::warn!("could not re-grant the ETCD lease: {e}; retrying");
+                    health_to(&session, LeaseCondition::Lost);
+                    match regrant(conn, &mut st, "etcd no longer knows it").await {
+                        Ok(()) => regranted(&session),
+                        Err(e) => log::warn!("could not re-grant the ETCD lease: {e}; retrying"),
                     }
                 }
                 last_ok = Instant::now();
@@ -360,6 +415,7 @@ pub(super) async fn keep_alive(session: Weak<Session>, granted_ttl: i64) {
             Ok(Answer::Pending) => {
                 if !warned && now > last_ok + ttl / 2 {
                     metrics::get().keepalive_failures.inc();
+                    health_to(&session, LeaseCondition::Renewing);
                     log::warn!(
                         "renewing ETCD lease {lease_id:x} timed out; check etcd at {}",
                         conn.cfg().endpoints.join(",")
@@ -370,6 +426,9 @@ pub(super) async fn keep_alive(session: Weak<Session>, granted_ttl: i64) {
             Err(e) => {
                 renewer = None;
                 metrics::get().keepalive_failures.inc();
+                if now <= last_ok + ttl {
+                    health_to(&session, LeaseCondition::Renewing);
+                }
                 if !warned {
                     log::warn!(
                         "could not renew ETCD lease {lease_id:x}: {e}; records stay until it \
@@ -388,8 +447,10 @@ pub(super) async fn keep_alive(session: Weak<Session>, granted_ttl: i64) {
                 return;
             }
             if st.lease_id == lease_id {
+                health_to(&session, LeaseCondition::Lost);
                 match regrant(conn, &mut st, "not renewed before its TTL ran out").await {
                     Ok(()) => {
+                        regranted(&session);
                         last_ok = Instant::now();
                         warned = false;
                     }

@@ -7,6 +7,8 @@
 mod lease;
 mod read;
 
+pub use lease::{LeaseCondition, LeaseHealth};
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -64,6 +66,9 @@ pub(crate) struct Session {
     /// The process that opened the session; a forked child may not use it.
     pid: u32,
     lease: Mutex<LeaseState>,
+    /// Where the lease stands, for `Client::lease_health` (a plain lock: read
+    /// from any thread without the runtime).
+    health: std::sync::Mutex<lease::LeaseHealth>,
     closed_tx: watch::Sender<bool>,
 }
 
@@ -109,6 +114,7 @@ impl Session {
             conn: conn.clone(),
             pid: std::process::id(),
             lease: Mutex::new(LeaseState::new(lease_id)),
+            health: std::sync::Mutex::new(lease::LeaseHealth::new()),
             closed_tx,
         });
         // Detached: it holds the session weakly and stops once the session
@@ -145,6 +151,10 @@ impl Session {
     }
 
     /// The lease everything is attached to now (changes if it was lost).
+    pub fn lease_health(&self) -> lease::LeaseHealth {
+        *self.health.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     pub async fn lease_id(&self) -> i64 {
         self.lease.lock().await.lease_id
     }

@@ -20,6 +20,16 @@ fn registered(etcd: &EtcdServer, ns: &str) -> usize {
         .count()
 }
 
+/// `nixl_etcd_lease_health`: (condition, since_ms, regrants).
+fn health(c: &Handle) -> (u32, u64, u64) {
+    use nixl_etcd::ffi::*;
+    let (mut cond, mut since, mut regrants) = (9u32, 0u64, 0u64);
+    // SAFETY: an open handle and writable outputs.
+    let st = unsafe { nixl_etcd_lease_health(c.0, &mut cond, &mut since, &mut regrants) };
+    assert_eq!(st, NIXL_ETCD_OK);
+    (cond, since, regrants)
+}
+
 fn setup(etcd: &EtcdServer, ns: &str) -> (Handle, Handle) {
     let owner = open(&etcd.options_json(ns, r#""lease_ttl_s":2,"timeout_s":2"#)).unwrap();
     let reader = open(&etcd.options_json(ns, r#""timeout_s":2"#)).unwrap();
@@ -48,11 +58,25 @@ fn a_revoked_lease_is_regranted_and_everything_reregistered() {
     let ns = unique_namespace("revoked");
     let (owner, reader) = setup(&etcd, &ns);
     let key = format!("{ns}/prefill_engine/rank_0");
+    assert_eq!(health(&owner).0, nixl_etcd::ffi::NIXL_ETCD_LEASE_KEPT);
+    assert_eq!(health(&owner).2, 0);
     let old = lease_of(&etcd, &key);
     etcdctl_ok(&etcd, &["lease", "revoke", &format!("{old:x}")]);
     assert!(wait_until(Duration::from_secs(5), || registered(
         &etcd, &ns
     ) == 3));
+    // Lost, then granted again: kept, one re-grant, since the re-grant.
+    assert!(wait_until(Duration::from_secs(30), || health(&owner).2 == 1));
+    let (cond, since, _) = health(&owner);
+    assert_eq!(cond, nixl_etcd::ffi::NIXL_ETCD_LEASE_KEPT);
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    assert!(
+        since <= now_ms && since + 60_000 > now_ms,
+        "{since} {now_ms}"
+    );
     let new = lease_of(&etcd, &key);
     assert!(new != 0 && new != old, "old {old:x} new {new:x}");
     for r in 0..3 {
@@ -72,8 +96,13 @@ fn registrations_survive_an_etcd_restart() {
     let ns = unique_namespace("restart");
     let (owner, reader) = setup(&etcd, &ns);
     etcd.kill();
-    std::thread::sleep(Duration::from_secs(1));
+    // Renewals fail: renewing, then lost once the 2 s TTL has run out.
+    assert!(wait_until(Duration::from_secs(30), || health(&owner).0
+        == nixl_etcd::ffi::NIXL_ETCD_LEASE_LOST));
     etcd.restart();
+    // Back: kept again, under the same lease or a new one.
+    assert!(wait_until(Duration::from_secs(60), || health(&owner).0
+        == nixl_etcd::ffi::NIXL_ETCD_LEASE_KEPT));
     // Still there after several TTLs: the client kept renewing.
     std::thread::sleep(Duration::from_secs(5));
     assert_eq!(registered(&etcd, &ns), 3);
