@@ -17,6 +17,31 @@ use prometheus_client::registry::Registry;
 
 type Labels = Vec<(&'static str, &'static str)>;
 
+const REGISTRATIONS: [&str; 2] = ["ok", "error"];
+const LOOKUPS: [&str; 3] = ["cache", "etcd", "error"];
+const WAITS: [&str; 3] = ["found", "timeout", "error"];
+const EVENTS: [&str; 4] = ["added", "updated", "replaced", "removed"];
+
+/// The labelled counters, made once: an increment on a hot path (a cached
+/// lookup) is one atomic add, no label lookup.
+struct Labelled {
+    registrations: Vec<Counter>,
+    lookups: Vec<Counter>,
+    waits: Vec<Counter>,
+    events: Vec<Counter>,
+}
+
+fn each(
+    family: &Family<Labels, Counter>,
+    label: &'static str,
+    values: &[&'static str],
+) -> Vec<Counter> {
+    values
+        .iter()
+        .map(|v| family.get_or_create(&vec![(label, *v)]).clone())
+        .collect()
+}
+
 /// Every metric of the library.
 pub struct Metrics {
     registry: Registry,
@@ -30,6 +55,7 @@ pub struct Metrics {
     pub keepalive_failures: Counter,
     pub watch_starts: Counter,
     pub watch_restarts: Counter,
+    counters: Labelled,
 }
 
 /// The process's metrics.
@@ -62,6 +88,12 @@ impl Metrics {
             watch_starts: Counter::default(),
             watch_restarts: Counter::default(),
             registry: Registry::default(),
+            counters: Labelled {
+                registrations: Vec::new(),
+                lookups: Vec::new(),
+                waits: Vec::new(),
+                events: Vec::new(),
+            },
         };
         r.register(
             "registrations",
@@ -114,31 +146,40 @@ impl Metrics {
             "Watches of the informer cache broken and started again (list, then watch)",
             m.watch_restarts.clone(),
         );
-        Metrics { registry: r, ..m }
+        let counters = Labelled {
+            registrations: each(&m.registrations, "result", &REGISTRATIONS),
+            lookups: each(&m.lookups, "answered", &LOOKUPS),
+            waits: each(&m.waits, "result", &WAITS),
+            events: each(&m.events, "kind", &EVENTS),
+        };
+        Metrics {
+            registry: r,
+            counters,
+            ..m
+        }
     }
 
     pub fn registration(&self, ok: bool) {
-        let result = if ok { "ok" } else { "error" };
-        self.registrations
-            .get_or_create(&vec![("result", result)])
-            .inc();
+        self.counters.registrations[usize::from(!ok)].inc();
     }
 
     /// `answered`: "cache", "etcd" or "error".
     pub fn lookup(&self, answered: &'static str) {
-        self.lookups
-            .get_or_create(&vec![("answered", answered)])
-            .inc();
+        let i = LOOKUPS.iter().position(|a| *a == answered).unwrap_or(2);
+        self.counters.lookups[i].inc();
     }
 
     /// `result`: "found", "timeout" or "error".
     pub fn wait(&self, result: &'static str, seconds: f64) {
-        self.waits.get_or_create(&vec![("result", result)]).inc();
+        let i = WAITS.iter().position(|a| *a == result).unwrap_or(2);
+        self.counters.waits[i].inc();
         self.wait_seconds.observe(seconds);
     }
 
     /// `kind`: "added", "updated", "replaced" or "removed".
     pub fn event(&self, kind: &'static str) {
-        self.events.get_or_create(&vec![("kind", kind)]).inc();
+        if let Some(i) = EVENTS.iter().position(|k| *k == kind) {
+            self.counters.events[i].inc();
+        }
     }
 }
