@@ -281,6 +281,12 @@ impl Config {
                 "options must be a JSON object such as {\"endpoints\":\"http://host:2379\"}",
             ));
         };
+        // The same conflict the environment refuses: not "the last one wins".
+        if map.contains_key("password") && map.contains_key("password_file") {
+            return Err(Error::invalid(
+                "both options \"password\" and \"password_file\" are given; give only one",
+            ));
+        }
         for (key, v) in &map {
             self.apply_option(key, v)?;
         }
@@ -637,6 +643,11 @@ mod tests {
                 ],
                 None,
                 "set only one",
+            ),
+            (
+                &[(ENV_USERNAME, "u")],
+                Some(r#"{"password": "pw", "password_file": "/pw"}"#),
+                "both options \"password\" and \"password_file\" are given; give only one",
             ),
             (
                 &[(ENV_USERNAME, "u"), (ENV_PASSWORD_FILE, "/nonexistent/pw")],
