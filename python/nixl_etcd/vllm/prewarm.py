@@ -135,8 +135,15 @@ class Prewarm:
                 parallel,
                 (time.perf_counter() - started) * 1e3,
             )
-            # What the first transfer would set up, set up here (logged, never raised).
-            warmup.warm_up(self.worker, self.client, engine_id, parallel)
+            # What the first transfer would set up, set up here (logged, never
+            # raised), on a thread of its own: a READ that waits for an idle
+            # CPU prefill's progress must not hold vLLM's handshake thread.
+            threading.Thread(
+                target=warmup.warm_up,
+                args=(self.worker, self.client, engine_id, parallel),
+                name="nixl-etcd-warmup",
+                daemon=True,
+            ).start()
 
         fut.add_done_callback(done)
 

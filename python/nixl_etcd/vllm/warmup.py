@@ -8,8 +8,10 @@ The READs land in a scratch buffer of this worker's own (one block, registered
 once with the worker's NIXL agent), never in vLLM's KV cache, and read the
 first block of the remote's first KV region (whatever it holds: nothing is
 kept). The remote's addresses come from its published payload (vLLM's
-``NixlAgentMetadata``). Runs on the thread that completed the handshake;
-each READ is bounded by :data:`READ_TIMEOUT_S`.
+``NixlAgentMetadata``). Runs on a thread of its own once the handshake is done;
+each READ is bounded by :data:`READ_TIMEOUT_S`. On CPU hosts a READ completes only
+when the remote's worker progresses UCX, which an idle CPU prefill may not do
+in time: the warm-up then ends with a WARNING and changes nothing else.
 """
 
 from __future__ import annotations
